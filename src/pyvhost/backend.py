@@ -1,0 +1,561 @@
+"""The vhost-user back-end: one handler per request id, the vring state machine, and the worker threads.
+
+Ring lifecycle (docs/interop/vhost-user.rst "Ring states"): a ring is *started* by SET_VRING_KICK and
+*stopped* by GET_VRING_BASE; it is *enabled* from the start when VHOST_USER_F_PROTOCOL_FEATURES is not
+negotiated, otherwise by SET_VRING_ENABLE.  A worker runs over a group of rings while all of them are started,
+enabled and have a size and addresses.
+
+Invariant 1 (no stale view): anything that changes memory or ring addresses first stops the affected workers
+(each acknowledges by leaving its compiled loop and being joined), then drops their views, then unmaps, then
+bumps the generation; workers restart with views built for the new generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import selectors
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import protocol as P
+from .access import Metadata, RingViews, bind, check_alignment
+from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+                           VIRTIO_RING_F_INDIRECT_DESC, Device, Ring, Step)
+from .errors import describe
+from .memory import SPACE_UVA, GuestMemory, MemoryError_, unmap_region
+from .protocol import ProtocolError, ProtocolFeature as PF, Request as R
+from .ring.split import (MAX_QUEUE_SIZE, Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DROPS, Q_ERROR,
+                         Q_ERROR_VALUE, Q_EVENT_IDX, Q_LAST_AVAIL, Q_NOTIFY_ON, Q_PACKETS, Q_SIGNALLED_VALID,
+                         Q_STOP, Q_USED_IDX, Q_WAKEUPS, new_queue_state)
+
+log = logging.getLogger(__name__)
+
+TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+                      | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_ANY_LAYOUT)
+                      | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES))
+PROTOCOL_FEATURES = ((1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.CONFIGURE_MEM_SLOTS)
+                     | (1 << PF.STATUS))
+#: Passes a worker's compiled loop makes before it returns to Python (bounds the stop latency).
+DEFAULT_BUDGET = 4096
+
+
+class VringError(ProtocolError):
+    pass
+
+
+@dataclass
+class Vring:
+    """Control-plane state of one virtqueue."""
+
+    index: int
+    size: int = 0
+    addr: P.VringAddr | None = None
+    base: int = 0
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = False
+    started: bool = False
+    broken: bool = False
+    q: np.ndarray = field(default_factory=lambda: new_queue_state(1))
+    views: RingViews | None = None
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        self.q[Q_CALLFD] = -1
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.enabled and self.size > 0 and self.addr is not None and not self.broken
+
+
+class Worker(threading.Thread):
+    """Runs a device's step function over a group of rings until stopped or a ring breaks."""
+
+    def __init__(self, conn: "Connection", rings: list[Vring], step, budget: int) -> None:
+        super().__init__(name=f"pyvhost-q{'-'.join(str(r.index) for r in rings)}", daemon=True)
+        self.conn, self.rings, self.step, self.budget = conn, rings, step, budget
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fault: str | None = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                status = self.step(self.budget)
+                if status == Step.MORE:
+                    continue
+                if status == Step.STOPPED:
+                    return
+                if status == Step.BROKEN:
+                    self.conn.ring_broken([r for r in self.rings if r.q[Q_ERROR]])
+                    return
+                fds = [r.kick_fd for r in self.rings if r.kick_fd >= 0] + [self.wake_fd]
+                ready, _, _ = select.select(fds, [], [], 1.0)
+                for fd in ready:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        return
+        except Exception:  # a bug, not the guest's fault: say so, keep the process
+            log.exception("worker %s failed", self.name)
+            self.fault = "exception"
+
+    def stop(self) -> None:
+        for r in self.rings:
+            r.q[Q_STOP] = 1
+        os.eventfd_write(self.wake_fd, 1)
+        self.join()
+        os.close(self.wake_fd)
+        for r in self.rings:
+            r.q[Q_STOP] = 0
+
+
+class Connection:
+    """One front-end connection: message handlers and device state."""
+
+    def __init__(self, sock: socket.socket, device: Device, metadata: Metadata, budget: int = DEFAULT_BUDGET,
+                 batch: int = 256) -> None:
+        self.sock = sock
+        self.device = device
+        self.metadata = metadata
+        self.budget = budget
+        self.batch = batch
+        self.mem = GuestMemory()
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.status = 0
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.workers: dict[tuple[int, ...], Worker] = {}
+        self.lock = threading.Lock()
+        self.handlers = {
+            R.GET_FEATURES: self.get_features, R.SET_FEATURES: self.set_features,
+            R.GET_PROTOCOL_FEATURES: self.get_protocol_features,
+            R.SET_PROTOCOL_FEATURES: self.set_protocol_features,
+            R.SET_OWNER: self.set_owner, R.RESET_OWNER: self.reset_owner,
+            R.SET_MEM_TABLE: self.set_mem_table, R.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
+            R.ADD_MEM_REG: self.add_mem_reg, R.REM_MEM_REG: self.rem_mem_reg,
+            R.SET_VRING_NUM: self.set_vring_num, R.SET_VRING_ADDR: self.set_vring_addr,
+            R.SET_VRING_BASE: self.set_vring_base, R.GET_VRING_BASE: self.get_vring_base,
+            R.SET_VRING_KICK: self.set_vring_kick, R.SET_VRING_CALL: self.set_vring_call,
+            R.SET_VRING_ERR: self.set_vring_err, R.SET_VRING_ENABLE: self.set_vring_enable,
+            R.GET_QUEUE_NUM: self.get_queue_num, R.SET_STATUS: self.set_status,
+            R.GET_STATUS: self.get_status, R.GET_CONFIG: self.get_config, R.SET_CONFIG: self.set_config,
+        }
+        #: requests whose reply is their answer (a failure still owes one, of the right shape)
+        self.replies = {R.GET_FEATURES: 8, R.GET_PROTOCOL_FEATURES: 8, R.GET_VRING_BASE: 8, R.GET_QUEUE_NUM: 8,
+                        R.GET_MAX_MEM_SLOTS: 8, R.GET_STATUS: 8, R.GET_CONFIG: None}
+        self.totals: dict[int, dict[str, int]] = {}
+
+    # -- dispatch ---------------------------------------------------------------------------------------
+    def handle(self, msg: P.Message) -> None:
+        """Handle one message: call its handler, send what is owed, never raise for the peer's mistakes."""
+        handler = self.handlers.get(msg.request)  # type: ignore[call-overload]
+        reply: bytes | None = None
+        ok = True
+        try:
+            if handler is None:
+                raise ProtocolError(f"unsupported request {msg.name}")
+            reply = handler(msg)
+        except (ProtocolError, MemoryError_, OSError, ValueError) as e:
+            ok = False
+            log.error("%s failed: %s", msg.name, e)
+        finally:
+            msg.close_fds()
+        if msg.request in self.replies:
+            if reply is None:
+                size = self.replies[msg.request]
+                reply = bytes(size if size is not None else len(msg.payload))
+            P.send_reply(self.sock, msg.request, reply)
+        elif msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK):
+            P.send_reply(self.sock, msg.request, P.U64.pack(0 if ok else 1))
+
+    def vring(self, index: int) -> Vring:
+        if index >= len(self.vrings):
+            raise VringError(f"vring index {index} out of range (device has {len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    # -- features and ownership -------------------------------------------------------------------------
+    @property
+    def offered_features(self) -> int:
+        return self.device.features | TRANSPORT_FEATURES
+
+    def get_features(self, msg: P.Message) -> bytes:
+        return P.U64.pack(self.offered_features)
+
+    def set_features(self, msg: P.Message) -> None:
+        features = msg.u64()
+        extra = features & ~self.offered_features
+        if extra:
+            raise ProtocolError(f"SET_FEATURES asks for features not offered: {extra:#x}")
+        self.features = features
+        self.device.set_features(features)
+        if not features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
+            for vr in self.vrings:  # without protocol features, rings are enabled from the start
+                vr.enabled = True
+        self.refresh()
+
+    def get_protocol_features(self, msg: P.Message) -> bytes:
+        return P.U64.pack(PROTOCOL_FEATURES)
+
+    def set_protocol_features(self, msg: P.Message) -> None:
+        features = msg.u64()
+        extra = features & ~PROTOCOL_FEATURES
+        if extra:
+            raise ProtocolError(f"SET_PROTOCOL_FEATURES asks for features not offered: {extra:#x}")
+        self.protocol_features = features
+
+    def set_owner(self, msg: P.Message) -> None:
+        self.owner = True
+
+    def reset_owner(self, msg: P.Message) -> None:
+        self.teardown()
+        self.features = 0
+        self.owner = False
+
+    def get_queue_num(self, msg: P.Message) -> bytes:
+        return P.U64.pack(len(self.vrings))
+
+    def set_status(self, msg: P.Message) -> None:
+        self.status = msg.u64() & 0xFF
+
+    def get_status(self, msg: P.Message) -> bytes:
+        return P.U64.pack(self.status)
+
+    def get_config(self, msg: P.Message) -> bytes:
+        offset, size, flags, _ = msg.config()
+        space = self.device.config_space()
+        if offset + size > len(space):
+            raise ProtocolError(f"GET_CONFIG offset {offset} size {size} beyond the {len(space)}-byte config")
+        return P.CONFIG_HDR.pack(offset, size, flags) + space[offset:offset + size]
+
+    def set_config(self, msg: P.Message) -> None:
+        offset, size, _flags, data = msg.config()
+        if len(data) != size:
+            raise ProtocolError(f"SET_CONFIG size {size} but {len(data)} bytes of data")
+        self.device.write_config(offset, data)
+
+    # -- memory -----------------------------------------------------------------------------------------
+    def get_max_mem_slots(self, msg: P.Message) -> bytes:
+        return P.U64.pack(P.MAX_MEM_SLOTS)
+
+    def _memory_change(self, change) -> None:
+        """Stop every worker, drop every view, apply ``change`` (which returns regions to unmap), unmap, rebind."""
+        self.stop_workers()
+        for vr in self.vrings:
+            vr.views = None
+        old = change()
+        for r in old:
+            unmap_region(r)
+        self.refresh()
+
+    def set_mem_table(self, msg: P.Message) -> None:
+        regions = msg.mem_table()
+        fds = list(msg.fds)
+        self._memory_change(lambda: self.mem.set_table(regions, fds))
+        log.info("memory table: %d regions, %d MiB", len(regions), sum(r.memory_size for r in regions) >> 20)
+
+    def add_mem_reg(self, msg: P.Message) -> None:
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"ADD_MEM_REG with {len(msg.fds)} fds, expected 1")
+        region = msg.single_region()
+        self._memory_change(lambda: (self.mem.add_region(region, msg.fds[0]), [])[1])
+
+    def rem_mem_reg(self, msg: P.Message) -> None:
+        region = msg.single_region()
+        self._memory_change(lambda: [self.mem.remove_region(region)])
+
+    # -- vrings -----------------------------------------------------------------------------------------
+    def set_vring_num(self, msg: P.Message) -> None:
+        index, num = msg.vring_state()
+        vr = self.vring(index)
+        if vr.started:
+            raise VringError(f"SET_VRING_NUM on running vring {index}")
+        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise VringError(f"vring {index}: size {num} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        vr.size = num
+        vr.views = None
+        callfd = vr.q[Q_CALLFD]
+        vr.q = new_queue_state(num)
+        vr.q[Q_CALLFD] = callfd
+        vr.q[Q_LAST_AVAIL] = vr.q[Q_USED_IDX] = vr.base
+
+    def set_vring_addr(self, msg: P.Message) -> None:
+        addr = msg.vring_addr()
+        vr = self.vring(addr.index)
+        bad = check_alignment(addr)
+        if bad:
+            raise VringError(f"vring {addr.index}: {bad}")
+        self.stop_workers([vr.index])
+        vr.views = None
+        vr.addr = addr
+        self.refresh()
+
+    def set_vring_base(self, msg: P.Message) -> None:
+        index, num = msg.vring_state()
+        vr = self.vring(index)
+        if vr.started:
+            raise VringError(f"SET_VRING_BASE on running vring {index}")
+        if num > 0xFFFF:
+            raise VringError(f"vring {index}: base {num:#x} has bits above 15 (split ring)")
+        vr.base = num
+        vr.q[Q_LAST_AVAIL] = vr.q[Q_USED_IDX] = num
+
+    def get_vring_base(self, msg: P.Message) -> bytes:
+        index, _ = msg.vring_state()
+        vr = self.vring(index)
+        self.stop_workers([index])
+        vr.started = False
+        vr.views = None
+        base = int(vr.q[Q_LAST_AVAIL])
+        vr.base = base
+        self.record_totals(vr)
+        vr.close_fds()
+        self.refresh()
+        return P.VRING_STATE.pack(index, base)
+
+    def _vring_fd(self, msg: P.Message) -> tuple[Vring, int]:
+        value = msg.u64()
+        vr = self.vring(value & P.VHOST_USER_VRING_IDX_MASK)
+        if value & P.VHOST_USER_VRING_NOFD_MASK:
+            if msg.fds:
+                raise ProtocolError(f"{msg.name}: NOFD flag set but {len(msg.fds)} fds sent")
+            return vr, -1
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"{msg.name}: expected 1 fd, got {len(msg.fds)}")
+        return vr, msg.take_fd(0)
+
+    def set_vring_kick(self, msg: P.Message) -> None:
+        vr, fd = self._vring_fd(msg)
+        self.stop_workers([vr.index])
+        if vr.kick_fd >= 0:
+            os.close(vr.kick_fd)
+        vr.kick_fd = fd
+        if vr.broken:
+            log.warning("vring %d is broken; SET_VRING_KICK does not restart it", vr.index)
+        vr.started = True
+        self.refresh()
+
+    def set_vring_call(self, msg: P.Message) -> None:
+        vr, fd = self._vring_fd(msg)
+        workers = self.stop_workers([vr.index])
+        if vr.call_fd >= 0:
+            os.close(vr.call_fd)
+        vr.call_fd = fd
+        vr.q[Q_CALLFD] = fd
+        if workers:
+            self.refresh()
+
+    def set_vring_err(self, msg: P.Message) -> None:
+        vr, fd = self._vring_fd(msg)
+        if vr.err_fd >= 0:
+            os.close(vr.err_fd)
+        vr.err_fd = fd
+
+    def set_vring_enable(self, msg: P.Message) -> None:
+        index, num = msg.vring_state()
+        vr = self.vring(index)
+        if not self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
+            log.warning("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES negotiated")
+        if num not in (0, 1):
+            raise VringError(f"SET_VRING_ENABLE {index}: value {num} is not 0 or 1")
+        if not num:
+            self.stop_workers([index])
+        vr.enabled = bool(num)
+        self.refresh()
+
+    # -- workers ----------------------------------------------------------------------------------------
+    def stop_workers(self, indices: list[int] | None = None) -> list[Worker]:
+        """Stop (and join) the workers serving any of ``indices`` (all if None)."""
+        stopped = []
+        for group, w in list(self.workers.items()):
+            if indices is None or any(i in group for i in indices):
+                w.stop()
+                del self.workers[group]
+                stopped.append(w)
+        return stopped
+
+    def refresh(self) -> None:
+        """Start a worker for every group whose rings are all ready and that has none."""
+        for group in self.device.workers():
+            if group in self.workers:
+                continue
+            rings = [self.vrings[i] for i in group]
+            if not all(vr.ready for vr in rings) or self.mem.nregions == 0:
+                continue
+            handles = []
+            for vr in rings:
+                assert vr.addr is not None
+                if vr.views is None or vr.views.generation != self.mem.generation:
+                    vr.views = bind(self.mem, vr.addr, vr.size, self.metadata, vr.q)
+                    self._load_used_idx(vr)
+                self.device.prepare_queue(vr.index, vr.q)
+                vr.q[Q_EVENT_IDX] = 1 if self.features & (1 << VIRTIO_RING_F_EVENT_IDX) else 0
+                vr.q[Q_BATCH] = self.batch
+                vr.q[Q_NOTIFY_ON] = 1
+                vr.q[Q_SIGNALLED_VALID] = 0
+                vr.q[Q_STOP] = 0
+                handles.append(Ring(vr.index, vr.q, vr.views, self.mem))
+            w = Worker(self, rings, self.device.make_step(handles), self.budget)
+            self.workers[group] = w
+            w.start()
+            log.info("queues %s started (%s path)", group,
+                     "/".join("direct" if vr.q[2] else "copy" for vr in rings))
+
+    def _load_used_idx(self, vr: Vring) -> None:
+        """The used index lives in the ring; start from it, as vhost does."""
+        assert vr.addr is not None
+        hit = self.mem.translate(SPACE_UVA, vr.addr.used + 2, 2)
+        if hit is not None:
+            region, off = hit
+            used = int(self.mem.regions[region].view[off:off + 2].view(np.uint16)[0])
+            if used != vr.q[Q_LAST_AVAIL]:
+                log.info("vring %d: used index %d, last avail %d", vr.index, used, vr.q[Q_LAST_AVAIL])
+            vr.q[Q_USED_IDX] = used
+
+    def ring_broken(self, rings: list[Vring]) -> None:
+        """Called by a worker whose ring broke: log why, signal ERR, leave the other queues running."""
+        for vr in rings:
+            vr.broken = True
+            log.error("vring %d broken: %s", vr.index, describe(int(vr.q[Q_ERROR]), int(vr.q[Q_ERROR_VALUE])))
+            if vr.err_fd >= 0:
+                try:
+                    os.eventfd_write(vr.err_fd, 1)
+                except OSError as e:
+                    log.error("vring %d: signalling the err fd failed: %s", vr.index, e)
+
+    # -- stats and teardown -----------------------------------------------------------------------------
+    def record_totals(self, vr: Vring) -> None:
+        self.totals[vr.index] = queue_stats(vr.q)
+
+    def stats(self) -> dict[int, dict[str, int]]:
+        out = dict(self.totals)
+        for vr in self.vrings:
+            if vr.size:
+                out[vr.index] = queue_stats(vr.q)
+        return out
+
+    def teardown(self) -> None:
+        """Stop everything, drop views, unmap memory, close every fd."""
+        self.stop_workers()
+        for vr in self.vrings:
+            if vr.size:
+                self.record_totals(vr)
+            vr.views = None
+            vr.close_fds()
+        self.mem.close()
+        self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+
+
+def queue_stats(q: np.ndarray) -> dict[str, int]:
+    return {"packets": int(q[Q_PACKETS]), "bytes": int(q[Q_BYTES]), "drops": int(q[Q_DROPS]),
+            "chains": int(q[Q_CHAINS]), "calls": int(q[Q_CALLS]), "wakeups": int(q[Q_WAKEUPS]),
+            "error": int(q[Q_ERROR])}
+
+
+class Server:
+    """Listen on a Unix socket and serve one front-end at a time; a disconnect tears the device down and the
+    next connection gets a fresh one."""
+
+    def __init__(self, device: Device, socket_path: str, metadata: Metadata = Metadata.DIRECT,
+                 batch: int = 256) -> None:
+        self.device = device
+        self.socket_path = socket_path
+        self.metadata = Metadata(metadata)
+        self.batch = batch
+        self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.connection: Connection | None = None
+        self.history: list[dict[int, dict[str, int]]] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        self.listener.bind(socket_path)
+        self.listener.listen(1)
+
+    def stop(self) -> None:
+        """Ask serve() to return (safe from a signal handler or another thread)."""
+        os.eventfd_write(self.stop_fd, 1)
+
+    def serve(self, connections: int | None = None) -> None:
+        """Serve until stop() (or after ``connections`` connections have ended)."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, "listen")
+        sel.register(self.stop_fd, selectors.EVENT_READ, "stop")
+        served = 0
+        try:
+            while connections is None or served < connections:
+                events = sel.select()
+                kinds = {key.data for key, _ in events}
+                if "stop" in kinds:
+                    return
+                if "listen" in kinds and self.connection is None:
+                    sock, _ = self.listener.accept()
+                    self.connection = Connection(sock, self.device, self.metadata, batch=self.batch)
+                    sel.unregister(self.listener)
+                    sel.register(sock, selectors.EVENT_READ, "conn")
+                    log.info("front-end connected")
+                if "conn" in kinds and self.connection is not None:
+                    if not self._read_one(self.connection):
+                        sel.unregister(self.connection.sock)
+                        self._end_connection()
+                        served += 1
+                        sel.register(self.listener, selectors.EVENT_READ, "listen")
+        finally:
+            if self.connection is not None:
+                self._end_connection()
+            sel.close()
+
+    def _read_one(self, conn: Connection) -> bool:
+        try:
+            msg = P.recv_message(conn.sock)
+        except P.ConnectionClosed as e:
+            log.info("front-end disconnected (%s)", e)
+            return False
+        except ProtocolError as e:
+            log.error("bad message: %s", e)
+            return True
+        except OSError as e:
+            log.error("socket error: %s", e)
+            return False
+        log.debug("<- %s %s", msg.name, msg.payload.hex())
+        try:
+            conn.handle(msg)
+        except OSError as e:  # the peer went away while we replied
+            log.error("replying to %s failed: %s", msg.name, e)
+            return False
+        return True
+
+    def _end_connection(self) -> None:
+        conn = self.connection
+        assert conn is not None
+        conn.teardown()
+        stats = conn.stats()
+        self.history.append(stats)
+        log.info("connection closed; queue stats %s", json.dumps(stats))
+        conn.sock.close()
+        self.connection = None
+
+    def stats(self) -> dict:
+        """Per-queue counters: those of the live connection, and of every one that ended."""
+        live = self.connection.stats() if self.connection else {}
+        return {"live": live, "ended": list(self.history)}
+
+    def close(self) -> None:
+        self.listener.close()
+        os.close(self.stop_fd)
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass

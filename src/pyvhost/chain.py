@@ -1,0 +1,208 @@
+"""Descriptor chain walking (split rings): from a head index to a scatter list of guest buffers.
+
+Every value read from the guest is read once into a local and bounded before use:
+
+* indices (``head``, ``next``) are checked against the table size; the walk stops after ``size`` descriptors
+  (main table) or ``len/16`` (indirect table), so a loop cannot make it run forever;
+* an indirect table must have a non-zero length that is a multiple of 16, lie whole in one region, not be
+  nested, and not be combined with NEXT;
+* each buffer must have a non-zero length and lie in guest memory (it is split at region boundaries);
+* device-readable buffers must come before device-writable ones, and the caller may demand one direction.
+
+The scatter list ``sg`` is an int64 array (capacity, 3) of (region, offset, length) rows; its capacity bounds
+the segments a chain may produce.  Errors mark the queue broken (``fail``) and return ``nread = -1``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .atomic import ld64
+from .errors import QueueError
+from .memory import SPACE_GPA, translate
+from .protocol import ADDR_LIMIT
+from .ring.split import (DESC_SIZE, Q_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+                         fail, read_desc)
+
+#: Direction a caller demands of a chain.
+ANY = 0
+READ_ONLY = 1
+WRITE_ONLY = 2
+#: Most entries of one indirect table (Linux vhost bounds chains by UIO_MAXIOV = 1024).
+MAX_INDIRECT = 1024
+SG_COLUMNS = 3
+_ADDR_LIMIT = np.uint64(ADDR_LIMIT)  # compare guest u64 values against a u64 (no float promotion)
+
+
+def new_sg(queue_size: int) -> np.ndarray:
+    """Scatter list big enough for any valid chain of a queue of this size."""
+    return np.zeros((queue_size + MAX_INDIRECT, SG_COLUMNS), dtype=np.int64)
+
+
+@njit
+def _add_buffer(q, mem, table, sg, n, addr, length):
+    """Append guest buffer [addr, addr+length) to ``sg`` from row ``n``; return the new row count or -1."""
+    if length == 0:
+        return fail(q, QueueError.ZERO_LENGTH, addr)
+    if addr >= _ADDR_LIMIT:
+        return fail(q, QueueError.BAD_ADDRESS, addr)
+    a = np.int64(addr)
+    rem = np.int64(length)
+    while rem > 0:
+        if n >= sg.shape[0]:
+            return fail(q, QueueError.CHAIN_TOO_LONG, n)
+        r, off = translate(table, SPACE_GPA, a, 1)
+        if r < 0:
+            return fail(q, QueueError.BAD_ADDRESS, a)
+        take = min(rem, mem[r].shape[0] - off)
+        sg[n, 0] = r
+        sg[n, 1] = off
+        sg[n, 2] = take
+        n += 1
+        a += take
+        rem -= take
+    return n
+
+
+@njit
+def walk_chain(q, desc, mem, table, head, sg, want):
+    """Walk the chain starting at ``head``.
+
+    Returns (nread, nseg, rbytes, wbytes): ``sg[:nread]`` are device-readable segments, ``sg[nread:nseg]``
+    device-writable ones.  ``nread == -1`` means the queue is now broken (q[Q_ERROR] says why).
+    """
+    size = q[Q_SIZE]
+    bad = (np.int64(-1), np.int64(0), np.int64(0), np.int64(0))
+    if head < 0 or head >= size:
+        fail(q, QueueError.HEAD_OUT_OF_RANGE, head)
+        return bad
+    n = np.int64(0)
+    nread = np.int64(0)
+    rbytes = np.int64(0)
+    wbytes = np.int64(0)
+    idx = np.int64(head)
+    count = 0
+    while True:
+        count += 1
+        if count > size:
+            fail(q, QueueError.CHAIN_TOO_LONG, head)
+            return bad
+        addr, word, ok = read_desc(q, desc, mem, table, idx)
+        if not ok:
+            return bad
+        length = np.int64(word & np.uint64(0xFFFFFFFF))
+        flags = np.int64((word >> np.uint64(32)) & np.uint64(0xFFFF))
+        nxt = np.int64(word >> np.uint64(48))
+        if flags & VRING_DESC_F_INDIRECT:
+            if flags & VRING_DESC_F_NEXT:
+                fail(q, QueueError.INDIRECT_WITH_NEXT, idx)
+                return bad
+            if length == 0 or length % DESC_SIZE != 0 or length > DESC_SIZE * MAX_INDIRECT:
+                fail(q, QueueError.INDIRECT_BAD_SIZE, length)
+                return bad
+            if addr >= _ADDR_LIMIT:
+                fail(q, QueueError.INDIRECT_UNMAPPED, addr)
+                return bad
+            r, base = translate(table, SPACE_GPA, np.int64(addr), length)
+            if r < 0:
+                fail(q, QueueError.INDIRECT_UNMAPPED, addr)
+                return bad
+            cnt = length // DESC_SIZE
+            j = np.int64(0)
+            steps = 0
+            while True:
+                steps += 1
+                if steps > cnt:
+                    fail(q, QueueError.CHAIN_TOO_LONG, head)
+                    return bad
+                eaddr = ld64(mem[r], base + DESC_SIZE * j)
+                eword = ld64(mem[r], base + DESC_SIZE * j + 8)
+                elen = np.int64(eword & np.uint64(0xFFFFFFFF))
+                eflags = np.int64((eword >> np.uint64(32)) & np.uint64(0xFFFF))
+                enext = np.int64(eword >> np.uint64(48))
+                if eflags & VRING_DESC_F_INDIRECT:
+                    fail(q, QueueError.INDIRECT_NESTED, j)
+                    return bad
+                writable = (eflags & VRING_DESC_F_WRITE) != 0
+                if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
+                    fail(q, QueueError.BAD_DIRECTION, j)
+                    return bad
+                n2 = _add_buffer(q, mem, table, sg, n, eaddr, elen)
+                if n2 < 0:
+                    return bad
+                if writable:
+                    wbytes += elen
+                else:
+                    rbytes += elen
+                    nread = n2
+                n = n2
+                if not (eflags & VRING_DESC_F_NEXT):
+                    break
+                if enext >= cnt:
+                    fail(q, QueueError.NEXT_OUT_OF_RANGE, enext)
+                    return bad
+                j = enext
+            return nread, n, rbytes, wbytes
+        writable = (flags & VRING_DESC_F_WRITE) != 0
+        if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
+            fail(q, QueueError.BAD_DIRECTION, idx)
+            return bad
+        n2 = _add_buffer(q, mem, table, sg, n, addr, length)
+        if n2 < 0:
+            return bad
+        if writable:
+            wbytes += length
+        else:
+            rbytes += length
+            nread = n2
+        n = n2
+        if not (flags & VRING_DESC_F_NEXT):
+            return nread, n, rbytes, wbytes
+        if nxt >= size:
+            fail(q, QueueError.NEXT_OUT_OF_RANGE, nxt)
+            return bad
+        idx = nxt
+
+
+@njit
+def sg_write(mem, sg, first, last, dst_off, src, src_off, length):
+    """Copy ``src[src_off:src_off+length]`` into segments ``sg[first:last]`` starting ``dst_off`` bytes in.
+    Returns the bytes written (less than ``length`` if the segments are too short)."""
+    done = 0
+    skip = dst_off
+    for i in range(first, last):
+        seg_len = sg[i, 2]
+        if skip >= seg_len:
+            skip -= seg_len
+            continue
+        r = sg[i, 0]
+        o = sg[i, 1] + skip
+        take = min(seg_len - skip, length - done)
+        mem[r][o:o + take] = src[src_off + done:src_off + done + take]
+        done += take
+        skip = 0
+        if done == length:
+            break
+    return done
+
+
+@njit
+def sg_read(mem, sg, first, last, src_off, dst, length):
+    """Copy up to ``length`` bytes starting ``src_off`` bytes into ``sg[first:last]`` into ``dst``."""
+    done = 0
+    skip = src_off
+    for i in range(first, last):
+        seg_len = sg[i, 2]
+        if skip >= seg_len:
+            skip -= seg_len
+            continue
+        r = sg[i, 0]
+        o = sg[i, 1] + skip
+        take = min(seg_len - skip, length - done)
+        dst[done:done + take] = mem[r][o:o + take]
+        done += take
+        skip = 0
+        if done == length:
+            break
+    return done

@@ -1,0 +1,361 @@
+"""virtio-net (virtio 1.2 §5.1): queue 2k receives, 2k+1 transmits.
+
+Modes: ``sink`` counts and drops what the driver transmits; ``source`` fills receive buffers with generated
+frames; ``loopback`` returns each transmitted frame on the paired receive queue.  The datapath is compiled:
+each kernel runs up to ``budget`` passes of at most ``Q_BATCH`` chains per ring, polls ``spins`` empty passes
+before asking for kicks, and publishes used entries once per pass.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+import numpy as np
+from numba import njit
+
+from ..atomic import fence_full
+from ..chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
+from ..ring.split import (Q_BATCH, Q_BYTES, Q_DROPS, Q_HDR_LEN, Q_LAST_AVAIL, Q_MRG, Q_PACKETS, Q_STOP,
+                          Q_USED_IDX, Q_CHAINS, Q_WAKEUPS, avail_pending, flush_used, read_avail_entry, set_notify,
+                          write_used)
+from .base import VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
+
+VIRTIO_ID_NET = 1
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_MQ = 22
+VIRTIO_NET_S_LINK_UP = 1
+#: virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF), and the legacy one without it
+NET_HDR_LEN = 12
+NET_HDR_LEN_LEGACY = 10
+#: Largest frame the loopback carries (64 KiB GSO frames and their header).
+MAX_FRAME = 65536 + 64
+
+_IDLE, _MORE, _STOPPED, _BROKEN = int(Step.IDLE), int(Step.MORE), int(Step.STOPPED), int(Step.BROKEN)
+
+
+class Mode(str, enum.Enum):
+    SINK = "sink"
+    SOURCE = "source"
+    LOOPBACK = "loopback"
+
+
+def make_frame(size: int, seq: int = 0) -> np.ndarray:
+    """A UDP/IPv4 Ethernet frame of ``size`` bytes (≥ 60) from 02:00:00:00:00:01 to 02:00:00:00:00:02."""
+    size = max(size, 60)
+    eth = bytes.fromhex("020000000002" "020000000001" "0800")
+    ip_len = size - 14
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, seq & 0xFFFF, 0, 64, 17, 0,
+                     bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]))
+    csum = sum(struct.unpack("!10H", ip))
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    csum = ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF
+    ip = ip[:10] + struct.pack("!H", csum) + ip[12:]
+    udp = struct.pack("!HHHH", 9, 9, ip_len - 20, 0)
+    body = eth + ip + udp
+    return np.frombuffer(body + bytes(size - len(body)), dtype=np.uint8).copy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compiled datapath
+@njit
+def _idle(q, avail, used16, mem, table):
+    """No chains: ask for kicks, then look once more (the driver may have added one meanwhile)."""
+    if not set_notify(q, used16, mem, table, 1):
+        return -1
+    fence_full()
+    return avail_pending(q, avail, mem, table)
+
+
+@njit(nogil=True, cache=True)
+def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
+    """Consume TX chains: count packets and bytes (after the header), complete each with length 0."""
+    hdr = q[Q_HDR_LEN]
+    idle = 0
+    for _ in range(budget):
+        if q[Q_STOP]:
+            return _STOPPED
+        n = avail_pending(q, avail, mem, table)
+        if n < 0:
+            return _BROKEN
+        if n == 0:
+            idle += 1
+            if idle < spins:
+                continue
+            n = _idle(q, avail, used16, mem, table)
+            if n < 0:
+                return _BROKEN
+            if n == 0:
+                return _IDLE
+        idle = 0
+        if not set_notify(q, used16, mem, table, 0):
+            return _BROKEN
+        q[Q_WAKEUPS] += 1
+        n = min(n, q[Q_BATCH])
+        last = q[Q_LAST_AVAIL]
+        used = q[Q_USED_IDX]
+        done = 0
+        status = _MORE
+        for k in range(n):
+            head = read_avail_entry(q, avail, mem, table, last + k)
+            if head < 0:
+                status = _BROKEN
+                break
+            nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg, READ_ONLY)
+            if nread < 0:
+                status = _BROKEN
+                break
+            if rbytes < hdr:
+                q[Q_DROPS] += 1  # too short for the virtio-net header: dropped, still completed
+            else:
+                q[Q_PACKETS] += 1
+                q[Q_BYTES] += rbytes - hdr
+            if not write_used(q, used32, mem, table, used + k, head, 0):
+                status = _BROKEN
+                break
+            done += 1
+        # chains handled before a fault are still completed: no completion is lost
+        q[Q_LAST_AVAIL] = (last + done) & 0xFFFF
+        q[Q_CHAINS] += done
+        if not flush_used(q, avail, used16, mem, table, (used + done) & 0xFFFF):
+            return _BROKEN
+        if status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
+@njit
+def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, n):
+    """Put one frame (virtio_net_hdr + ``src[:length]``) into RX chains from avail position last+k.
+
+    Returns the chains used (> 0), 0 if the ``n - k`` chains left are not enough (nothing is consumed), or -1
+    if the queue broke.  Without MRG_RXBUF a chain too small for the frame is completed empty and counted as a
+    drop, as vhost-net does.
+    """
+    hdr = q[Q_HDR_LEN]
+    last = q[Q_LAST_AVAIL]
+    used = q[Q_USED_IDX]
+    total = hdr + length
+    done = 0
+    c = 0
+    first_nseg = 0
+    while done < total:
+        if k + c >= n:
+            return 0
+        head = read_avail_entry(q, avail, mem, table, last + k + c)
+        if head < 0:
+            return -1
+        sg = sgs[0] if c == 0 else sgs[1]
+        nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg, WRITE_ONLY)
+        if nread < 0:
+            return -1
+        if c == 0:
+            if wbytes < hdr or (q[Q_MRG] == 0 and wbytes < total):
+                q[Q_DROPS] += 1
+                if not write_used(q, used32, mem, table, used + k, head, 0):
+                    return -1
+                return 1
+            w = sg_write(mem, sg, 0, nseg, hdr, src, 0, min(length, wbytes - hdr))
+            chain_len = hdr + w
+            first_nseg = nseg
+        else:
+            chain_len = sg_write(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
+        done += chain_len
+        if not write_used(q, used32, mem, table, used + k + c, head, chain_len):
+            return -1
+        c += 1
+    hdrbuf[:] = 0
+    if hdr >= 12:
+        hdrbuf[10] = c & 0xFF
+        hdrbuf[11] = c >> 8
+    sg_write(mem, sgs[0], 0, first_nseg, 0, hdrbuf, 0, hdr)
+    q[Q_PACKETS] += 1
+    q[Q_BYTES] += length
+    return c
+
+
+@njit(nogil=True, cache=True)
+def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, budget, spins):
+    """Fill RX chains with copies of ``frame``."""
+    idle = 0
+    for _ in range(budget):
+        if q[Q_STOP]:
+            return _STOPPED
+        n = avail_pending(q, avail, mem, table)
+        if n < 0:
+            return _BROKEN
+        if n == 0:
+            idle += 1
+            if idle < spins:
+                continue
+            n = _idle(q, avail, used16, mem, table)
+            if n < 0:
+                return _BROKEN
+            if n == 0:
+                return _IDLE
+        idle = 0
+        if not set_notify(q, used16, mem, table, 0):
+            return _BROKEN
+        q[Q_WAKEUPS] += 1
+        n = min(n, q[Q_BATCH])
+        k = 0
+        status = _MORE
+        while k < n:
+            c = rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, frame, frame.shape[0], k, n)
+            if c < 0:
+                status = _BROKEN
+                break
+            if c == 0:
+                break
+            k += c
+        q[Q_LAST_AVAIL] = (q[Q_LAST_AVAIL] + k) & 0xFFFF
+        q[Q_CHAINS] += k
+        if not flush_used(q, avail, used16, mem, table, (q[Q_USED_IDX] + k) & 0xFFFF):
+            return _BROKEN
+        if status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
+@njit(nogil=True, cache=True)
+def loopback(rq, rdesc, ravail, rused16, rused32, tq, tdesc, tavail, tused16, tused32, mem, table,
+             tsg, rsgs, hdrbuf, scratch, budget, spins):
+    """Move each TX frame to the paired RX queue.  A TX chain is taken only when RX has room for it."""
+    hdr = tq[Q_HDR_LEN]
+    idle = 0
+    for _ in range(budget):
+        if tq[Q_STOP] or rq[Q_STOP]:
+            return _STOPPED
+        nt = avail_pending(tq, tavail, mem, table)
+        nr = avail_pending(rq, ravail, mem, table)
+        if nt < 0 or nr < 0:
+            return _BROKEN
+        if nt == 0 or nr == 0:
+            idle += 1
+            if idle < spins:
+                continue
+            nt = _idle(tq, tavail, tused16, mem, table)
+            nr = _idle(rq, ravail, rused16, mem, table)
+            if nt < 0 or nr < 0:
+                return _BROKEN
+            if nt == 0 or nr == 0:
+                return _IDLE
+        idle = 0
+        if not set_notify(tq, tused16, mem, table, 0) or not set_notify(rq, rused16, mem, table, 0):
+            return _BROKEN
+        tq[Q_WAKEUPS] += 1
+        nt = min(nt, tq[Q_BATCH])
+        nr = min(nr, rq[Q_BATCH])
+        tlast = tq[Q_LAST_AVAIL]
+        tused = tq[Q_USED_IDX]
+        t = 0
+        r = 0
+        status = _MORE
+        while t < nt:
+            head = read_avail_entry(tq, tavail, mem, table, tlast + t)
+            if head < 0:
+                status = _BROKEN
+                break
+            nread, nseg, rbytes, wbytes = walk_chain(tq, tdesc, mem, table, head, tsg, READ_ONLY)
+            if nread < 0:
+                status = _BROKEN
+                break
+            if rbytes < hdr or rbytes - hdr > scratch.shape[0]:
+                tq[Q_DROPS] += 1
+            else:
+                length = sg_read(mem, tsg, 0, nread, hdr, scratch, rbytes - hdr)
+                c = rx_deliver(rq, rdesc, ravail, rused32, mem, table, rsgs, hdrbuf, scratch, length, r, nr)
+                if c < 0:
+                    status = _BROKEN
+                    break
+                if c == 0:
+                    break  # RX full: leave this TX chain for the next pass
+                r += c
+                tq[Q_PACKETS] += 1
+                tq[Q_BYTES] += length
+            if not write_used(tq, tused32, mem, table, tused + t, head, 0):
+                status = _BROKEN
+                break
+            t += 1
+        tq[Q_LAST_AVAIL] = (tlast + t) & 0xFFFF
+        rq[Q_LAST_AVAIL] = (rq[Q_LAST_AVAIL] + r) & 0xFFFF
+        tq[Q_CHAINS] += t
+        rq[Q_CHAINS] += r
+        if not flush_used(rq, ravail, rused16, mem, table, (rq[Q_USED_IDX] + r) & 0xFFFF):
+            return _BROKEN
+        if not flush_used(tq, tavail, tused16, mem, table, (tused + t) & 0xFFFF):
+            return _BROKEN
+        if status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
+# ---------------------------------------------------------------------------------------------------------
+class NetDevice(Device):
+    """virtio-net with ``queue_pairs`` RX/TX pairs in one of the three modes."""
+
+    device_id = VIRTIO_ID_NET
+
+    def __init__(self, mode: Mode = Mode.SINK, queue_pairs: int = 1, pkt_size: int = 64,
+                 mac: bytes = bytes.fromhex("020000000002"), mtu: int = 1500, spins: int = 20000,
+                 budget: int = 4096) -> None:
+        self.mode = Mode(mode)
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.mac = mac
+        self.mtu = mtu
+        self.spins = spins
+        self.budget = budget
+        self.frame = make_frame(pkt_size)
+        self.features = ((1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+                         | (1 << VIRTIO_NET_F_MTU) | ((1 << VIRTIO_NET_F_MQ) if queue_pairs > 1 else 0))
+        self.negotiated = 0
+
+    def config_space(self) -> bytes:
+        # struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu
+        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, self.queue_pairs, self.mtu)
+
+    @property
+    def hdr_len(self) -> int:
+        if self.negotiated & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)):
+            return NET_HDR_LEN
+        return NET_HDR_LEN_LEGACY
+
+    def prepare_queue(self, index: int, q: np.ndarray) -> None:
+        q[Q_HDR_LEN] = self.hdr_len
+        q[Q_MRG] = 1 if self.negotiated & (1 << VIRTIO_NET_F_MRG_RXBUF) else 0
+
+    def workers(self) -> list[tuple[int, ...]]:
+        pairs = range(self.queue_pairs)
+        if self.mode is Mode.SINK:
+            return [(2 * p + 1,) for p in pairs]
+        if self.mode is Mode.SOURCE:
+            return [(2 * p,) for p in pairs]
+        return [(2 * p, 2 * p + 1) for p in pairs]
+
+    def make_step(self, rings: list[Ring]) -> StepFn:
+        spins = self.spins
+        mem = rings[0].mem
+        views, table = mem.views, mem.table
+        if self.mode is Mode.SINK:
+            (tx,) = rings
+            sg = new_sg(int(tx.q[0]))
+            args = (tx.q, *tx.views.args(), views, table, sg)
+            return lambda budget: tx_sink(*args, budget, spins)
+        if self.mode is Mode.SOURCE:
+            (rx,) = rings
+            sgs = np.stack([new_sg(int(rx.q[0]))] * 2)
+            args = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame)
+            return lambda budget: rx_source(*args, budget, spins)
+        rx, tx = rings
+        tsg = new_sg(int(tx.q[0]))
+        rsgs = np.stack([new_sg(int(rx.q[0]))] * 2)
+        args = (rx.q, *rx.views.args(), tx.q, *tx.views.args(), views, table, tsg, rsgs,
+                np.zeros(16, np.uint8), np.zeros(MAX_FRAME, np.uint8))
+        return lambda budget: loopback(*args, budget, spins)

@@ -1,0 +1,324 @@
+"""vhost-user wire format (QEMU ``docs/interop/vhost-user.rst``).
+
+One message is a 12-byte header (request, flags, size) followed by ``size`` bytes of payload; file descriptors
+travel beside it as SCM_RIGHTS ancillary data.  This module parses and builds messages and validates every
+size and fd count *before* any handler sees the request.  It knows nothing about device state.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+HEADER = struct.Struct("<III")
+HEADER_SIZE = HEADER.size  # 12
+
+VHOST_USER_VERSION = 0x1
+VHOST_USER_VERSION_MASK = 0x3
+VHOST_USER_REPLY_MASK = 0x1 << 2
+VHOST_USER_NEED_REPLY_MASK = 0x1 << 3
+
+#: Largest payload we accept: SET_CONFIG carries 12 + 256 bytes, SET_MEM_TABLE 8 + 8 * 32; nothing needs more.
+MAX_PAYLOAD = 4096
+#: Most fds one message may carry (SET_MEM_TABLE: one per region).
+MAX_FDS = 8
+#: Regions a SET_MEM_TABLE may carry (VHOST_MEMORY_BASELINE_NREGIONS).
+MEMORY_BASELINE_NREGIONS = 8
+#: Memory slots with CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG); QEMU and DPDK use 509 at most.
+MAX_MEM_SLOTS = 509
+#: Payload flag of SET_VRING_KICK/CALL/ERR: no fd is passed.
+VHOST_USER_VRING_NOFD_MASK = 0x1 << 8
+VHOST_USER_VRING_IDX_MASK = 0xFF
+#: Feature bit that turns on protocol-feature negotiation.
+VHOST_USER_F_PROTOCOL_FEATURES = 30
+#: GET/SET_CONFIG payload limit.
+VHOST_USER_MAX_CONFIG_SIZE = 256
+
+
+class Request(enum.IntEnum):
+    """Front-end → back-end request ids."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+
+
+class ProtocolFeature(enum.IntEnum):
+    """Bits of GET/SET_PROTOCOL_FEATURES."""
+
+    MQ = 0
+    LOG_SHMFD = 1
+    RARP = 2
+    REPLY_ACK = 3
+    NET_MTU = 4
+    BACKEND_REQ = 5
+    CROSS_ENDIAN = 6
+    CRYPTO_SESSION = 7
+    PAGEFAULT = 8
+    CONFIG = 9
+    BACKEND_SEND_FD = 10
+    HOST_NOTIFIER = 11
+    INFLIGHT_SHMFD = 12
+    RESET_DEVICE = 13
+    INBAND_NOTIFICATIONS = 14
+    CONFIGURE_MEM_SLOTS = 15
+    STATUS = 16
+
+
+class ProtocolError(Exception):
+    """A message that is malformed or not allowed now; the connection answers it with a failure."""
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the socket (or sent a partial header)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Payload layouts
+U64 = struct.Struct("<Q")
+VRING_STATE = struct.Struct("<II")  # index, num
+VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log
+MEM_REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
+MEM_TABLE_HDR = struct.Struct("<II")  # nregions, padding
+SINGLE_REGION_HDR = struct.Struct("<Q")  # padding
+CONFIG_HDR = struct.Struct("<III")  # offset, size, flags
+LOG_HDR = struct.Struct("<QQ")  # mmap_size, mmap_offset
+INFLIGHT = struct.Struct("<QQHH")  # mmap_size, mmap_offset, num_queues, queue_size
+IOTLB = struct.Struct("<QQQBB6x")  # iova, size, uaddr, perm, type
+
+#: Largest address or size accepted anywhere (no real x86-64/arm64 address is this high); keeps all
+#: address arithmetic far from 64-bit overflow.
+ADDR_LIMIT = 1 << 62
+
+
+@dataclass(frozen=True)
+class MemRegion:
+    """One region of a memory table."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+    def pack(self) -> bytes:
+        return MEM_REGION.pack(self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset)
+
+
+@dataclass(frozen=True)
+class VringAddr:
+    index: int
+    flags: int
+    desc: int
+    used: int
+    avail: int
+    log: int
+
+
+@dataclass
+class Message:
+    """One parsed message: request id, flags, raw payload and the fds that came with it."""
+
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & VHOST_USER_NEED_REPLY_MASK)
+
+    @property
+    def name(self) -> str:
+        try:
+            return Request(self.request).name
+        except ValueError:
+            return f"UNKNOWN({self.request})"
+
+    def close_fds(self) -> None:
+        """Close every fd not taken by a handler (handlers set the slot to -1 when they keep one)."""
+        for i, fd in enumerate(self.fds):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                self.fds[i] = -1
+
+    def take_fd(self, i: int = 0) -> int:
+        """Take ownership of fd ``i`` (the message will no longer close it)."""
+        fd = self.fds[i]
+        self.fds[i] = -1
+        return fd
+
+    # -- typed views of the payload; each checks the size first -------------------------------------------
+    def _need(self, n: int, exact: bool = False) -> None:
+        if len(self.payload) < n or (exact and len(self.payload) != n):
+            raise ProtocolError(f"{self.name}: payload of {len(self.payload)} bytes, expected {n}")
+
+    def u64(self) -> int:
+        self._need(U64.size)
+        return U64.unpack_from(self.payload)[0]
+
+    def vring_state(self) -> tuple[int, int]:
+        self._need(VRING_STATE.size)
+        return VRING_STATE.unpack_from(self.payload)
+
+    def vring_addr(self) -> VringAddr:
+        self._need(VRING_ADDR.size)
+        return VringAddr(*VRING_ADDR.unpack_from(self.payload))
+
+    def mem_table(self) -> list[MemRegion]:
+        self._need(MEM_TABLE_HDR.size)
+        nregions, _ = MEM_TABLE_HDR.unpack_from(self.payload)
+        if nregions > MEMORY_BASELINE_NREGIONS:
+            raise ProtocolError(f"SET_MEM_TABLE: {nregions} regions, at most {MEMORY_BASELINE_NREGIONS}")
+        self._need(MEM_TABLE_HDR.size + nregions * MEM_REGION.size)
+        regions = [MemRegion(*MEM_REGION.unpack_from(self.payload, MEM_TABLE_HDR.size + i * MEM_REGION.size))
+                   for i in range(nregions)]
+        if len(self.fds) != nregions:
+            raise ProtocolError(f"SET_MEM_TABLE: {nregions} regions but {len(self.fds)} fds")
+        return regions
+
+    def single_region(self) -> MemRegion:
+        self._need(SINGLE_REGION_HDR.size + MEM_REGION.size)
+        return MemRegion(*MEM_REGION.unpack_from(self.payload, SINGLE_REGION_HDR.size))
+
+    def config(self) -> tuple[int, int, int, bytes]:
+        self._need(CONFIG_HDR.size)
+        offset, size, flags = CONFIG_HDR.unpack_from(self.payload)
+        if size > VHOST_USER_MAX_CONFIG_SIZE or offset > VHOST_USER_MAX_CONFIG_SIZE:
+            raise ProtocolError(f"{self.name}: config offset {offset} size {size} over {VHOST_USER_MAX_CONFIG_SIZE}")
+        data = self.payload[CONFIG_HDR.size:CONFIG_HDR.size + size]
+        return offset, size, flags, data
+
+
+# Payload sizes each request must carry (minimum); requests not listed take any payload we accept.
+_MIN_PAYLOAD = {
+    Request.SET_FEATURES: U64.size,
+    Request.SET_PROTOCOL_FEATURES: U64.size,
+    Request.SET_MEM_TABLE: MEM_TABLE_HDR.size,
+    Request.SET_VRING_NUM: VRING_STATE.size,
+    Request.SET_VRING_BASE: VRING_STATE.size,
+    Request.GET_VRING_BASE: VRING_STATE.size,
+    Request.SET_VRING_ADDR: VRING_ADDR.size,
+    Request.SET_VRING_KICK: U64.size,
+    Request.SET_VRING_CALL: U64.size,
+    Request.SET_VRING_ERR: U64.size,
+    Request.SET_VRING_ENABLE: VRING_STATE.size,
+    Request.ADD_MEM_REG: SINGLE_REGION_HDR.size + MEM_REGION.size,
+    Request.REM_MEM_REG: SINGLE_REGION_HDR.size + MEM_REGION.size,
+    Request.GET_CONFIG: CONFIG_HDR.size,
+    Request.SET_CONFIG: CONFIG_HDR.size,
+    Request.SET_STATUS: U64.size,
+}
+
+
+def recv_message(sock: socket.socket) -> Message:
+    """Read one whole message and its fds; raise ProtocolError for a malformed one.
+
+    The header's size is checked against MAX_PAYLOAD before the payload is read, so a hostile size can
+    neither make us allocate nor desynchronise the stream silently: the connection is failed instead.
+    """
+    data, fds, _flags, _addr = socket.recv_fds(sock, HEADER_SIZE, MAX_FDS)
+    fds = list(fds)
+    try:
+        if not data:
+            raise ConnectionClosed("peer closed the connection")
+        while len(data) < HEADER_SIZE:
+            more = sock.recv(HEADER_SIZE - len(data))
+            if not more:
+                raise ConnectionClosed("peer closed the connection inside a header")
+            data += more
+        request, flags, size = HEADER.unpack(data)
+        if size > MAX_PAYLOAD:
+            raise ConnectionClosed(f"request {request}: payload size {size} over {MAX_PAYLOAD}; stream unusable")
+        payload = b""
+        while len(payload) < size:
+            chunk, more_fds, _f, _a = socket.recv_fds(sock, size - len(payload), MAX_FDS)
+            fds.extend(more_fds)
+            if not chunk:
+                raise ConnectionClosed("peer closed the connection inside a payload")
+            payload += chunk
+        msg = Message(request, flags, payload, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    if (flags & VHOST_USER_VERSION_MASK) != VHOST_USER_VERSION:
+        msg.close_fds()
+        raise ProtocolError(f"request {request}: unsupported version in flags {flags:#x}")
+    if len(msg.fds) > MAX_FDS:
+        msg.close_fds()
+        raise ProtocolError(f"{msg.name}: {len(fds)} fds, at most {MAX_FDS}")
+    need = None if flags & VHOST_USER_REPLY_MASK else _MIN_PAYLOAD.get(request)  # type: ignore[call-overload]
+    if need is not None and size < need:
+        msg.close_fds()
+        raise ProtocolError(f"{msg.name}: payload of {size} bytes, expected at least {need}")
+    return msg
+
+
+def pack_message(request: int, payload: bytes = b"", flags: int = VHOST_USER_VERSION) -> bytes:
+    return HEADER.pack(request, flags, len(payload)) + payload
+
+
+def send_message(sock: socket.socket, request: int, payload: bytes = b"", fds: list[int] | None = None,
+                 flags: int = VHOST_USER_VERSION) -> None:
+    """Send one message with optional fds (SCM_RIGHTS)."""
+    data = pack_message(request, payload, flags)
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+def send_reply(sock: socket.socket, request: int, payload: bytes = b"") -> None:
+    send_message(sock, request, payload, flags=VHOST_USER_VERSION | VHOST_USER_REPLY_MASK)
+
+
+def recv_reply(sock: socket.socket, request: int) -> Message:
+    """Front-end side: read the reply to ``request`` and check it is one."""
+    msg = recv_message(sock)
+    if msg.request != request or not (msg.flags & VHOST_USER_REPLY_MASK):
+        msg.close_fds()
+        raise ProtocolError(f"expected reply to {Request(request).name}, got {msg.name} flags {msg.flags:#x}")
+    return msg
