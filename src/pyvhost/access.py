@@ -61,14 +61,6 @@ def check_alignment(addr: VringAddr) -> str | None:
     return None
 
 
-def _view(mem: GuestMemory, uva: int, length: int) -> np.ndarray | None:
-    hit = mem.translate(SPACE_UVA, uva, length)
-    if hit is None:
-        return None
-    region, off = hit
-    return mem.regions[region].view[off:off + length]
-
-
 def bind(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.ndarray) -> RingViews:
     """Build the ring's access for the current memory generation and record the choice in ``q``.
 
@@ -77,9 +69,9 @@ def bind(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.nda
     """
     q[Q_DESC], q[Q_AVAIL], q[Q_USED] = addr.desc, addr.avail, addr.used
     if mode is Metadata.DIRECT:
-        d = _view(mem, addr.desc, desc_bytes(size))
-        a = _view(mem, addr.avail, avail_bytes(size))
-        u = _view(mem, addr.used, used_bytes(size))
+        d = mem.view(SPACE_UVA, addr.desc, desc_bytes(size))
+        a = mem.view(SPACE_UVA, addr.avail, avail_bytes(size))
+        u = mem.view(SPACE_UVA, addr.used, used_bytes(size))
         if d is not None and a is not None and u is not None:
             q[Q_DIRECT] = 1
             u32_len = (used_bytes(size) - 2) // 4 * 4  # flags|idx and the entries; avail_event via used16

@@ -3,7 +3,7 @@
 Ring indices are read and written as single aligned atomic accesses, so they can neither tear nor be split,
 duplicated or reordered by the compiler:
 
-* ``load_acquire(arr, i)`` – the avail/used index: later reads of ring entries cannot move before it;
+* ``load_acquire(arr, i)`` – the avail/used index (uint16 arrays): later reads of ring entries cannot move before it;
 * ``store_release(arr, i, v)`` – publishing an index: earlier entry writes cannot move after it;
 * ``ld*/st*`` at a byte offset of a uint8 region view – single "unordered" atomic accesses used by the copy
   path, so each guest field is read exactly once, whole;
@@ -18,70 +18,95 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-
-def _item_ptr(context, builder, aryty, ary_val, idx_val):
-    ary = context.make_array(aryty)(context, builder, ary_val)
-    return cgutils.get_item_pointer(context, builder, aryty, ary, [idx_val], wraparound=False)
+from .jit import helper
 
 
-@intrinsic
-def load_acquire(typingctx, arr, idx):
-    """Atomic acquire load of ``arr[idx]`` (no bounds check: ``idx`` must be in range)."""
-    def codegen(context, builder, sig, args):
-        ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load_atomic(ptr, ordering="acquire", align=sig.args[0].dtype.bitwidth // 8)
-    return arr.dtype(arr, idx), codegen
-
-
-@intrinsic
-def store_release(typingctx, arr, idx, val):
-    """Atomic release store ``arr[idx] = val`` (single aligned store)."""
-    def codegen(context, builder, sig, args):
-        aryty = sig.args[0]
-        ptr = _item_ptr(context, builder, aryty, args[0], args[1])
-        v = context.cast(builder, args[2], sig.args[2], aryty.dtype)
-        builder.store_atomic(v, ptr, ordering="release", align=aryty.dtype.bitwidth // 8)
-        return context.get_dummy_value()
-    return types.void(arr, idx, val), codegen
-
-
-def _byte_ptr(context, builder, aryty, ary_val, off_val, bits):
-    ary = context.make_array(aryty)(context, builder, ary_val)
-    base = builder.gep(ary.data, [off_val])
-    return builder.bitcast(base, ir.IntType(bits).as_pointer())
-
-
+# The intrinsics take a raw address: an array passed to an intrinsic makes Numba emit atomic reference-count
+# updates around every call (~20 ns), which would dominate the datapath.  The inline wrappers below take the
+# array and compute the address; they are what the rest of the code uses.
 def _make_load(bits: int, ordering: str, nbtype):
     @intrinsic
-    def _ld(typingctx, buf, off):
+    def _ld(typingctx, addr):
         def codegen(context, builder, sig, args):
-            ptr = _byte_ptr(context, builder, sig.args[0], args[0], args[1], bits)
+            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
             return builder.load_atomic(ptr, ordering=ordering, align=bits // 8)
-        return nbtype(buf, off), codegen
+        return nbtype(types.intp), codegen
     return _ld
 
 
 def _make_store(bits: int, ordering: str, nbtype):
     @intrinsic
-    def _st(typingctx, buf, off, val):
+    def _st(typingctx, addr, val):
         def codegen(context, builder, sig, args):
-            ptr = _byte_ptr(context, builder, sig.args[0], args[0], args[1], bits)
-            v = context.cast(builder, args[2], sig.args[2], nbtype)
+            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
+            v = context.cast(builder, args[1], sig.args[1], nbtype)
             builder.store_atomic(v, ptr, ordering=ordering, align=bits // 8)
             return context.get_dummy_value()
-        return types.void(buf, off, val), codegen
+        return types.void(types.intp, val), codegen
     return _st
 
 
-# Loads/stores at an aligned byte offset of a uint8 view (callers check bounds and alignment).
-ld16 = _make_load(16, "unordered", types.uint16)
-ld32 = _make_load(32, "unordered", types.uint32)
-ld64 = _make_load(64, "unordered", types.uint64)
-ld16_acquire = _make_load(16, "acquire", types.uint16)
-st16 = _make_store(16, "unordered", types.uint16)
-st32 = _make_store(32, "unordered", types.uint32)
-st64 = _make_store(64, "unordered", types.uint64)
-st16_release = _make_store(16, "release", types.uint16)
+_ld16 = _make_load(16, "unordered", types.uint16)
+_ld32 = _make_load(32, "unordered", types.uint32)
+_ld64 = _make_load(64, "unordered", types.uint64)
+_ld16_acq = _make_load(16, "acquire", types.uint16)
+_st16 = _make_store(16, "unordered", types.uint16)
+_st32 = _make_store(32, "unordered", types.uint32)
+_st64 = _make_store(64, "unordered", types.uint64)
+_st16_rel = _make_store(16, "release", types.uint16)
+
+
+@helper
+def load_acquire(arr, i):
+    """Acquire load of uint16 ``arr[i]`` (``i`` must be in range)."""
+    return _ld16_acq(arr.ctypes.data + 2 * i)
+
+
+@helper
+def store_release(arr, i, v):
+    """Release store of uint16 ``arr[i] = v`` (a single aligned store)."""
+    _st16_rel(arr.ctypes.data + 2 * i, v)
+
+
+# Loads/stores at an aligned byte offset of a uint8 array (callers check bounds and alignment).
+@helper
+def ld16(buf, off):
+    return _ld16(buf.ctypes.data + off)
+
+
+@helper
+def ld32(buf, off):
+    return _ld32(buf.ctypes.data + off)
+
+
+@helper
+def ld64(buf, off):
+    return _ld64(buf.ctypes.data + off)
+
+
+@helper
+def ld16_acquire(buf, off):
+    return _ld16_acq(buf.ctypes.data + off)
+
+
+@helper
+def st16(buf, off, v):
+    _st16(buf.ctypes.data + off, v)
+
+
+@helper
+def st32(buf, off, v):
+    _st32(buf.ctypes.data + off, v)
+
+
+@helper
+def st64(buf, off, v):
+    _st64(buf.ctypes.data + off, v)
+
+
+@helper
+def st16_release(buf, off, v):
+    _st16_rel(buf.ctypes.data + off, v)
 
 
 @intrinsic

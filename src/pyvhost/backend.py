@@ -28,7 +28,7 @@ from .access import Metadata, RingViews, bind, check_alignment
 from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                            VIRTIO_RING_F_INDIRECT_DESC, Device, Ring, Step)
 from .errors import describe
-from .memory import SPACE_UVA, GuestMemory, MemoryError_, unmap_region
+from .memory import SPACE_UVA, GuestMemory, MemoryError_
 from .protocol import ProtocolError, ProtocolFeature as PF, Request as R
 from .ring.split import (MAX_QUEUE_SIZE, Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DROPS, Q_ERROR,
                          Q_ERROR_VALUE, Q_EVENT_IDX, Q_LAST_AVAIL, Q_NOTIFY_ON, Q_PACKETS, Q_SIGNALLED_VALID,
@@ -258,7 +258,7 @@ class Connection:
             vr.views = None
         old = change()
         for r in old:
-            unmap_region(r)
+            self.mem.unmap(r)
         self.refresh()
 
     def set_mem_table(self, msg: P.Message) -> None:
@@ -417,10 +417,9 @@ class Connection:
     def _load_used_idx(self, vr: Vring) -> None:
         """The used index lives in the ring; start from it, as vhost does."""
         assert vr.addr is not None
-        hit = self.mem.translate(SPACE_UVA, vr.addr.used + 2, 2)
-        if hit is not None:
-            region, off = hit
-            used = int(self.mem.regions[region].view[off:off + 2].view(np.uint16)[0])
+        view = self.mem.view(SPACE_UVA, vr.addr.used + 2, 2)
+        if view is not None:
+            used = int(view.view(np.uint16)[0])
             if used != vr.q[Q_LAST_AVAIL]:
                 log.info("vring %d: used index %d, last avail %d", vr.index, used, vr.q[Q_LAST_AVAIL])
             vr.q[Q_USED_IDX] = used

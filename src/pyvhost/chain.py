@@ -9,14 +9,14 @@ Every value read from the guest is read once into a local and bounded before use
 * each buffer must have a non-zero length and lie in guest memory (it is split at region boundaries);
 * device-readable buffers must come before device-writable ones, and the caller may demand one direction.
 
-The scatter list ``sg`` is an int64 array (capacity, 3) of (region, offset, length) rows; its capacity bounds
+The scatter list ``sg`` is an int64 array (capacity, 2) of (arena offset, length) rows; its capacity bounds
 the segments a chain may produce.  Errors mark the queue broken (``fail``) and return ``nread = -1``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from .jit import helper
 
 from .atomic import ld64
 from .errors import QueueError
@@ -31,7 +31,7 @@ READ_ONLY = 1
 WRITE_ONLY = 2
 #: Most entries of one indirect table (Linux vhost bounds chains by UIO_MAXIOV = 1024).
 MAX_INDIRECT = 1024
-SG_COLUMNS = 3
+SG_COLUMNS = 2
 _ADDR_LIMIT = np.uint64(ADDR_LIMIT)  # compare guest u64 values against a u64 (no float promotion)
 
 
@@ -40,7 +40,7 @@ def new_sg(queue_size: int) -> np.ndarray:
     return np.zeros((queue_size + MAX_INDIRECT, SG_COLUMNS), dtype=np.int64)
 
 
-@njit
+@helper
 def _add_buffer(q, mem, table, sg, n, addr, length):
     """Append guest buffer [addr, addr+length) to ``sg`` from row ``n``; return the new row count or -1."""
     if length == 0:
@@ -52,20 +52,19 @@ def _add_buffer(q, mem, table, sg, n, addr, length):
     while rem > 0:
         if n >= sg.shape[0]:
             return fail(q, QueueError.CHAIN_TOO_LONG, n)
-        r, off = translate(table, SPACE_GPA, a, 1)
-        if r < 0:
+        off, room = translate(table, SPACE_GPA, a, 1)
+        if off < 0:
             return fail(q, QueueError.BAD_ADDRESS, a)
-        take = min(rem, mem[r].shape[0] - off)
-        sg[n, 0] = r
-        sg[n, 1] = off
-        sg[n, 2] = take
+        take = min(rem, room)
+        sg[n, 0] = off
+        sg[n, 1] = take
         n += 1
         a += take
         rem -= take
     return n
 
 
-@njit
+@helper
 def walk_chain(q, desc, mem, table, head, sg, want):
     """Walk the chain starting at ``head``.
 
@@ -104,8 +103,8 @@ def walk_chain(q, desc, mem, table, head, sg, want):
             if addr >= _ADDR_LIMIT:
                 fail(q, QueueError.INDIRECT_UNMAPPED, addr)
                 return bad
-            r, base = translate(table, SPACE_GPA, np.int64(addr), length)
-            if r < 0:
+            base, _room = translate(table, SPACE_GPA, np.int64(addr), length)
+            if base < 0:
                 fail(q, QueueError.INDIRECT_UNMAPPED, addr)
                 return bad
             cnt = length // DESC_SIZE
@@ -116,8 +115,8 @@ def walk_chain(q, desc, mem, table, head, sg, want):
                 if steps > cnt:
                     fail(q, QueueError.CHAIN_TOO_LONG, head)
                     return bad
-                eaddr = ld64(mem[r], base + DESC_SIZE * j)
-                eword = ld64(mem[r], base + DESC_SIZE * j + 8)
+                eaddr = ld64(mem, base + DESC_SIZE * j)
+                eword = ld64(mem, base + DESC_SIZE * j + 8)
                 elen = np.int64(eword & np.uint64(0xFFFFFFFF))
                 eflags = np.int64((eword >> np.uint64(32)) & np.uint64(0xFFFF))
                 enext = np.int64(eword >> np.uint64(48))
@@ -165,21 +164,20 @@ def walk_chain(q, desc, mem, table, head, sg, want):
         idx = nxt
 
 
-@njit
+@helper
 def sg_write(mem, sg, first, last, dst_off, src, src_off, length):
     """Copy ``src[src_off:src_off+length]`` into segments ``sg[first:last]`` starting ``dst_off`` bytes in.
     Returns the bytes written (less than ``length`` if the segments are too short)."""
     done = 0
     skip = dst_off
     for i in range(first, last):
-        seg_len = sg[i, 2]
+        seg_len = sg[i, 1]
         if skip >= seg_len:
             skip -= seg_len
             continue
-        r = sg[i, 0]
-        o = sg[i, 1] + skip
+        o = sg[i, 0] + skip
         take = min(seg_len - skip, length - done)
-        mem[r][o:o + take] = src[src_off + done:src_off + done + take]
+        mem[o:o + take] = src[src_off + done:src_off + done + take]
         done += take
         skip = 0
         if done == length:
@@ -187,20 +185,19 @@ def sg_write(mem, sg, first, last, dst_off, src, src_off, length):
     return done
 
 
-@njit
+@helper
 def sg_read(mem, sg, first, last, src_off, dst, length):
     """Copy up to ``length`` bytes starting ``src_off`` bytes into ``sg[first:last]`` into ``dst``."""
     done = 0
     skip = src_off
     for i in range(first, last):
-        seg_len = sg[i, 2]
+        seg_len = sg[i, 1]
         if skip >= seg_len:
             skip -= seg_len
             continue
-        r = sg[i, 0]
-        o = sg[i, 1] + skip
+        o = sg[i, 0] + skip
         take = min(seg_len - skip, length - done)
-        dst[done:done + take] = mem[r][o:o + take]
+        dst[done:done + take] = mem[o:o + take]
         done += take
         skip = 0
         if done == length:

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from .jit import helper, kernel
 
 from . import protocol as P
 from .atomic import eventfd_write, fence_full, load_acquire, store_release
-from .devices.base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from .devices.base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
 from .devices.net import NET_HDR_LEN, NET_HDR_LEN_LEGACY, VIRTIO_NET_F_MRG_RXBUF, make_frame
 from .protocol import ProtocolFeature as PF, Request as R
 from .ring.split import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, avail_bytes,
@@ -126,7 +126,7 @@ class DriverRing:
 
 
 # ---------------------------------------------------------------------------------------------------------
-@njit(inline="always")
+@helper
 def _reclaim(d, used16, used32, free, count_bytes):
     """Take back completed buffers; count them (and their bytes for RX)."""
     used_idx = np.int64(load_acquire(used16, 1))
@@ -148,7 +148,7 @@ def _reclaim(d, used16, used32, free, count_bytes):
     return n
 
 
-@njit(inline="always")
+@helper
 def _post(d, desc, avail, used16, free, bufs_gpa, length, flags):
     """Post up to a batch of free buffers (respecting D_LIMIT) and kick if the device asked for it."""
     n = min(d[D_FREE_TOP], d[D_BATCH])
@@ -178,7 +178,7 @@ def _post(d, desc, avail, used16, free, bufs_gpa, length, flags):
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def drive_tx(d, desc, avail, used16, used32, free, bufs_gpa, length, passes):
     """Transmit: keep the ring full of frames; return completions seen."""
     done = 0
@@ -188,7 +188,7 @@ def drive_tx(d, desc, avail, used16, used32, free, bufs_gpa, length, passes):
     return done
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def drive_rx(d, desc, avail, used16, used32, free, bufs_gpa, passes):
     """Receive: keep the ring full of empty buffers; count what comes back."""
     done = 0

@@ -10,6 +10,7 @@ a sorted table, O(log n) in the region count, done both in Python (validation) a
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 import mmap
 import os
@@ -17,8 +18,7 @@ import stat
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, types
-from numba.typed import List
+from .jit import helper
 
 from .protocol import ADDR_LIMIT, MAX_MEM_SLOTS, MemRegion
 
@@ -28,18 +28,91 @@ log = logging.getLogger(__name__)
 SPACE_GPA = 0
 SPACE_UVA = 1
 
-U8_ARRAY = types.Array(types.uint8, 1, "C")
-
 
 class MemoryError_(Exception):
     """A region that cannot be accepted (bad fd, size, overlap, address)."""
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10  # Linux <sys/mman.h>; the mmap module exports neither of these two
+_MAP_NORESERVE = 0x4000
+_PROT_NONE = 0
+PAGE = mmap.PAGESIZE
+#: Alignment of region placements inside the arena (covers 2 MiB huge pages; larger blksize is honoured).
+ARENA_ALIGN = 2 << 20
+#: Virtual address space reserved per connection for its regions (PROT_NONE, not backed, not accounted).
+ARENA_SIZE = 1 << 40
+
+
+class Arena:
+    """One reserved stretch of virtual address space into which every region is mapped (MAP_FIXED).
+
+    Compiled code then reaches all of guest memory through one NumPy uint8 array and translation yields an
+    offset into it -- the user-space analogue of vhost's vmap() of the rings.  Space between regions stays
+    PROT_NONE, so only a translated, bounds-checked offset is ever a valid place to touch.
+    """
+
+    def __init__(self, size: int = ARENA_SIZE) -> None:
+        self.size = size
+        # Created writable (so NumPy views are writable), then made PROT_NONE until regions are placed.
+        self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = np.frombuffer(self.mm, dtype=np.uint8)
+        self.base = self.view.ctypes.data
+        if _libc.mprotect(ctypes.c_void_p(self.base), ctypes.c_size_t(size), _PROT_NONE) != 0:
+            raise MemoryError_(f"mprotect of the arena failed: {os.strerror(ctypes.get_errno())}")
+        self.placements: dict[int, int] = {}  # offset -> length of each mapped stretch
+
+    def _find(self, length: int, align: int) -> int:
+        off = 0
+        for o, n in sorted(self.placements.items()):
+            if o - off >= length:
+                return off
+            off = -(-(o + n) // align) * align
+        if off + length > self.size:
+            raise MemoryError_(f"no room for {length} bytes in the {self.size >> 30} GiB arena")
+        return off
+
+    def place(self, fd: int, file_offset: int, length: int, align: int) -> int:
+        """Map [file_offset, file_offset+length) of ``fd``; return the arena offset of its first byte."""
+        align = max(align, ARENA_ALIGN)
+        foff = file_offset - file_offset % PAGE
+        delta = file_offset - foff
+        maplen = -(-(length + delta) // PAGE) * PAGE
+        off = self._find(maplen, align)
+        addr = _libc.mmap(self.base + off, maplen, mmap.PROT_READ | mmap.PROT_WRITE,
+                          mmap.MAP_SHARED | _MAP_FIXED, fd, foff)
+        if addr == _MAP_FAILED or addr != self.base + off:
+            err = ctypes.get_errno()
+            raise MemoryError_(f"mmap of fd {fd} ({maplen} bytes at file offset {foff}) failed: {os.strerror(err)}")
+        self.placements[off] = maplen
+        return off + delta
+
+    def release(self, data_off: int) -> None:
+        """Unmap the stretch holding ``data_off``, leaving PROT_NONE reserved space."""
+        for off, n in self.placements.items():
+            if off <= data_off < off + n:
+                _libc.mmap(self.base + off, n, _PROT_NONE,
+                           mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1, 0)
+                del self.placements[off]
+                return
+
+    def close(self) -> None:
+        self.view = None  # type: ignore[assignment]
+        try:
+            self.mm.close()
+        except BufferError:
+            log.error("arena still has views; it stays mapped until they are released")
+
+
 @dataclass
 class MappedRegion:
     desc: MemRegion
-    mm: mmap.mmap
-    view: np.ndarray  # uint8, exactly desc.memory_size bytes starting at the region's guest address
+    offset: int         # arena offset of the region's first byte
+    view: np.ndarray    # uint8 view of exactly memory_size bytes
 
     @property
     def gpa_end(self) -> int:
@@ -50,7 +123,8 @@ class MappedRegion:
         return self.desc.userspace_addr + self.desc.memory_size
 
 
-def _check_fd(fd: int, need: int) -> None:
+def _check_fd(fd: int, need: int) -> int:
+    """Check ``fd`` can back a region of ``need`` bytes; return its block size (mapping alignment)."""
     try:
         st = os.fstat(fd)
     except OSError as e:
@@ -59,10 +133,11 @@ def _check_fd(fd: int, need: int) -> None:
         raise MemoryError_(f"region fd {fd} is not a regular file or memfd (mode {stat.filemode(st.st_mode)})")
     if st.st_size < need:
         raise MemoryError_(f"region fd {fd} has {st.st_size} bytes, the region needs {need}")
+    return st.st_blksize
 
 
-def map_region(region: MemRegion, fd: int) -> MappedRegion:
-    """mmap one region from its fd; the fd itself is not kept (the mapping holds the memory)."""
+def map_region(arena: Arena, region: MemRegion, fd: int) -> MappedRegion:
+    """Map one region from its fd into the arena; the fd itself is not kept (the mapping holds the file)."""
     size, off = region.memory_size, region.mmap_offset
     for name, v in (("guest_phys_addr", region.guest_phys_addr), ("userspace_addr", region.userspace_addr),
                     ("memory_size", size), ("mmap_offset", off)):
@@ -70,46 +145,41 @@ def map_region(region: MemRegion, fd: int) -> MappedRegion:
             raise MemoryError_(f"region {name} {v:#x} out of range")
     if size == 0:
         raise MemoryError_("region of size 0")
-    _check_fd(fd, off + size)
-    try:
-        mm = mmap.mmap(fd, off + size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError) as e:
-        raise MemoryError_(f"mmap of region fd {fd} ({off + size} bytes) failed: {e}") from e
-    view = np.frombuffer(mm, dtype=np.uint8, count=size, offset=off)
-    return MappedRegion(region, mm, view)
+    if region.userspace_addr % 8 or region.guest_phys_addr % 8 or off % 8:
+        raise MemoryError_(f"region addresses/offset not 8-byte aligned: {region}")
+    blksize = _check_fd(fd, off + size)
+    start = arena.place(fd, off, size, blksize)
+    return MappedRegion(region, start, arena.view[start:start + size])
 
 
-def unmap_region(r: MappedRegion) -> None:
-    """Release a mapping.  Every view of it must be gone first (invariant: no stale view)."""
+def unmap_region(arena: Arena, r: MappedRegion) -> None:
+    """Release a region's mapping.  Every worker using it must have been stopped first (no stale view)."""
     r.view = None  # type: ignore[assignment]
-    try:
-        r.mm.close()
-    except BufferError:
-        # A view outlived its generation: that is a bug in the caller, never a reason to unmap under it.
-        log.error("mapping of region gpa=%#x still has views; it stays mapped until they are released",
-                  r.desc.guest_phys_addr)
+    arena.release(r.offset)
 
 
 class GuestMemory:
-    """The current memory table of one connection."""
+    """The current memory table of one connection, mapped into its own arena."""
 
-    def __init__(self) -> None:
+    def __init__(self, arena_size: int = ARENA_SIZE) -> None:
+        self.arena = Arena(arena_size)
         self.regions: list[MappedRegion] = []
         self.generation = 0
         self._rebuild()
 
     # -- changes ---------------------------------------------------------------------------------------
     def set_table(self, regions: list[MemRegion], fds: list[int]) -> list[MappedRegion]:
-        """Map a whole new table; on success return the old regions (the caller unmaps them after it has
-        dropped every view).  On failure nothing changes and nothing new stays mapped."""
+        """Map a whole new table; on success return the old regions (the caller unmaps them, with
+        :meth:`unmap`, after it has stopped every user).  On failure nothing changes and nothing new stays
+        mapped."""
         new: list[MappedRegion] = []
         try:
             for reg, fd in zip(regions, fds):
-                new.append(map_region(reg, fd))
+                new.append(map_region(self.arena, reg, fd))
             self._check_overlaps(new)
         except Exception:
             for r in new:
-                unmap_region(r)
+                self.unmap(r)
             raise
         old, self.regions = self.regions, new
         self._rebuild()
@@ -118,17 +188,17 @@ class GuestMemory:
     def add_region(self, region: MemRegion, fd: int) -> None:
         if len(self.regions) >= MAX_MEM_SLOTS:
             raise MemoryError_(f"already {len(self.regions)} regions, at most {MAX_MEM_SLOTS}")
-        r = map_region(region, fd)
+        r = map_region(self.arena, region, fd)
         try:
             self._check_overlaps(self.regions + [r])
         except Exception:
-            unmap_region(r)
+            self.unmap(r)
             raise
         self.regions.append(r)
         self._rebuild()
 
     def remove_region(self, region: MemRegion) -> MappedRegion:
-        """Remove the region matching gpa/size/uva; returns it for the caller to unmap after dropping views."""
+        """Remove the region matching gpa/size/uva; returns it for the caller to unmap after stopping users."""
         for i, r in enumerate(self.regions):
             d = r.desc
             if (d.guest_phys_addr, d.memory_size, d.userspace_addr) == (
@@ -143,6 +213,9 @@ class GuestMemory:
         self._rebuild()
         return old
 
+    def unmap(self, r: MappedRegion) -> None:
+        unmap_region(self.arena, r)
+
     @staticmethod
     def _check_overlaps(regions: list[MappedRegion]) -> None:
         for key, end in ((lambda r: r.desc.guest_phys_addr, lambda r: r.gpa_end),
@@ -153,49 +226,50 @@ class GuestMemory:
                     raise MemoryError_(f"regions overlap at {key(b):#x}")
 
     def _rebuild(self) -> None:
-        """Recompute the sorted translation tables and the compiled-code region list; bump the generation."""
+        """Recompute the sorted translation tables; bump the generation."""
         n = len(self.regions)
         table = np.zeros((2, max(n, 1), 3), dtype=np.int64)
         table[:, :, 0] = ADDR_LIMIT  # an empty table translates nothing
         for space, key in ((SPACE_GPA, lambda i: self.regions[i].desc.guest_phys_addr),
                            (SPACE_UVA, lambda i: self.regions[i].desc.userspace_addr)):
             for row, i in enumerate(sorted(range(n), key=key)):
-                table[space, row] = (key(i), self.regions[i].desc.memory_size, i)
+                r = self.regions[i]
+                table[space, row] = (key(i), r.desc.memory_size, r.offset)
         self.table = table
         self.nregions = n
         self._starts = [list(table[s, :n, 0]) for s in (SPACE_GPA, SPACE_UVA)]
-        views = List.empty_list(U8_ARRAY)
-        for r in self.regions:
-            views.append(r.view)
-        if n == 0:
-            views.append(np.zeros(8, dtype=np.uint8))  # keeps the list typed; never reachable by translate
-        self.views = views
         self.generation += 1
 
     # -- translation (Python side) ----------------------------------------------------------------------
-    def translate(self, space: int, addr: int, length: int) -> tuple[int, int] | None:
-        """(region index, offset) of [addr, addr+length) if it lies whole in one region, else None."""
+    def translate(self, space: int, addr: int, length: int) -> int | None:
+        """Arena offset of [addr, addr+length) if it lies whole in one region, else None."""
         if addr < 0 or length < 0 or addr >= ADDR_LIMIT or length >= ADDR_LIMIT:
             return None
-        starts = self._starts[space]
-        row = bisect.bisect_right(starts, addr) - 1
+        row = bisect.bisect_right(self._starts[space], addr) - 1
         if row < 0:
             return None
-        start, size, idx = (int(x) for x in self.table[space, row])
+        start, size, base = (int(x) for x in self.table[space, row])
         off = addr - start
         if off >= size or length > size - off:
             return None
-        return idx, off
+        return base + off
+
+    def view(self, space: int, addr: int, length: int) -> np.ndarray | None:
+        """uint8 view of [addr, addr+length) if it lies whole in one region."""
+        at = self.translate(space, addr, length)
+        return None if at is None else self.arena.view[at:at + length]
 
     def close(self) -> None:
         for r in self.clear():
-            unmap_region(r)
+            self.unmap(r)
+        self.arena.close()
 
 
-@njit(inline="always")
+@helper
 def translate(table: np.ndarray, space: int, addr: np.int64, length: np.int64) -> tuple[np.int64, np.int64]:
-    """Compiled twin of GuestMemory.translate: (region, offset) or (-1, 0).  ``addr`` and ``length`` must
-    already be below ADDR_LIMIT (callers check values read from the guest before calling)."""
+    """Compiled twin of GuestMemory.translate: (arena offset, bytes from there to the region's end), or
+    (-1, 0) if [addr, addr+length) is not inside one region.  ``addr`` and ``length`` must already be below
+    ADDR_LIMIT (callers check values read from the guest first)."""
     lo = 0
     hi = table.shape[1]
     while lo < hi:
@@ -211,4 +285,4 @@ def translate(table: np.ndarray, space: int, addr: np.int64, length: np.int64) -
     size = table[space, row, 1]
     if off >= size or length > size - off:
         return np.int64(-1), np.int64(0)
-    return table[space, row, 2], off
+    return table[space, row, 2] + off, size - off

@@ -12,7 +12,7 @@ import enum
 import struct
 
 import numpy as np
-from numba import njit
+from ..jit import helper, kernel
 
 from ..atomic import fence_full
 from ..chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
@@ -64,7 +64,7 @@ def make_frame(size: int, seq: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------
 # compiled datapath
-@njit
+@helper
 def _idle(q, avail, used16, mem, table):
     """No chains: ask for kicks, then look once more (the driver may have added one meanwhile)."""
     if not set_notify(q, used16, mem, table, 1):
@@ -73,7 +73,7 @@ def _idle(q, avail, used16, mem, table):
     return avail_pending(q, avail, mem, table)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
     """Consume TX chains: count packets and bytes (after the header), complete each with length 0."""
     hdr = q[Q_HDR_LEN]
@@ -130,7 +130,7 @@ def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
     return _MORE
 
 
-@njit
+@helper
 def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, n):
     """Put one frame (virtio_net_hdr + ``src[:length]``) into RX chains from avail position last+k.
 
@@ -180,7 +180,7 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
     return c
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, budget, spins):
     """Fill RX chains with copies of ``frame``."""
     idle = 0
@@ -223,7 +223,7 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
     return _MORE
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def loopback(rq, rdesc, ravail, rused16, rused32, tq, tdesc, tavail, tused16, tused32, mem, table,
              tsg, rsgs, hdrbuf, scratch, budget, spins):
     """Move each TX frame to the paired RX queue.  A TX chain is taken only when RX has room for it."""
@@ -342,7 +342,7 @@ class NetDevice(Device):
     def make_step(self, rings: list[Ring]) -> StepFn:
         spins = self.spins
         mem = rings[0].mem
-        views, table = mem.views, mem.table
+        views, table = mem.arena.view, mem.table
         if self.mode is Mode.SINK:
             (tx,) = rings
             sg = new_sg(int(tx.q[0]))

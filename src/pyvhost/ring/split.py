@@ -1,6 +1,7 @@
 """Split virtqueue (virtio 1.2 §2.7), device side: layout, queue state, and compiled ring accessors.
 
-Every accessor takes the queue state ``q`` and both metadata representations:
+Every accessor takes the queue state ``q``, the guest memory arena ``mem`` (one uint8 array, see
+``memory.Arena``), the translation ``table``, and both metadata representations:
 
 * direct path (``q[Q_DIRECT] == 1``): typed views validated once per memory generation -- ``desc`` (uint64,
   two words per descriptor), ``avail`` (uint16), ``used16`` (uint16) and ``used32`` (uint32) -- indexed with
@@ -15,7 +16,7 @@ benchmark is the cost of the checks.  Indices are read with acquire loads and pu
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..jit import helper
 
 from ..atomic import (eventfd_write, fence_full, ld16, ld16_acquire, ld64, load_acquire, st16, st16_release,
                       st32, store_release)
@@ -86,7 +87,7 @@ def new_queue_state(size: int) -> np.ndarray:
 
 
 # -- compiled accessors ------------------------------------------------------------------------------------
-@njit(inline="always")
+@helper
 def fail(q, code, value):
     """Mark the queue broken (first error wins) and return -1."""
     if q[Q_ERROR] == 0:
@@ -95,55 +96,55 @@ def fail(q, code, value):
     return -1
 
 
-@njit(inline="always")
+@helper
 def read_avail_idx(q, avail, mem, table):
     """The driver's avail index (acquire), or -1 if the ring is unmapped (queue broken)."""
     if q[Q_DIRECT]:
         return np.int64(load_acquire(avail, 1))
-    r, off = translate(table, SPACE_UVA, q[Q_AVAIL] + 2, 2)
-    if r < 0:
+    off, _room = translate(table, SPACE_UVA, q[Q_AVAIL] + 2, 2)
+    if off < 0:
         return fail(q, QueueError.RING_UNMAPPED, q[Q_AVAIL])
-    return np.int64(ld16_acquire(mem[r], off))
+    return np.int64(ld16_acquire(mem, off))
 
 
-@njit(inline="always")
+@helper
 def read_avail_entry(q, avail, mem, table, i):
     """Descriptor head at free-running avail position ``i`` (masked), or -1."""
     slot = i & q[Q_MASK]
     if q[Q_DIRECT]:
         return np.int64(avail[2 + slot])
-    r, off = translate(table, SPACE_UVA, q[Q_AVAIL] + 4 + 2 * slot, 2)
-    if r < 0:
+    off, _room = translate(table, SPACE_UVA, q[Q_AVAIL] + 4 + 2 * slot, 2)
+    if off < 0:
         return fail(q, QueueError.RING_UNMAPPED, q[Q_AVAIL])
-    return np.int64(ld16(mem[r], off))
+    return np.int64(ld16(mem, off))
 
 
-@njit(inline="always")
+@helper
 def read_avail_flags_event(q, avail, mem, table):
     """(flags, used_event) of the avail ring, or (-1, -1)."""
     if q[Q_DIRECT]:
         return np.int64(avail[0]), np.int64(avail[2 + q[Q_SIZE]])
-    r, off = translate(table, SPACE_UVA, q[Q_AVAIL], 6 + 2 * q[Q_SIZE])
-    if r < 0:
+    off, _room = translate(table, SPACE_UVA, q[Q_AVAIL], 6 + 2 * q[Q_SIZE])
+    if off < 0:
         return np.int64(fail(q, QueueError.RING_UNMAPPED, q[Q_AVAIL])), np.int64(-1)
-    return np.int64(ld16(mem[r], off)), np.int64(ld16(mem[r], off + 4 + 2 * q[Q_SIZE]))
+    return np.int64(ld16(mem, off)), np.int64(ld16(mem, off + 4 + 2 * q[Q_SIZE]))
 
 
-@njit(inline="always")
+@helper
 def read_desc(q, desc, mem, table, idx):
     """Descriptor ``idx`` (already checked < size) as two words: addr, and len | flags << 32 | next << 48.
     Each is one 64-bit load, so len, flags and next come from one read of the guest's memory."""
     if q[Q_DIRECT]:
         j = (idx & q[Q_MASK]) << 1
         return np.uint64(desc[j]), np.uint64(desc[j + 1]), True
-    r, off = translate(table, SPACE_UVA, q[Q_DESC] + DESC_SIZE * idx, DESC_SIZE)
-    if r < 0:
+    off, _room = translate(table, SPACE_UVA, q[Q_DESC] + DESC_SIZE * idx, DESC_SIZE)
+    if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_DESC])
         return np.uint64(0), np.uint64(0), False
-    return ld64(mem[r], off), ld64(mem[r], off + 8), True
+    return ld64(mem, off), ld64(mem, off + 8), True
 
 
-@njit(inline="always")
+@helper
 def write_used(q, used32, mem, table, i, head, length):
     """Used entry at free-running position ``i`` (not yet published).  False if the ring is unmapped."""
     slot = i & q[Q_MASK]
@@ -151,50 +152,50 @@ def write_used(q, used32, mem, table, i, head, length):
         used32[1 + 2 * slot] = np.uint32(head)
         used32[2 + 2 * slot] = np.uint32(length)
         return True
-    r, off = translate(table, SPACE_UVA, q[Q_USED] + 4 + 8 * slot, 8)
-    if r < 0:
+    off, _room = translate(table, SPACE_UVA, q[Q_USED] + 4 + 8 * slot, 8)
+    if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_USED])
         return False
-    st32(mem[r], off, np.uint32(head))
-    st32(mem[r], off + 4, np.uint32(length))
+    st32(mem, off, np.uint32(head))
+    st32(mem, off + 4, np.uint32(length))
     return True
 
 
-@njit(inline="always")
+@helper
 def publish_used(q, used16, mem, table, new_idx):
     """Release-store the used index after the entries it covers."""
     if q[Q_DIRECT]:
         store_release(used16, 1, np.uint16(new_idx & 0xFFFF))
         return True
-    r, off = translate(table, SPACE_UVA, q[Q_USED] + 2, 2)
-    if r < 0:
+    off, _room = translate(table, SPACE_UVA, q[Q_USED] + 2, 2)
+    if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_USED])
         return False
-    st16_release(mem[r], off, np.uint16(new_idx & 0xFFFF))
+    st16_release(mem, off, np.uint16(new_idx & 0xFFFF))
     return True
 
 
-@njit(inline="always")
+@helper
 def write_used_u16(q, used16, mem, table, word, value):
     """Write used ring u16 field ``word`` (0 = flags, 2 + 4*size = avail_event)."""
     if q[Q_DIRECT]:
         used16[word] = np.uint16(value & 0xFFFF)
         return True
-    r, off = translate(table, SPACE_UVA, q[Q_USED] + 2 * word, 2)
-    if r < 0:
+    off, _room = translate(table, SPACE_UVA, q[Q_USED] + 2 * word, 2)
+    if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_USED])
         return False
-    st16(mem[r], off, np.uint16(value & 0xFFFF))
+    st16(mem, off, np.uint16(value & 0xFFFF))
     return True
 
 
-@njit(inline="always")
+@helper
 def need_event(event, new, old):
     """virtio ``vring_need_event``: has ``event`` been crossed moving from old to new?"""
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-@njit
+@helper
 def set_notify(q, used16, mem, table, enable):
     """Ask for kicks (before sleeping) or suppress them (while polling)."""
     if enable == q[Q_NOTIFY_ON]:
@@ -207,7 +208,7 @@ def set_notify(q, used16, mem, table, enable):
     return write_used_u16(q, used16, mem, table, 0, 0 if enable else VRING_USED_F_NO_NOTIFY)
 
 
-@njit
+@helper
 def avail_pending(q, avail, mem, table):
     """Chains waiting: 0..size, or -1 with the queue broken (ring unmapped or an index jump)."""
     idx = read_avail_idx(q, avail, mem, table)
@@ -219,7 +220,7 @@ def avail_pending(q, avail, mem, table):
     return n
 
 
-@njit
+@helper
 def flush_used(q, avail, used16, mem, table, new_used):
     """Publish ``new_used`` and signal the driver if it asked to be (flags or EVENT_IDX)."""
     old = q[Q_USED_IDX]
