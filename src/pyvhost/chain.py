@@ -177,7 +177,9 @@ def sg_write(mem, sg, first, last, dst_off, src, src_off, length):
             continue
         o = sg[i, 0] + skip
         take = min(seg_len - skip, length - done)
-        mem[o:o + take] = src[src_off + done:src_off + done + take]
+        s = src_off + done
+        for b in range(take):
+            mem[o + b] = src[s + b]
         done += take
         skip = 0
         if done == length:
@@ -197,7 +199,8 @@ def sg_read(mem, sg, first, last, src_off, dst, length):
             continue
         o = sg[i, 0] + skip
         take = min(seg_len - skip, length - done)
-        dst[done:done + take] = mem[o:o + take]
+        for b in range(take):
+            dst[done + b] = mem[o + b]
         done += take
         skip = 0
         if done == length:

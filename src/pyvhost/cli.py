@@ -22,10 +22,11 @@ def _pin(cpu: int | None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .backend import Server
-    from .devices.net import Mode, NetDevice
+    from .devices.net import Mode, NetDevice, warm_up
 
     _pin(args.cpu)
-    device = NetDevice(Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size)
+    device = NetDevice(Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size, count=args.count)
+    warm_up()
     server = Server(device, args.socket_path, Metadata(args.metadata), batch=args.batch)
 
     def on_signal(signum, frame):
@@ -69,6 +70,7 @@ def cmd_drive(args: argparse.Namespace) -> int:
         fe.setup()
         result = fe.run(args.direction, seconds=args.seconds, count=args.count, pkt_size=args.pkt_size,
                         warmup=args.warmup, batch=args.batch)
+        result["final"] = fe.drain(args.direction)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ring metadata access: direct (validated-once views) or copy (checked every access)")
     net.add_argument("--pkt-size", type=int, default=64, help="frame size generated in source mode")
     net.add_argument("--queue-pairs", type=int, default=1)
+    net.add_argument("--count", type=int, default=-1, help="source mode: stop after this many packets per queue")
     net.add_argument("--batch", type=int, default=256, help="most chains taken per pass")
     net.add_argument("--cpu", type=int, help="pin to this CPU")
     net.add_argument("--connections", type=int, help="exit after this many connections have ended")

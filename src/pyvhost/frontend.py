@@ -108,6 +108,7 @@ class DriverRing:
         self.d[D_BATCH] = 64
         self.free = np.arange(n, dtype=np.int64)[::-1].copy()
         self.d[D_FREE_TOP] = n
+        self.stopped = False
 
     def addr(self) -> P.VringAddr:
         r = self.ram
@@ -315,6 +316,7 @@ class Frontend:
     def stop_ring(self, ring: DriverRing) -> int:
         """GET_VRING_BASE: the back-end stops the ring and says where it got to."""
         _, base = P.VRING_STATE.unpack(self.request(R.GET_VRING_BASE, P.VRING_STATE.pack(ring.index, 0))[:8])
+        ring.stopped = True
         return base
 
     # -- traffic ----------------------------------------------------------------------------------------
@@ -368,9 +370,25 @@ class Frontend:
                 "seconds": secs, "mpps": measured / secs / 1e6 if secs > 0 else 0.0,
                 "first_completion_s": first_at}
 
+    def drain(self, direction: str, pair: int = 0) -> dict:
+        """Stop the ring (GET_VRING_BASE: the back-end finishes and stops), then take back every completion
+        it published.  After this, ``packets`` is exact: what the back-end processed."""
+        ring = self.rings[2 * pair + (1 if direction == "tx" else 0)]
+        base = self.stop_ring(ring)
+        ring.d[D_LIMIT] = ring.d[D_POSTED]  # post nothing more
+        gpa = ring.buf_gpa(0)
+        if direction == "tx":
+            drive_tx(*ring.views(), gpa, 0, 1)
+        else:
+            drive_rx(*ring.views(), gpa, 1)
+        return {"packets": int(ring.d[D_DONE]), "posted": int(ring.d[D_POSTED]), "bytes": int(ring.d[D_BYTES]),
+                "base": base}
+
     def close(self, stop_rings: bool = True) -> None:
         if stop_rings:
             for ring in self.rings:
+                if ring.stopped:
+                    continue
                 try:
                     self.stop_ring(ring)
                 except (OSError, P.ProtocolError, P.ConnectionClosed) as e:

@@ -16,7 +16,7 @@ from ..jit import helper, kernel
 
 from ..atomic import fence_full
 from ..chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
-from ..ring.split import (Q_BATCH, Q_BYTES, Q_DROPS, Q_HDR_LEN, Q_LAST_AVAIL, Q_MRG, Q_PACKETS, Q_STOP,
+from ..ring.split import (Q_BATCH, Q_BYTES, Q_DROPS, Q_HDR_LEN, Q_LAST_AVAIL, Q_LIMIT, Q_MRG, Q_PACKETS, Q_STOP,
                           Q_USED_IDX, Q_CHAINS, Q_WAKEUPS, avail_pending, flush_used, read_avail_entry, set_notify,
                           write_used)
 from .base import VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
@@ -170,7 +170,8 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
         if not write_used(q, used32, mem, table, used + k + c, head, chain_len):
             return -1
         c += 1
-    hdrbuf[:] = 0
+    for b in range(hdr):
+        hdrbuf[b] = 0
     if hdr >= 12:
         hdrbuf[10] = c & 0xFF
         hdrbuf[11] = c >> 8
@@ -182,7 +183,7 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
 
 @kernel
 def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, budget, spins):
-    """Fill RX chains with copies of ``frame``."""
+    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1)."""
     idle = 0
     for _ in range(budget):
         if q[Q_STOP]:
@@ -190,6 +191,8 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
         n = avail_pending(q, avail, mem, table)
         if n < 0:
             return _BROKEN
+        if q[Q_LIMIT] >= 0 and q[Q_PACKETS] >= q[Q_LIMIT]:
+            n = 0
         if n == 0:
             idle += 1
             if idle < spins:
@@ -206,7 +209,7 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
         n = min(n, q[Q_BATCH])
         k = 0
         status = _MORE
-        while k < n:
+        while k < n and (q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]):
             c = rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, frame, frame.shape[0], k, n)
             if c < 0:
                 status = _BROKEN
@@ -304,8 +307,9 @@ class NetDevice(Device):
 
     def __init__(self, mode: Mode = Mode.SINK, queue_pairs: int = 1, pkt_size: int = 64,
                  mac: bytes = bytes.fromhex("020000000002"), mtu: int = 1500, spins: int = 20000,
-                 budget: int = 4096) -> None:
+                 budget: int = 4096, count: int = -1) -> None:
         self.mode = Mode(mode)
+        self.count = count
         self.queue_pairs = queue_pairs
         self.num_queues = 2 * queue_pairs
         self.mac = mac
@@ -330,6 +334,8 @@ class NetDevice(Device):
     def prepare_queue(self, index: int, q: np.ndarray) -> None:
         q[Q_HDR_LEN] = self.hdr_len
         q[Q_MRG] = 1 if self.negotiated & (1 << VIRTIO_NET_F_MRG_RXBUF) else 0
+        if self.mode is Mode.SOURCE:
+            q[Q_LIMIT] = self.count
 
     def workers(self) -> list[tuple[int, ...]]:
         pairs = range(self.queue_pairs)
@@ -359,3 +365,25 @@ class NetDevice(Device):
         args = (rx.q, *rx.views.args(), tx.q, *tx.views.args(), views, table, tsg, rsgs,
                 np.zeros(16, np.uint8), np.zeros(MAX_FRAME, np.uint8))
         return lambda budget: loopback(*args, budget, spins)
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every net kernel on a tiny idle ring, so that the first
+    connection does not wait for the compiler."""
+    from ..memory import GuestMemory
+    from ..ring.split import new_queue_state
+    from ..access import _NO_U16, _NO_U32, _NO_U64
+
+    mem = GuestMemory(arena_size=1 << 21)
+    try:
+        q = new_queue_state(1)
+        q[Q_STOP] = 1  # return at once
+        ring = (_NO_U64, _NO_U16, _NO_U16, _NO_U32)
+        sg = new_sg(1)
+        sgs = np.stack([sg, sg])
+        tx_sink(q, *ring, mem.arena.view, mem.table, sg, 1, 1)
+        rx_source(q, *ring, mem.arena.view, mem.table, sgs, np.zeros(16, np.uint8), make_frame(64), 1, 1)
+        loopback(q, *ring, q, *ring, mem.arena.view, mem.table, sg, sgs, np.zeros(16, np.uint8),
+                 np.zeros(16, np.uint8), 1, 1)
+    finally:
+        mem.close()

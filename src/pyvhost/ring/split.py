@@ -73,6 +73,7 @@ Q_HDR_LEN = 21       # virtio-net header length (device specific)
 Q_MRG = 22           # VIRTIO_NET_F_MRG_RXBUF
 Q_CHAINS = 23        # chains completed
 Q_WAKEUPS = 24       # passes that found work
+Q_LIMIT = 25         # source devices: stop producing after this many packets (-1: no limit)
 Q_FIELDS = 32
 
 
@@ -83,6 +84,7 @@ def new_queue_state(size: int) -> np.ndarray:
     q[Q_CALLFD] = -1
     q[Q_BATCH] = 256
     q[Q_NOTIFY_ON] = 1
+    q[Q_LIMIT] = -1
     return q
 
 
