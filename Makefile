@@ -1,0 +1,28 @@
+# Two entry points on a fresh machine:  make bench  (the benchmark on its default)  and  make test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: bench test deps venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## Debian packages the tests drive: DPDK's testpmd (virtio-user front-end and vhost PMD back-end).
+deps:
+	tools/install-debian-deps.sh
+
+bench: venv
+	$(VENV)/bin/pyvhost bench
+
+test: venv deps
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

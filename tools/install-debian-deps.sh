@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests need (idempotent; needs root or sudo).
+set -euo pipefail
+pkgs=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO=sudo
+echo "installing Debian packages: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
