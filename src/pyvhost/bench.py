@@ -1,5 +1,339 @@
-"""placeholder replaced below"""
-def add_arguments(p):
-    pass
-def main(args):
-    return 0
+"""``pyvhost bench``: the metadata paths (and DPDK's vhost back-end) measured side by side, in one run.
+
+Every measurement is two processes pinned to different cores: a back-end (``pyvhost serve net`` or DPDK's
+``net_vhost`` PMD in testpmd) and a front-end (``pyvhost drive net`` or DPDK's ``net_virtio_user`` in testpmd).
+Runs of the compared configurations alternate, so drift of the machine hits them alike.  Counts are checked:
+the packets the front-end saw complete must agree with the back-end's own counters.
+
+Default: pyvhost's front-end, TX (front-end transmits, back-end sinks) and RX (back-end sources, front-end
+receives), for the ``copy`` and ``direct`` metadata paths.  ``--peer dpdk`` adds DPDK's vhost PMD as the
+back-end to beat, with testpmd's virtio-user as the front-end, and pyvhost's front-end against both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BACKEND_CPU, FRONTEND_CPU = 0, 1
+
+
+@dataclass
+class Row:
+    backend: str
+    frontend: str
+    direction: str
+    metadata: str
+    pkt_size: int
+    queue_size: int
+    mpps: float
+    packets: int
+    errors: int
+    ring: str = "split"
+    run: int = 0
+    first_packet_s: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Config:
+    backend: str      # pyvhost | dpdk
+    frontend: str     # pyvhost | dpdk
+    direction: str    # tx | rx
+    metadata: str     # copy | direct | "-" for DPDK's back-end
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer", choices=["pyvhost", "dpdk"], default="pyvhost",
+                   help="pyvhost: pyvhost's own front-end (default); dpdk: add DPDK's vhost PMD and virtio-user")
+    p.add_argument("--metadata", choices=["copy", "direct", "both"], default="both")
+    p.add_argument("--direction", choices=["tx", "rx", "both"], default="both")
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")
+    p.add_argument("--queue-size", type=int, default=256)
+    p.add_argument("--pkt-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="pyvhost front-end batch")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument("--workdir", help="keep sockets and logs here (default: a temporary directory)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _pyvhost(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pyvhost", *args]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.a = args
+        self.dir = workdir
+        self.n = 0
+
+    # -- pyvhost back-end ---------------------------------------------------------------------------------
+    def start_pyvhost(self, mode: str, metadata: str, sock: Path, count: int = -1):
+        ready, stats = self.dir / f"ready{self.n}", self.dir / f"stats{self.n}.json"
+        log = open(self.dir / f"pyvhost{self.n}.log", "w")
+        cmd = _pyvhost("serve", "net", "--socket-path", str(sock), "--mode", mode, "--metadata", metadata,
+                       "--pkt-size", str(self.a.pkt_size), "--connections", "1", "--cpu", str(BACKEND_CPU),
+                       "--ready-file", str(ready), "--stats-json", str(stats), "--count", str(count))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _wait_for(ready, proc)
+        return proc, stats
+
+    def pyvhost_counts(self, proc: subprocess.Popen, stats: Path, queue: int) -> dict:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+        data = json.loads(stats.read_text())
+        return data["ended"][-1][str(queue)]
+
+    # -- pyvhost front-end ------------------------------------------------------------------------------
+    def drive(self, sock: Path, direction: str) -> dict:
+        cmd = _pyvhost("drive", "net", "--socket-path", str(sock), "--direction", direction,
+                       "--seconds", str(self.a.seconds), "--warmup", str(self.a.warmup),
+                       "--pkt-size", str(self.a.pkt_size), "--queue-size", str(self.a.queue_size),
+                       "--batch", str(self.a.batch), "--cpu", str(FRONTEND_CPU))
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.seconds + self.a.warmup + 120)
+        if out.returncode:
+            raise RuntimeError(f"pyvhost drive failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # -- DPDK -------------------------------------------------------------------------------------------
+    def testpmd(self, vdev: str, fwd: str, cpu: int, tag: str) -> tuple[subprocess.Popen, Path]:
+        testpmd = shutil.which("dpdk-testpmd")
+        if testpmd is None:
+            raise RuntimeError("dpdk-testpmd not found (make deps installs Debian's DPDK)")
+        out = self.dir / f"testpmd-{tag}{self.n}.log"
+        cmd = [testpmd, "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", f"pyvhost-{tag}-{os.getpid()}",
+               "--lcores", f"0@{cpu},1@{cpu}", "--log-level", "7", "--vdev", vdev, "--",
+               f"--forward-mode={fwd}", "--auto-start", "--stats-period", "1",
+               f"--txd={self.a.queue_size}", f"--rxd={self.a.queue_size}"]
+        proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        return proc, out
+
+    def dpdk_backend(self, sock: Path, fwd: str) -> tuple[subprocess.Popen, Path]:
+        proc, out = self.testpmd(f"net_vhost0,iface={sock},queues=1", fwd, BACKEND_CPU, "vhost")
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"DPDK vhost back-end did not start: {out.read_text()[-2000:]}")
+            time.sleep(0.05)
+        return proc, out
+
+    def dpdk_frontend(self, sock: Path, fwd: str) -> dict:
+        """testpmd virtio-user on ``sock`` for warmup+seconds; the pps it reported after warmup and its totals."""
+        vdev = f"net_virtio_user0,path={sock},queues=1,queue_size={self.a.queue_size}"
+        proc, out = self.testpmd(vdev, fwd, FRONTEND_CPU, "virtio")
+        time.sleep(self.a.warmup + self.a.seconds + 1.0)
+        _stop(proc)
+        return parse_testpmd(out.read_text(), skip=int(self.a.warmup) + 1)
+
+
+def parse_testpmd(text: str, skip: int) -> dict:
+    """Port-0 pps samples (after ``skip`` stats periods) and the final forward statistics of a testpmd log."""
+    rx = [int(v) for v in re.findall(r"Rx-pps:\s+(\d+)", text)]
+    tx = [int(v) for v in re.findall(r"Tx-pps:\s+(\d+)", text)]
+    fwd = text.split("Forward statistics for port 0")[-1] if "Forward statistics for port 0" in text else ""
+    total = lambda key: int(m.group(1)) if (m := re.search(key + r":\s+(\d+)", fwd)) else 0  # noqa: E731
+    med = lambda xs: statistics.median(xs[skip:]) / 1e6 if len(xs) > skip else 0.0  # noqa: E731
+    return {"rx_mpps": med(rx), "tx_mpps": med(tx), "rx_packets": total("RX-packets"),
+            "tx_packets": total("TX-packets"), "tx_dropped": total("TX-dropped")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+def measure(r: Runner, c: Config, run: int) -> Row:
+    """One run of one configuration."""
+    r.n += 1
+    sock = r.dir / f"vhost{r.n}.sock"
+    a = r.a
+    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 0, run=run)
+    mode = "sink" if c.direction == "tx" else "source"
+    dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
+    fe_fwd = "txonly" if c.direction == "tx" else "rxonly"
+    if c.backend == "pyvhost":
+        proc, stats = r.start_pyvhost(mode, c.metadata, sock)
+        try:
+            if c.frontend == "pyvhost":
+                res = r.drive(sock, c.direction)
+                row.mpps, row.packets = res["mpps"], res["final"]["packets"]
+                row.first_packet_s = res.get("first_packet_s")
+            else:
+                res = r.dpdk_frontend(sock, fe_fwd)
+                row.mpps = res["tx_mpps"] if c.direction == "tx" else res["rx_mpps"]
+                row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
+        finally:
+            if c.frontend != "pyvhost":
+                time.sleep(0.2)
+            counts = r.pyvhost_counts(proc, stats, 1 if c.direction == "tx" else 0)
+        row.errors = counts["drops"] + (1 if counts["error"] else 0)
+        # the back-end's counter must agree with the front-end's: exactly for TX; for RX a ring's worth may
+        # still be in flight when a DPDK front-end stops (pyvhost's front-end drains, so it is exact)
+        slack = 0 if (c.direction == "tx" or c.frontend == "pyvhost") else a.queue_size
+        if abs(counts["packets"] - row.packets) > slack:
+            row.errors += 1
+            row.note = f"counts disagree: front-end {row.packets}, back-end {counts['packets']}"
+    else:
+        proc, log = r.dpdk_backend(sock, dpdk_fwd)
+        try:
+            if c.frontend == "pyvhost":
+                res = r.drive(sock, c.direction)
+                row.mpps, row.packets = res["mpps"], res["final"]["packets"]
+                row.first_packet_s = res.get("first_packet_s")
+            else:
+                res = r.dpdk_frontend(sock, fe_fwd)
+                row.mpps = res["tx_mpps"] if c.direction == "tx" else res["rx_mpps"]
+                row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
+        finally:
+            time.sleep(0.2)
+            _stop(proc)
+        back = parse_testpmd(log.read_text(), 0)
+        back_count = back["rx_packets"] if c.direction == "tx" else back["tx_packets"]
+        slack = 0 if c.direction == "tx" else a.queue_size
+        if abs(back_count - row.packets) > slack:
+            row.errors += 1
+            row.note = f"counts disagree: front-end {row.packets}, DPDK back-end {back_count}"
+    if row.packets == 0:
+        row.errors += 1
+        row.note = row.note or "no packets"
+    return row
+
+
+def configs(a: argparse.Namespace) -> list[Config]:
+    dirs = ["tx", "rx"] if a.direction == "both" else [a.direction]
+    paths = ["copy", "direct"] if a.metadata == "both" else [a.metadata]
+    out: list[Config] = []
+    fronts = ["dpdk", "pyvhost"] if a.peer == "dpdk" else ["pyvhost"]
+    for fe in fronts:
+        for d in dirs:
+            if a.peer == "dpdk":
+                out.append(Config("dpdk", fe, d, "-"))
+            out += [Config("pyvhost", fe, d, m) for m in paths]
+    return out
+
+
+def _fmt(rows: list[Row]) -> str:
+    v = [x.mpps for x in rows]
+    return f"{statistics.median(v):7.2f} ({min(v):.2f}–{max(v):.2f})"
+
+
+def table(cs: list[Config]) -> str:
+    """The result tables: one per front-end, a line per configuration, with the ratios."""
+    lines = []
+    for fe in dict.fromkeys(c.frontend for c in cs):
+        lines.append(f"front-end: {fe}")
+        lines.append(f"{'back-end':9} {'path':7} {'dir':3} {'Mpps median (min–max)':24} {'errors':>6}  ratio")
+        for c in (c for c in cs if c.frontend == fe):
+            if not c.rows:
+                continue
+            med = statistics.median(x.mpps for x in c.rows)
+            ratio = ""
+            same = {x.metadata: x for x in cs if x.frontend == fe and x.direction == c.direction and x.rows}
+            if c.backend == "pyvhost" and c.metadata == "direct" and "copy" in same:
+                base = statistics.median(x.mpps for x in same["copy"].rows)
+                ratio = f"direct/copy {med / base:.2f}x" if base else ""
+            if c.backend == "pyvhost" and "-" in same:
+                dp = same["-"].rows
+                pairs = [p.mpps / d.mpps for p, d in zip(c.rows, dp) if d.mpps]
+                if pairs:
+                    ratio += (" " if ratio else "") + f"pyvhost/DPDK {statistics.median(pairs):.2f}x " \
+                        f"(runs {', '.join(f'{x:.2f}' for x in pairs)})"
+            errs = sum(x.errors for x in c.rows)
+            lines.append(f"{c.backend:9} {c.metadata:7} {c.direction:3} {_fmt(c.rows):24} {errs:6d}  {ratio}")
+        fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
+        if fp:
+            lines.append(f"connect → first completion (pyvhost front-end, warm cache): median {statistics.median(fp):.3f} s, "
+                         f"max {max(fp):.3f} s")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(cs: list[Config], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [c for c in cs if c.rows]
+    meds = [statistics.median(x.mpps for x in c.rows) for c in done]
+    lo = [m - min(x.mpps for x in c.rows) for m, c in zip(meds, done)]
+    hi = [max(x.mpps for x in c.rows) - m for m, c in zip(meds, done)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(done)), 4))
+    colors = ["#888888" if c.backend == "dpdk" else ("#4477aa" if c.metadata == "copy" else "#ee6677")
+              for c in done]
+    ax.bar(range(len(done)), meds, yerr=[lo, hi], color=colors, capsize=4)
+    ax.set_xticks(range(len(done)), [c.label.replace(" ", "\n", 1) for c in done], fontsize=7)
+    ax.set_ylabel("Mpps (median, min–max)")
+    ax.set_title(f"pyvhost bench: {done[0].rows[0].pkt_size}-byte packets, queue {done[0].rows[0].queue_size}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(a: argparse.Namespace) -> int:
+    if os.cpu_count() and os.cpu_count() < 2:
+        print("note: fewer than 2 CPUs; back-end and front-end share one", file=sys.stderr)
+    cs = configs(a)
+    total = len(cs) * a.runs
+    with tempfile.TemporaryDirectory(prefix="pyvhost-bench-") as tmp:
+        workdir = Path(a.workdir) if a.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        r = Runner(a, workdir)
+        done = 0
+        t0 = time.monotonic()
+        for run in range(1, a.runs + 1):
+            for c in cs:  # alternate configurations within each round
+                done += 1
+                print(f"[{done:2d}/{total}] {c.label:36} run {run}/{a.runs} ...", end="", file=sys.stderr, flush=True)
+                try:
+                    row = measure(r, c, run)
+                except (RuntimeError, OSError, json.JSONDecodeError, KeyError) as e:
+                    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 1,
+                              run=run, note=str(e)[:300])
+                c.rows.append(row)
+                eta = (time.monotonic() - t0) / done * (total - done)
+                print(f" {row.mpps:7.2f} Mpps  errors {row.errors}  (eta {eta:4.0f} s){'  ' + row.note if row.note else ''}",
+                      file=sys.stderr, flush=True)
+    print(table(cs))
+    rows = [asdict(x) for c in cs for x in c.rows]
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.plot:
+        plot(cs, a.plot)
+    return 1 if any(x["errors"] for x in rows) else 0

@@ -63,14 +63,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_drive(args: argparse.Namespace) -> int:
-    from .frontend import Frontend
+    import time
+
+    from .frontend import Frontend, warm_up
 
     _pin(args.cpu)
+    warm_up()
+    t_connect = time.perf_counter()
     with Frontend(args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx) as fe:
         fe.setup()
         result = fe.run(args.direction, seconds=args.seconds, count=args.count, pkt_size=args.pkt_size,
                         warmup=args.warmup, batch=args.batch)
         result["final"] = fe.drain(args.direction)
+    first = result.pop("first_completion_at")
+    result["first_packet_s"] = None if first is None else first - t_connect
     print(json.dumps(result), flush=True)
     return 0
 
