@@ -148,7 +148,7 @@ class Runner:
         cmd = ["stdbuf", "-oL", testpmd, "--no-huge", "-m", "1024", "--no-pci",
                "--file-prefix", f"pyvhost-{tag}-{os.getpid()}", "--lcores", f"0@{cpu},1@{cpu}",
                "--vdev", vdev, "--", f"--forward-mode={fwd}", f"--txd={self.a.queue_size}",
-               f"--rxd={self.a.queue_size}"]
+               f"--rxd={self.a.queue_size}", "--no-flush-rx"]  # count every received packet
         # non-interactive testpmd waits for Enter unless it has a stats period; stdin is /dev/null here
         cmd += ["-i"] if interactive else ["--auto-start", "--stats-period", "1"]
         proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT,
@@ -171,7 +171,7 @@ class Runner:
         proc, out = self.testpmd(vdev, fwd, FRONTEND_CPU, "virtio", interactive=True)
         key = "TX-packets" if fwd == "txonly" else "RX-packets"
         try:
-            tp = TestpmdConsole(proc, out)
+            tp = PmdConsole(proc, out)
             tp.wait_for("testpmd> ", 60)
             tp.send("start")
             time.sleep(self.a.warmup)
@@ -189,7 +189,7 @@ class Runner:
         return res
 
 
-class TestpmdConsole:
+class PmdConsole:
     """Commands to an interactive testpmd whose output goes (line-buffered) to a log file."""
 
     def __init__(self, proc: subprocess.Popen, log: Path) -> None:

@@ -1,0 +1,48 @@
+"""``pyvhost bench`` end to end, short: well-formed rows, packets counted, no errors.  No speed thresholds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import needs_dpdk
+
+FIELDS = {"backend", "frontend", "direction", "metadata", "pkt_size", "queue_size", "mpps", "packets", "errors"}
+
+
+def bench(tmp_path, *args: str) -> tuple[list[dict], str]:
+    out = tmp_path / "rows.json"
+    plot = tmp_path / "bench.png"
+    p = subprocess.run([sys.executable, "-m", "pyvhost", "bench", "--seconds", "0.5", "--warmup", "0.3",
+                        "--runs", "1", "--json", str(out), "--plot", str(plot), *args],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert plot.stat().st_size > 1000
+    return json.loads(out.read_text()), p.stdout
+
+
+def check(rows: list[dict]) -> None:
+    for r in rows:
+        assert FIELDS <= r.keys()
+        assert r["packets"] > 0 and r["errors"] == 0 and r["mpps"] > 0, r
+
+
+def test_bench_default(tmp_path):
+    rows, table = bench(tmp_path)
+    check(rows)
+    assert {(r["metadata"], r["direction"]) for r in rows} == {(m, d) for m in ("copy", "direct") for d in ("tx", "rx")}
+    assert all(r["backend"] == r["frontend"] == "pyvhost" for r in rows)
+    assert "direct/copy" in table
+
+
+@needs_dpdk
+@pytest.mark.dpdk
+def test_bench_peer_dpdk(tmp_path):
+    rows, table = bench(tmp_path, "--peer", "dpdk")
+    check(rows)
+    assert {(r["backend"], r["frontend"]) for r in rows} == {
+        ("dpdk", "dpdk"), ("pyvhost", "dpdk"), ("dpdk", "pyvhost"), ("pyvhost", "pyvhost")}
+    assert "pyvhost/DPDK" in table
