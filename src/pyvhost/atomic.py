@@ -137,3 +137,20 @@ def eventfd_write(typingctx, fd, val):
         vv = context.cast(builder, args[1], sig.args[1], types.uint64)
         return builder.call(fn, [fdv, vv])
     return types.int32(fd, val), codegen
+
+
+@intrinsic
+def _memcpy(typingctx, dst, src, n):
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        d = builder.inttoptr(args[0], i8p)
+        sp = builder.inttoptr(args[1], i8p)
+        cgutils.raw_memcpy(builder, d, sp, args[2], 1)
+        return context.get_dummy_value()
+    return types.void(types.intp, types.intp, types.intp), codegen
+
+
+@helper
+def copy_bytes(dst, dst_off, src, src_off, n):
+    """``dst[dst_off:dst_off+n] = src[src_off:src_off+n]`` for uint8 arrays (caller checks the bounds)."""
+    _memcpy(dst.ctypes.data + dst_off, src.ctypes.data + src_off, n)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from .jit import helper
 
-from .atomic import ld64
+from .atomic import copy_bytes, ld64
 from .errors import QueueError
 from .memory import SPACE_GPA, translate
 from .protocol import ADDR_LIMIT
@@ -177,9 +177,7 @@ def sg_write(mem, sg, first, last, dst_off, src, src_off, length):
             continue
         o = sg[i, 0] + skip
         take = min(seg_len - skip, length - done)
-        s = src_off + done
-        for b in range(take):
-            mem[o + b] = src[s + b]
+        copy_bytes(mem, o, src, src_off + done, take)
         done += take
         skip = 0
         if done == length:
@@ -199,8 +197,7 @@ def sg_read(mem, sg, first, last, src_off, dst, length):
             continue
         o = sg[i, 0] + skip
         take = min(seg_len - skip, length - done)
-        for b in range(take):
-            dst[done + b] = mem[o + b]
+        copy_bytes(dst, done, mem, o, take)
         done += take
         skip = 0
         if done == length:
