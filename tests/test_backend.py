@@ -33,3 +33,26 @@ def test_source_counts_exactly(serve, sock_path, metadata):
     assert final["bytes"] == 150_000 * 128
     stats = srv.ended()[-1]
     assert stats[0]["packets"] == 150_000 and stats[0]["error"] == 0
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_source_mergeable_rx_buffers(serve, sock_path, metadata):
+    """A 3000-byte frame does not fit one 2048-byte buffer: with MRG_RXBUF it spans two, num_buffers = 2."""
+    import numpy as np
+
+    from pyvhost.devices.net import make_frame
+    from pyvhost.frontend import BUF_SIZE
+
+    serve("source", metadata, count=10, pkt_size=3000)
+    with Frontend(sock_path) as fe:
+        fe.setup()
+        fe.run("rx", count=20)
+        ring = fe.rings[0]
+        frame = make_frame(3000)
+        for k in range(10):
+            (id1, len1), (id2, len2) = (ring.used32[1 + 2 * i:3 + 2 * i] for i in (2 * k, 2 * k + 1))
+            assert (len1, len2) == (BUF_SIZE, 3000 + 12 - BUF_SIZE)
+            b1 = fe.ram.buf[ring.bufs_off + id1 * BUF_SIZE:][:len1]
+            b2 = fe.ram.buf[ring.bufs_off + id2 * BUF_SIZE:][:len2]
+            assert int(b1[10]) | int(b1[11]) << 8 == 2  # num_buffers
+            assert np.array_equal(np.concatenate([b1[12:], b2]), frame)

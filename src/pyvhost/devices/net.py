@@ -111,14 +111,15 @@ def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
             if nread < 0:
                 status = _BROKEN
                 break
+            if not write_used(q, used32, mem, table, used + k, head, 0):
+                status = _BROKEN
+                break
+            # counted once completed (a chain left behind by a fault is not counted)
             if rbytes < hdr:
                 q[Q_DROPS] += 1  # too short for the virtio-net header: dropped, still completed
             else:
                 q[Q_PACKETS] += 1
                 q[Q_BYTES] += rbytes - hdr
-            if not write_used(q, used32, mem, table, used + k, head, 0):
-                status = _BROKEN
-                break
             done += 1
         # chains handled before a fault are still completed: no completion is lost
         q[Q_LAST_AVAIL] = (last + done) & 0xFFFF
@@ -157,10 +158,23 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
             return -1
         if c == 0:
             if wbytes < hdr or (q[Q_MRG] == 0 and wbytes < total):
-                q[Q_DROPS] += 1
                 if not write_used(q, used32, mem, table, used + k, head, 0):
                     return -1
+                q[Q_DROPS] += 1
                 return 1
+            # header first (num_buffers = 1; patched below if the frame needs more buffers), then the frame
+            if sg[0, 1] >= hdr:
+                o = sg[0, 0]
+                for b in range(hdr):
+                    mem[o + b] = 0
+                if hdr >= 12:
+                    mem[o + 10] = 1
+            else:
+                for b in range(hdr):
+                    hdrbuf[b] = 0
+                if hdr >= 12:
+                    hdrbuf[10] = 1
+                sg_write(mem, sg, 0, nseg, 0, hdrbuf, 0, hdr)
             w = sg_write(mem, sg, 0, nseg, hdr, src, 0, min(length, wbytes - hdr))
             chain_len = hdr + w
             first_nseg = nseg
@@ -170,12 +184,10 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
         if not write_used(q, used32, mem, table, used + k + c, head, chain_len):
             return -1
         c += 1
-    for b in range(hdr):
-        hdrbuf[b] = 0
-    if hdr >= 12:
-        hdrbuf[10] = c & 0xFF
-        hdrbuf[11] = c >> 8
-    sg_write(mem, sgs[0], 0, first_nseg, 0, hdrbuf, 0, hdr)
+    if c > 1 and hdr >= 12:
+        hdrbuf[0] = c & 0xFF
+        hdrbuf[1] = c >> 8
+        sg_write(mem, sgs[0], 0, first_nseg, 10, hdrbuf, 0, 2)  # num_buffers
     q[Q_PACKETS] += 1
     q[Q_BYTES] += length
     return c
