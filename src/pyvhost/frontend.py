@@ -332,10 +332,11 @@ class Frontend:
     def run(self, direction: str, seconds: float = 0.0, count: int = -1, pkt_size: int = 64, pair: int = 0,
             warmup: float = 0.0, batch: int = 64, timeout: float = 30.0) -> dict:
         """Transmit (``tx``) or receive (``rx``) on queue pair ``pair`` for ``seconds`` or until ``count``
-        completions; return counts and the rate measured after ``warmup``."""
+        completions (counted from this call); return counts and the rate measured after ``warmup``."""
         ring = self.rings[2 * pair + (1 if direction == "tx" else 0)]
         ring.d[D_BATCH] = batch
-        ring.d[D_LIMIT] = count
+        done0 = int(ring.d[D_DONE])
+        ring.d[D_LIMIT] = ring.d[D_POSTED] + count if count >= 0 else -1
         gpa = ring.buf_gpa(0)
         if direction == "tx":
             length = self.fill_tx_frames(ring, pkt_size)
@@ -351,7 +352,7 @@ class Frontend:
         while True:
             step(passes)
             now = time.perf_counter()
-            done = int(ring.d[D_DONE])
+            done = int(ring.d[D_DONE]) - done0
             if first_at is None and done:
                 first_at = now - t0
             if done_warm is None and now >= t_warm:

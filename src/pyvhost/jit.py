@@ -8,7 +8,26 @@ points called from Python) release the GIL and are cached on disk so compilation
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
+import numba
 from numba import njit
+
+
+def _cache_dir() -> str:
+    """Numba re-validates a cached kernel against its own file only, not against the helpers it inlined from
+    other modules; keying the cache directory by a hash of every pyvhost source makes any change rebuild."""
+    h = hashlib.sha256(numba.__version__.encode())
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyvhost"
+    return str(base / f"numba-{h.hexdigest()[:16]}")
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    numba.config.CACHE_DIR = _cache_dir()
 
 
 def helper(fn):

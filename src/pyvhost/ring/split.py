@@ -66,7 +66,7 @@ Q_DROPS = 14
 Q_STOP = 15          # set by the control plane: leave the loop now
 Q_SIGNALLED = 16     # used index at the last call (EVENT_IDX)
 Q_SIGNALLED_VALID = 17
-Q_NOTIFY_ON = 18     # 1 while the device asks for kicks
+Q_NOTIFY_ON = 18     # 1 while the device asks for kicks, 0 while it suppresses them, -1 not yet written
 Q_CALLS = 19         # calls signalled
 Q_BATCH = 20         # most chains taken per pass
 Q_HDR_LEN = 21       # virtio-net header length (device specific)
@@ -74,6 +74,7 @@ Q_MRG = 22           # VIRTIO_NET_F_MRG_RXBUF
 Q_CHAINS = 23        # chains completed
 Q_WAKEUPS = 24       # passes that found work
 Q_LIMIT = 25         # source devices: stop producing after this many packets (-1: no limit)
+Q_IDLE = 26          # empty polls in a row (kept across kernel calls, so polling before sleeping is bounded)
 Q_FIELDS = 32
 
 
@@ -126,10 +127,14 @@ def read_avail_flags_event(q, avail, mem, table):
     """(flags, used_event) of the avail ring, or (-1, -1)."""
     if q[Q_DIRECT]:
         return np.int64(avail[0]), np.int64(avail[2 + q[Q_SIZE]])
-    off, _room = translate(table, SPACE_UVA, q[Q_AVAIL], 6 + 2 * q[Q_SIZE])
+    off, _room = translate(table, SPACE_UVA, q[Q_AVAIL], 2)
     if off < 0:
         return np.int64(fail(q, QueueError.RING_UNMAPPED, q[Q_AVAIL])), np.int64(-1)
-    return np.int64(ld16(mem, off)), np.int64(ld16(mem, off + 4 + 2 * q[Q_SIZE]))
+    flags = np.int64(ld16(mem, off))
+    off, _room = translate(table, SPACE_UVA, q[Q_AVAIL] + 4 + 2 * q[Q_SIZE], 2)
+    if off < 0:
+        return np.int64(fail(q, QueueError.RING_UNMAPPED, q[Q_AVAIL])), np.int64(-1)
+    return flags, np.int64(ld16(mem, off))
 
 
 @helper
