@@ -222,6 +222,7 @@ class Connection:
 
     def reset_owner(self, msg: P.Message) -> None:
         self.teardown()
+        self.mem = GuestMemory()  # teardown closed the old memory (and its arena) for good
         self.features = 0
         self.owner = False
 
@@ -256,7 +257,11 @@ class Connection:
         self.stop_workers()
         for vr in self.vrings:
             vr.views = None
-        old = change()
+        try:
+            old = change()
+        except BaseException:
+            self.refresh()  # the change was refused and memory is unchanged: restart the stopped workers
+            raise
         for r in old:
             self.mem.unmap(r)
         self.refresh()
@@ -298,6 +303,9 @@ class Connection:
         bad = check_alignment(addr)
         if bad:
             raise VringError(f"vring {addr.index}: {bad}")
+        for name, value in (("descriptor table", addr.desc), ("used ring", addr.used), ("avail ring", addr.avail)):
+            if value >= P.ADDR_LIMIT:  # also keeps the value inside the int64 queue state
+                raise VringError(f"vring {addr.index}: {name} address {value:#x} out of range")
         self.stop_workers([vr.index])
         vr.views = None
         vr.addr = addr
@@ -404,7 +412,9 @@ class Connection:
                 self.device.prepare_queue(vr.index, vr.q)
                 vr.q[Q_EVENT_IDX] = 1 if self.features & (1 << VIRTIO_RING_F_EVENT_IDX) else 0
                 vr.q[Q_BATCH] = self.batch
-                vr.q[Q_NOTIFY_ON] = 1
+                # unknown: the ring may hold NO_NOTIFY or a stale avail_event (left by a worker stopped while
+                # polling, or by a previous back-end), so the first set_notify() must write it either way
+                vr.q[Q_NOTIFY_ON] = -1
                 vr.q[Q_SIGNALLED_VALID] = 0
                 vr.q[Q_STOP] = 0
                 handles.append(Ring(vr.index, vr.q, vr.views, self.mem))

@@ -50,4 +50,4 @@ def describe(code: int, value: int) -> str:
         err = QueueError(code)
     except ValueError:
         return f"unknown error {code} (value {value})"
-    return f"{err.name}: {err.text} (value {value:#x})"
+    return f"{err.name}: {err.text} (value {value & 0xFFFF_FFFF_FFFF_FFFF:#x})"  # a u64 the queue state holds as i64

@@ -78,6 +78,8 @@ class Arena:
 
     def place(self, fd: int, file_offset: int, length: int, align: int) -> int:
         """Map [file_offset, file_offset+length) of ``fd``; return the arena offset of its first byte."""
+        if self.view is None:
+            raise MemoryError_("the arena is closed")  # never MAP_FIXED into address space we gave back
         align = max(align, ARENA_ALIGN)
         foff = file_offset - file_offset % PAGE
         delta = file_offset - foff
