@@ -43,6 +43,8 @@ PROTOCOL_FEATURES = ((1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 
                      | (1 << PF.STATUS))
 #: Passes a worker's compiled loop makes before it returns to Python (bounds the stop latency).
 DEFAULT_BUDGET = 4096
+#: Seconds a peer may take to send the rest of a message it has begun (and to take a reply).
+MESSAGE_TIMEOUT = 5.0
 
 
 class VringError(ProtocolError):
@@ -172,8 +174,15 @@ class Connection:
         except (ProtocolError, MemoryError_, OSError, ValueError) as e:
             ok = False
             log.error("%s failed: %s", msg.name, e)
+        except Exception:  # a bug in a handler: fail this request, keep the connection and the process
+            ok = False
+            log.exception("%s failed unexpectedly", msg.name)
         finally:
             msg.close_fds()
+        self.answer(msg, reply, ok)
+
+    def answer(self, msg: P.Message, reply: bytes | None, ok: bool) -> None:
+        """Send what ``msg`` is owed: its reply (of the right shape even on failure), or a REPLY_ACK status."""
         if msg.request in self.replies:
             if reply is None:
                 size = self.replies[msg.request]
@@ -511,6 +520,9 @@ class Server:
                     return
                 if "listen" in kinds and self.connection is None:
                     sock, _ = self.listener.accept()
+                    # a message is read only once select() says it has begun; a peer that stalls in the
+                    # middle of one is dropped after this long instead of blocking the server
+                    sock.settimeout(MESSAGE_TIMEOUT)
                     self.connection = Connection(sock, self.device, self.metadata, batch=self.batch)
                     sel.unregister(self.listener)
                     sel.register(sock, selectors.EVENT_READ, "conn")
@@ -534,6 +546,8 @@ class Server:
             return False
         except ProtocolError as e:
             log.error("bad message: %s", e)
+            if e.message is not None:  # rejected before dispatch: still answer, or a waiting front-end hangs
+                conn.answer(e.message, None, False)
             return True
         except OSError as e:
             log.error("socket error: %s", e)

@@ -106,7 +106,13 @@ class ProtocolFeature(enum.IntEnum):
 
 
 class ProtocolError(Exception):
-    """A message that is malformed or not allowed now; the connection answers it with a failure."""
+    """A message that is malformed or not allowed now; the connection answers it with a failure.
+
+    ``message`` is set when the header was read whole, so that a reply still owed can be sent."""
+
+    def __init__(self, text: str, message: "Message | None" = None) -> None:
+        super().__init__(text)
+        self.message = message
 
 
 class ConnectionClosed(Exception):
@@ -286,14 +292,14 @@ def recv_message(sock: socket.socket) -> Message:
         raise
     if (flags & VHOST_USER_VERSION_MASK) != VHOST_USER_VERSION:
         msg.close_fds()
-        raise ProtocolError(f"request {request}: unsupported version in flags {flags:#x}")
+        raise ProtocolError(f"request {request}: unsupported version in flags {flags:#x}", msg)
     if len(msg.fds) > MAX_FDS:
         msg.close_fds()
-        raise ProtocolError(f"{msg.name}: {len(fds)} fds, at most {MAX_FDS}")
+        raise ProtocolError(f"{msg.name}: {len(fds)} fds, at most {MAX_FDS}", msg)
     need = None if flags & VHOST_USER_REPLY_MASK else _MIN_PAYLOAD.get(request)  # type: ignore[call-overload]
     if need is not None and size < need:
         msg.close_fds()
-        raise ProtocolError(f"{msg.name}: payload of {size} bytes, expected at least {need}")
+        raise ProtocolError(f"{msg.name}: payload of {size} bytes, expected at least {need}", msg)
     return msg
 
 
