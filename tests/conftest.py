@@ -19,9 +19,9 @@ from pyvhost.devices.net import Mode, NetDevice
 class RunningServer:
     """A pyvhost Server serving in a background thread of the test process."""
 
-    def __init__(self, path: str, mode: Mode, metadata: Metadata, **device_kw) -> None:
+    def __init__(self, path: str, mode: Mode, metadata: Metadata, device=None, **device_kw) -> None:
         self.path = path
-        self.device = NetDevice(mode, **device_kw)
+        self.device = device if device is not None else NetDevice(mode, **device_kw)
         self.server = Server(self.device, path, metadata)
         self.thread = threading.Thread(target=self.server.serve, name="pyvhost-server", daemon=True)
         self.thread.start()
@@ -53,11 +53,13 @@ def sock_path(tmp_path: Path) -> str:
 
 @pytest.fixture
 def serve(sock_path: str) -> Iterator:
-    """``serve(mode, metadata, **device_kw)`` starts an in-process server on ``sock_path``."""
+    """``serve(mode, metadata, device=None, **device_kw)`` starts an in-process server on ``sock_path``
+    (a NetDevice in ``mode`` unless ``device`` is given)."""
     started: list[RunningServer] = []
 
-    def start(mode: str | Mode = Mode.SINK, metadata: str | Metadata = Metadata.DIRECT, **kw) -> RunningServer:
-        s = RunningServer(sock_path, Mode(mode), Metadata(metadata), **kw)
+    def start(mode: str | Mode = Mode.SINK, metadata: str | Metadata = Metadata.DIRECT, device=None,
+              **kw) -> RunningServer:
+        s = RunningServer(sock_path, Mode(mode), Metadata(metadata), device, **kw)
         started.append(s)
         return s
 

@@ -62,6 +62,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_rng(args: argparse.Namespace) -> int:
+    from .backend import Server
+    from .devices.rng import RngDevice
+
+    _pin(args.cpu)
+    server = Server(RngDevice(), args.socket_path, Metadata(args.metadata))
+    signal.signal(signal.SIGTERM, lambda s, f: server.stop())
+    signal.signal(signal.SIGINT, lambda s, f: server.stop())
+    log.info("serving rng (%s path) on %s", args.metadata, args.socket_path)
+    try:
+        server.serve(connections=args.connections)
+    finally:
+        print(json.dumps({"stats": server.stats()}), flush=True)
+        server.close()
+    return 0
+
+
 def cmd_drive(args: argparse.Namespace) -> int:
     import time
 
@@ -109,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--stats-interval", type=float, default=0, help="log the counters every N seconds")
     net.add_argument("--ready-file", help="write the pid here once the socket listens")
     net.set_defaults(func=cmd_serve)
+
+    rng = serve_sub.add_parser("rng", help="virtio-rng (a device written in plain Python)")
+    rng.add_argument("--socket-path", required=True)
+    rng.add_argument("--metadata", choices=[m.value for m in Metadata], default="direct")
+    rng.add_argument("--connections", type=int, help="exit after this many connections have ended")
+    rng.add_argument("--cpu", type=int, help="pin to this CPU")
+    rng.set_defaults(func=cmd_serve_rng)
 
     drive = sub.add_parser("drive", help="drive a vhost-user net back-end with pyvhost's front-end")
     drive.add_argument("device", choices=["net"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from ..access import RingViews
 from ..memory import GuestMemory
+
+log = logging.getLogger(__name__)
 
 # virtio 1.2 transport feature bits the backend handles for every device
 VIRTIO_RING_F_INDIRECT_DESC = 28
@@ -85,3 +88,135 @@ class Device(abc.ABC):
 
     def stats(self) -> dict:
         return {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Devices in plain Python: compiled code takes chains off the ring and puts completions back; the device's
+# handle() sees each chain as lists of memoryviews of guest memory.
+from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain  # noqa: E402
+from ..jit import kernel  # noqa: E402
+from ..ring.split import (Q_CHAINS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_SIZE, Q_STOP, Q_USED_IDX, Q_WAKEUPS,  # noqa: E402
+                          avail_pending, flush_used, read_avail_entry, set_notify, write_used)
+from ..atomic import fence_full  # noqa: E402
+
+#: pop_chains results besides a chain count
+POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
+#: columns of the chains array: head, first sg row, readable segments, sg row after the last segment
+C_HEAD, C_FIRST, C_NREAD, C_END = 0, 1, 2, 3
+
+
+@kernel
+def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins):
+    """Take up to ``max_chains`` chains (walked and bounded) off the avail ring into ``chains``/``sg``.
+
+    Polls up to ``spins`` times; with nothing to take, asks for kicks, looks once more, and returns POP_IDLE.
+    The chains are in flight until push_used() completes them (the worker does both in one step, so a stop
+    never finds chains in flight)."""
+    for _ in range(spins):
+        if q[Q_STOP]:
+            return POP_STOPPED
+        n = avail_pending(q, avail, mem, table)
+        if n < 0:
+            return POP_BROKEN
+        if n > 0:
+            break
+    else:
+        if not set_notify(q, used16, mem, table, 1):
+            return POP_BROKEN
+        fence_full()
+        n = avail_pending(q, avail, mem, table)
+        if n <= 0:
+            return POP_BROKEN if n < 0 else POP_IDLE
+    if not set_notify(q, used16, mem, table, 0):
+        return POP_BROKEN
+    q[Q_WAKEUPS] += 1
+    last = q[Q_LAST_AVAIL]
+    row = 0
+    room = q[Q_SIZE] + MAX_INDIRECT  # rows one chain may need at most
+    k = 0
+    while k < min(n, max_chains) and row + room <= sg.shape[0]:
+        head = read_avail_entry(q, avail, mem, table, last + k)
+        if head < 0:
+            break
+        nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg[row:], ANY)
+        if nread < 0:
+            break
+        chains[k, C_HEAD] = head
+        chains[k, C_FIRST] = row
+        chains[k, C_NREAD] = nread
+        chains[k, C_END] = row + nseg
+        row += nseg
+        k += 1
+    q[Q_LAST_AVAIL] = (last + k) & 0xFFFF
+    return k  # chains taken before a fault are still handed out (and completed); the fault shows in q[Q_ERROR]
+
+
+@kernel
+def push_used(q, avail, used16, used32, mem, table, chains, lens, n):
+    """Complete ``n`` chains with the lengths written; publish once, then notify if asked."""
+    used = q[Q_USED_IDX]
+    for i in range(n):
+        if not write_used(q, used32, mem, table, used + i, chains[i, C_HEAD], lens[i]):
+            return False
+    q[Q_CHAINS] += n
+    q[Q_IDLE] = 0
+    return flush_used(q, avail, used16, mem, table, (used + n) & 0xFFFF)
+
+
+class ChainDevice(Device):
+    """A device written in plain Python: implement :meth:`handle`; pyvhost does the rest.
+
+    Each chain reaches ``handle`` as lists of memoryviews of guest memory -- the device-readable buffers, then
+    the device-writable ones -- valid only during the call.  Chains are taken in batches of ``batch`` by
+    compiled code (bounded and checked like every datapath), and completed in one publish per batch.
+    """
+
+    #: chains taken per batch
+    batch: int = 64
+    #: empty polls before a worker sleeps on its kick fd
+    spins: int = 2000
+
+    @abc.abstractmethod
+    def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+        """Process one chain; return how many bytes were written into ``writable``."""
+
+    def make_step(self, rings: list[Ring]) -> StepFn:
+        (ring,) = rings
+        mem = ring.mem
+        arena, table = mem.arena.view, mem.table
+        q = ring.q
+        desc, avail, used16, used32 = ring.views.args()
+        sg = new_sg(int(q[Q_SIZE]) * 2)
+        chains = np.zeros((self.batch, 4), dtype=np.int64)
+        lens = np.zeros(self.batch, dtype=np.int64)
+        handle, index, batch, spins = self.handle, ring.index, self.batch, self.spins
+
+        def step(budget: int) -> int:
+            for _ in range(max(1, budget // 256)):
+                n = pop_chains(q, desc, avail, used16, arena, table, sg, chains, batch, spins)
+                if n == POP_STOPPED:
+                    return Step.STOPPED
+                if n == POP_IDLE:
+                    return Step.IDLE
+                if n == POP_BROKEN:
+                    return Step.BROKEN
+                for i in range(n):
+                    head, first, nread, end = (int(x) for x in chains[i])
+                    segs = [memoryview(arena[o:o + ln]) for o, ln in sg[first:end]]
+                    try:
+                        written = handle(index, segs[:nread], segs[nread:])
+                        wmax = sum(len(s) for s in segs[nread:])
+                        lens[i] = min(max(int(written or 0), 0), wmax)
+                    except Exception:
+                        log.exception("device %s: handling a chain of queue %d failed", type(self).__name__, index)
+                        lens[i] = 0
+                    finally:
+                        for s in segs:
+                            s.release()
+                if not push_used(q, avail, used16, used32, arena, table, chains, lens, n):
+                    return Step.BROKEN
+                if q[Q_ERROR]:
+                    return Step.BROKEN  # the fault that ended the batch; the chains before it are completed
+            return Step.MORE
+
+        return step
