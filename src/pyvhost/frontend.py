@@ -209,8 +209,10 @@ class Frontend:
 
     def __init__(self, socket_path: str, *, queue_size: int = 256, queue_pairs: int = 1,
                  ram_size: int = 64 << 20, event_idx: bool = True, mrg_rxbuf: bool = True,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, num_queues: int | None = None) -> None:
         self.socket_path = socket_path
+        #: virtqueues to set up: a net device's 2 per pair unless told otherwise (e.g. 1 for virtio-rng)
+        self.num_queues = num_queues or 2 * queue_pairs
         self.queue_size = queue_size
         self.queue_pairs = queue_pairs
         self.want_event_idx = event_idx
@@ -268,8 +270,8 @@ class Frontend:
             P.send_message(self.sock, R.SET_PROTOCOL_FEATURES, P.U64.pack(self.protocol_features))
             if self.protocol_features & (1 << PF.MQ):
                 nq = P.U64.unpack(self.request(R.GET_QUEUE_NUM))[0]
-                if nq < 2 * self.queue_pairs:
-                    raise FrontendError(f"back-end has {nq} queues, {2 * self.queue_pairs} wanted")
+                if nq < self.num_queues:
+                    raise FrontendError(f"back-end has {nq} queues, {self.num_queues} wanted")
         self.command(R.SET_FEATURES, P.U64.pack(self.features))
 
     @property
@@ -282,7 +284,7 @@ class Frontend:
         """Negotiate, share memory, lay out and start every ring."""
         self.negotiate()
         n = self.queue_size
-        for i in range(2 * self.queue_pairs):
+        for i in range(self.num_queues):
             desc = self.ram.alloc(desc_bytes(n), PAGE)
             avail = self.ram.alloc(avail_bytes(n), 64)
             used = self.ram.alloc(used_bytes(n), PAGE)
