@@ -489,6 +489,12 @@ def _fd_flag_mismatch(fe, f):
         fails(fe, rid, U64.pack(0), f.eventfd() + f.eventfd())
 
 
+def _vring_fd_kind(fe, f):
+    for rid in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR):
+        for fds in (f.pipe(), f.socket(), f.readonly_file(4096)):
+            fails(fe, rid, U64.pack(1), fds)
+
+
 def _get_config_out_of_range(fe, f):
     for offset, size in ((0, 64), (10, 4), (256, 0), (0, 257), (1 << 20, 1)):
         payload = P.CONFIG_HDR.pack(offset, size, 0) + bytes(min(size, 256))
@@ -527,6 +533,7 @@ CASES = {
     "SET_VRING_ENABLE value 2": (False, _enable_value, "is not 0 or 1"),
     "KICK/CALL/ERR fd and NOFD flag disagree": (False, _fd_flag_mismatch, "NOFD flag set but 1 fds sent"),
     "GET_CONFIG out of range": (False, _get_config_out_of_range, "GET_CONFIG"),
+    "KICK/CALL/ERR fd not an eventfd, running": (True, _vring_fd_kind, "not an eventfd"),
 }
 
 

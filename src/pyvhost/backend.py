@@ -352,6 +352,9 @@ class Connection:
             return vr, -1
         if len(msg.fds) != 1:
             raise ProtocolError(f"{msg.name}: expected 1 fd, got {len(msg.fds)}")
+        kind = fd_kind(msg.fds[0])
+        if kind != EVENTFD_KIND:  # a socket or pipe here could block the worker, a file would spin it
+            raise ProtocolError(f"{msg.name}: fd is {kind}, not an eventfd")
         return vr, msg.take_fd(0)
 
     def set_vring_kick(self, msg: P.Message) -> None:
@@ -475,6 +478,17 @@ class Connection:
             vr.close_fds()
         self.mem.close()
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+
+
+EVENTFD_KIND = "anon_inode:[eventfd]"
+
+
+def fd_kind(fd: int) -> str:
+    """What an fd refers to, as /proc names it (``anon_inode:[eventfd]``, ``socket:[…]``, a path, …)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
 
 
 def queue_stats(q: np.ndarray) -> dict[str, int]:
