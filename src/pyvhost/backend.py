@@ -12,6 +12,7 @@ bumps the generation; workers restart with views built for the new generation.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ PROTOCOL_FEATURES = ((1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 
 DEFAULT_BUDGET = 4096
 #: Seconds a peer may take to send the rest of a message it has begun (and to take a reply).
 MESSAGE_TIMEOUT = 5.0
+#: Ended connections whose counters the server keeps.
+HISTORY = 64
 
 
 class VringError(ProtocolError):
@@ -509,7 +512,8 @@ class Server:
         self.batch = batch
         self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.connection: Connection | None = None
-        self.history: list[dict[int, dict[str, int]]] = []
+        #: counters of the connections that ended, the most recent last (bounded: a server runs for long)
+        self.history: collections.deque[dict[int, dict[str, int]]] = collections.deque(maxlen=HISTORY)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(socket_path):
             os.unlink(socket_path)
