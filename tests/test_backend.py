@@ -56,3 +56,19 @@ def test_source_mergeable_rx_buffers(serve, sock_path, metadata):
             b2 = fe.ram.buf[ring.bufs_off + id2 * BUF_SIZE:][:len2]
             assert int(b1[10]) | int(b1[11]) << 8 == 2  # num_buffers
             assert np.array_equal(np.concatenate([b1[12:], b2]), frame)
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_two_queue_pairs_count_separately(serve, sock_path, metadata):
+    """MQ: queue 2k receives and 2k+1 transmits; each TX queue has its own worker and counters."""
+    srv = serve("sink", metadata, queue_pairs=2)
+    with Frontend(sock_path, queue_pairs=2) as fe:
+        fe.setup()
+        assert fe.protocol_features & (1 << 0)  # VHOST_USER_PROTOCOL_F_MQ
+        fe.run("tx", count=30_000, pair=0)
+        fe.run("tx", count=50_000, pair=1)
+        assert fe.drain("tx", pair=0)["packets"] == 30_000
+        assert fe.drain("tx", pair=1)["packets"] == 50_000
+    stats = srv.ended()[-1]
+    assert stats[1]["packets"] == 30_000 and stats[3]["packets"] == 50_000
+    assert stats[0]["packets"] == stats[2]["packets"] == 0
