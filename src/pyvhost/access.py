@@ -20,6 +20,7 @@ import numpy as np
 
 from .memory import SPACE_UVA, GuestMemory
 from .protocol import VringAddr
+from .ring import packed
 from .ring.split import (AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, Q_AVAIL, Q_DESC, Q_DIRECT, Q_USED, avail_bytes,
                          desc_bytes, used_bytes)
 
@@ -52,10 +53,27 @@ class RingViews:
         return self.desc, self.avail, self.used16, self.used32
 
 
-def check_alignment(addr: VringAddr) -> str | None:
-    """The virtio alignment rules for split rings; a text saying what is wrong, or None."""
-    for name, value, align in (("descriptor table", addr.desc, DESC_ALIGN), ("avail ring", addr.avail, AVAIL_ALIGN),
-                               ("used ring", addr.used, USED_ALIGN)):
+@dataclass
+class PackedViews:
+    """What the compiled loop gets for one packed ring in one memory generation."""
+
+    desc: np.ndarray    # uint64, 2 words per descriptor
+    driver: np.ndarray  # uint16: off_wrap, flags of the driver's event suppression area (read here)
+    device: np.ndarray  # uint16: off_wrap, flags of the device's event suppression area (written here)
+    direct: bool
+    generation: int
+
+    def args(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.desc, self.driver, self.device
+
+
+def check_alignment(addr: VringAddr, is_packed: bool = False) -> str | None:
+    """The virtio alignment rules for split (or packed) rings; a text saying what is wrong, or None."""
+    parts = ((("descriptor table", addr.desc, DESC_ALIGN), ("avail ring", addr.avail, AVAIL_ALIGN),
+              ("used ring", addr.used, USED_ALIGN)) if not is_packed else
+             (("descriptor ring", addr.desc, packed.DESC_ALIGN), ("driver area", addr.avail, packed.EVENT_ALIGN),
+              ("device area", addr.used, packed.EVENT_ALIGN)))
+    for name, value, align in parts:
         if value % align:
             return f"{name} address {value:#x} is not {align}-byte aligned"
     return None
@@ -81,3 +99,20 @@ def bind(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.nda
                     "using the copy path", addr.desc, addr.avail, addr.used, size)
     q[Q_DIRECT] = 0
     return RingViews(_NO_U64, _NO_U16, _NO_U16, _NO_U32, False, mem.generation)
+
+
+def bind_packed(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.ndarray) -> PackedViews:
+    """:func:`bind` for a packed ring: the descriptor ring and both event suppression areas must each lie whole
+    in one region for ``direct``; otherwise the ring uses ``copy``."""
+    q[Q_DESC], q[Q_AVAIL], q[Q_USED] = addr.desc, addr.avail, addr.used
+    if mode is Metadata.DIRECT:
+        d = mem.view(SPACE_UVA, addr.desc, packed.ring_bytes(size))
+        drv = mem.view(SPACE_UVA, addr.avail, packed.EVENT_BYTES)
+        dev = mem.view(SPACE_UVA, addr.used, packed.EVENT_BYTES)
+        if d is not None and drv is not None and dev is not None:
+            q[Q_DIRECT] = 1
+            return PackedViews(d.view(np.uint64), drv.view(np.uint16), dev.view(np.uint16), True, mem.generation)
+        log.warning("packed ring at desc=%#x driver=%#x device=%#x (size %d) does not lie in mapped memory; "
+                    "using the copy path", addr.desc, addr.avail, addr.used, size)
+    q[Q_DIRECT] = 0
+    return PackedViews(_NO_U64, _NO_U16, _NO_U16, False, mem.generation)

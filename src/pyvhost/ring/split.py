@@ -75,6 +75,10 @@ Q_CHAINS = 23        # chains completed
 Q_WAKEUPS = 24       # passes that found work
 Q_LIMIT = 25         # source devices: stop producing after this many packets (-1: no limit)
 Q_IDLE = 26          # empty polls in a row (kept across kernel calls, so polling before sleeping is bounded)
+# packed rings only (ring/packed.py): Q_LAST_AVAIL and Q_USED_IDX are then positions in [0, size)
+Q_AVAIL_WRAP = 27    # the device's avail wrap counter (0/1)
+Q_USED_WRAP = 28     # the device's used wrap counter (0/1)
+Q_PACKED = 29        # 1: the ring is packed
 Q_FIELDS = 32
 
 
