@@ -25,21 +25,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import protocol as P
-from .access import Metadata, RingViews, bind, check_alignment
-from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+from .access import Metadata, PackedViews, RingViews, bind, bind_packed, check_alignment
+from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                            VIRTIO_RING_F_INDIRECT_DESC, Device, Ring, Step)
 from .errors import describe
 from .memory import SPACE_UVA, GuestMemory, MemoryError_
 from .protocol import ProtocolError, ProtocolFeature as PF, Request as R
+from .ring import packed as PK
 from .ring.split import (MAX_QUEUE_SIZE, Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DROPS, Q_ERROR,
                          Q_ERROR_VALUE, Q_EVENT_IDX, Q_LAST_AVAIL, Q_NOTIFY_ON, Q_PACKETS, Q_SIGNALLED_VALID,
-                         Q_STOP, Q_USED_IDX, Q_WAKEUPS, new_queue_state)
+                         Q_STOP, Q_USED_IDX, Q_WAKEUPS, Q_AVAIL_WRAP, Q_USED_WRAP, new_queue_state)
 
 log = logging.getLogger(__name__)
 
 TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
                       | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_ANY_LAYOUT)
-                      | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES))
+                      | (1 << VIRTIO_F_RING_PACKED) | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES))
 PROTOCOL_FEATURES = ((1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.CONFIGURE_MEM_SLOTS)
                      | (1 << PF.STATUS))
 #: Passes a worker's compiled loop makes before it returns to Python (bounds the stop latency).
@@ -62,6 +63,7 @@ class Vring:
     size: int = 0
     addr: P.VringAddr | None = None
     base: int = 0
+    base_given: bool = False  # packed rings: SET_VRING_BASE was received (else both cursors start at 0, wrap 1)
     kick_fd: int = -1
     call_fd: int = -1
     err_fd: int = -1
@@ -69,7 +71,7 @@ class Vring:
     started: bool = False
     broken: bool = False
     q: np.ndarray = field(default_factory=lambda: new_queue_state(1))
-    views: RingViews | None = None
+    views: RingViews | PackedViews | None = None
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
@@ -212,6 +214,16 @@ class Connection:
         extra = features & ~self.offered_features
         if extra:
             raise ProtocolError(f"SET_FEATURES asks for features not offered: {extra:#x}")
+        if (features ^ self.features) & (1 << VIRTIO_F_RING_PACKED):
+            self.stop_workers()  # the ring layout changes: no worker, view or state of the other one survives
+            self.features = features
+            for vr in self.vrings:
+                vr.views = None
+                vr.base, vr.base_given = 0, False
+                if vr.size and not self.packed and vr.size & (vr.size - 1):
+                    vr.size = 0  # not a split ring size: wait for SET_VRING_NUM
+                if vr.size:
+                    self._new_state(vr)
         self.features = features
         self.device.set_features(features)
         if not features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
@@ -300,19 +312,53 @@ class Connection:
         vr = self.vring(index)
         if vr.started:
             raise VringError(f"SET_VRING_NUM on running vring {index}")
-        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+        if self.packed:
+            if num == 0 or num > PK.MAX_QUEUE_SIZE:
+                raise VringError(f"vring {index}: packed ring size {num} not in 1..{PK.MAX_QUEUE_SIZE}")
+            if vr.base_given:
+                self._check_packed_base(index, vr.base, num)
+        elif num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
             raise VringError(f"vring {index}: size {num} is not a power of two in 1..{MAX_QUEUE_SIZE}")
         vr.size = num
         vr.views = None
+        self._new_state(vr)
+
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED negotiated: every ring of the device is packed."""
+        return bool(self.features & (1 << VIRTIO_F_RING_PACKED))
+
+    def _new_state(self, vr: Vring) -> None:
+        """Fresh queue state for ``vr.size`` starting from ``vr.base``; the call fd stays."""
         callfd = vr.q[Q_CALLFD]
-        vr.q = new_queue_state(num)
+        if self.packed:
+            vr.q = PK.new_packed_state(vr.size)
+            if vr.base_given:
+                self._apply_packed_base(vr)
+        else:
+            vr.q = new_queue_state(vr.size)
+            vr.q[Q_LAST_AVAIL] = vr.q[Q_USED_IDX] = vr.base
         vr.q[Q_CALLFD] = callfd
-        vr.q[Q_LAST_AVAIL] = vr.q[Q_USED_IDX] = vr.base
+
+    @staticmethod
+    def _check_packed_base(index: int, num: int, size: int) -> None:
+        avail, aw, used, uw = PK.decode_base(num)
+        if avail >= size or used >= size:
+            raise VringError(f"vring {index}: packed base {num:#x} has a position beyond the ring size {size}")
+        lead = (PK.linear(avail, aw, size) - PK.linear(used, uw, size)) % (2 * size)
+        if lead > size:
+            raise VringError(f"vring {index}: packed base {num:#x}: the avail cursor is {lead} descriptors ahead "
+                             f"of the used one, more than the ring holds ({size})")
+
+    @staticmethod
+    def _apply_packed_base(vr: Vring) -> None:
+        avail, aw, used, uw = PK.decode_base(vr.base)
+        vr.q[Q_LAST_AVAIL], vr.q[Q_AVAIL_WRAP], vr.q[Q_USED_IDX], vr.q[Q_USED_WRAP] = avail, aw, used, uw
 
     def set_vring_addr(self, msg: P.Message) -> None:
         addr = msg.vring_addr()
         vr = self.vring(addr.index)
-        bad = check_alignment(addr)
+        bad = check_alignment(addr, self.packed)
         if bad:
             raise VringError(f"vring {addr.index}: {bad}")
         for name, value in (("descriptor table", addr.desc), ("used ring", addr.used), ("avail ring", addr.avail)):
@@ -328,6 +374,13 @@ class Connection:
         vr = self.vring(index)
         if vr.started:
             raise VringError(f"SET_VRING_BASE on running vring {index}")
+        if self.packed:
+            if vr.size:
+                self._check_packed_base(index, num, vr.size)
+            vr.base, vr.base_given = num, True
+            if vr.size:
+                self._apply_packed_base(vr)
+            return
         if num > 0xFFFF:
             raise VringError(f"vring {index}: base {num:#x} has bits above 15 (split ring)")
         vr.base = num
@@ -339,7 +392,12 @@ class Connection:
         self.stop_workers([index])
         vr.started = False
         vr.views = None
-        base = int(vr.q[Q_LAST_AVAIL])
+        if self.packed:
+            q = vr.q
+            base = PK.encode_base(int(q[Q_LAST_AVAIL]), int(q[Q_AVAIL_WRAP]), int(q[Q_USED_IDX]), int(q[Q_USED_WRAP]))
+            vr.base_given = True
+        else:
+            base = int(vr.q[Q_LAST_AVAIL])
         vr.base = base
         self.record_totals(vr)
         vr.close_fds()
@@ -422,8 +480,11 @@ class Connection:
             for vr in rings:
                 assert vr.addr is not None
                 if vr.views is None or vr.views.generation != self.mem.generation:
-                    vr.views = bind(self.mem, vr.addr, vr.size, self.metadata, vr.q)
-                    self._load_used_idx(vr)
+                    if self.packed:  # both cursors come from SET_VRING_BASE: nothing to load from the ring
+                        vr.views = bind_packed(self.mem, vr.addr, vr.size, self.metadata, vr.q)
+                    else:
+                        vr.views = bind(self.mem, vr.addr, vr.size, self.metadata, vr.q)
+                        self._load_used_idx(vr)
                 self.device.prepare_queue(vr.index, vr.q)
                 vr.q[Q_EVENT_IDX] = 1 if self.features & (1 << VIRTIO_RING_F_EVENT_IDX) else 0
                 vr.q[Q_BATCH] = self.batch

@@ -19,7 +19,7 @@ from ..chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
 from ..ring.split import (Q_BATCH, Q_BYTES, Q_CHAINS, Q_DROPS, Q_HDR_LEN, Q_IDLE, Q_LAST_AVAIL, Q_LIMIT, Q_MRG,
                           Q_PACKETS, Q_STOP, Q_USED_IDX, Q_WAKEUPS, avail_pending, flush_used, read_avail_entry,
                           set_notify, write_used)
-from .base import VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
+from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
 
 VIRTIO_ID_NET = 1
 VIRTIO_NET_F_CSUM = 0
@@ -358,6 +358,9 @@ class NetDevice(Device):
 
     def make_step(self, rings: list[Ring]) -> StepFn:
         spins = self.spins
+        if self.negotiated & (1 << VIRTIO_F_RING_PACKED):
+            from . import net_packed
+            return net_packed.make_step(self.mode.value, rings, spins, self.frame, MAX_FRAME)
         mem = rings[0].mem
         views, table = mem.arena.view, mem.table
         if self.mode is Mode.SINK:
@@ -398,3 +401,5 @@ def warm_up() -> None:
                  np.zeros(16, np.uint8), 1, 1)
     finally:
         mem.close()
+    from . import net_packed
+    net_packed.warm_up()

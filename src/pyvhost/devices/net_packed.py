@@ -1,0 +1,366 @@
+"""virtio-net kernels for packed rings: the same three modes, loops and counters as the split kernels in
+``devices/net.py``, over ``ring/packed.py``.
+
+A pass takes chains while the descriptor at the avail cursor is available -- at most ``Q_BATCH`` chains and at
+most the descriptors the ring can have in flight -- collecting their used descriptors in ``shadow``, then
+writes them all at once (the first one's flags last) and advances the cursors.  Every chain taken in a pass is
+completed in that pass, so a stopped worker leaves nothing in flight and GET_VRING_BASE's used cursor equals
+the avail one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..atomic import fence_full
+from ..chain import READ_ONLY, WRITE_ONLY, sg_read, sg_write
+from ..jit import helper, kernel
+from ..ring.packed import (NOT_AVAIL, SH_ID, SH_LEN, SH_NDESC, advance, flush_used, in_flight, read_head,
+                           set_notify, walk_packed)
+from ..ring.split import (Q_AVAIL_WRAP, Q_BATCH, Q_BYTES, Q_CHAINS, Q_DROPS, Q_HDR_LEN, Q_IDLE, Q_LAST_AVAIL,
+                          Q_LIMIT, Q_MRG, Q_PACKETS, Q_SIZE, Q_STOP, Q_WAKEUPS)
+from .base import Step
+
+_IDLE, _MORE, _STOPPED, _BROKEN = int(Step.IDLE), int(Step.MORE), int(Step.STOPPED), int(Step.BROKEN)
+
+
+@helper
+def _head(q, desc, mem, table):
+    return read_head(q, desc, mem, table, q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP])
+
+
+@helper
+def _idle(q, desc, dev, mem, table):
+    """Nothing available: ask for kicks, then look once more (the driver may have added a chain meanwhile)."""
+    if not set_notify(q, dev, mem, table, 1):
+        return np.int64(-1)
+    fence_full()
+    return _head(q, desc, mem, table)
+
+
+@helper
+def _room(q, shadow):
+    """(descriptors, chains) one pass may take."""
+    return q[Q_SIZE] - in_flight(q), min(q[Q_BATCH], shadow.shape[0])
+
+
+@kernel
+def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
+    """Consume TX chains: count packets and bytes (after the header), complete each with length 0."""
+    hdr = q[Q_HDR_LEN]
+    size = q[Q_SIZE]
+    for _ in range(budget):
+        if q[Q_STOP]:
+            return _STOPPED
+        f = _head(q, desc, mem, table)
+        if f == -1:
+            return _BROKEN
+        if f == NOT_AVAIL:
+            q[Q_IDLE] += 1
+            if q[Q_IDLE] < spins:
+                continue
+            f = _idle(q, desc, dev, mem, table)
+            if f == -1:
+                return _BROKEN
+            if f == NOT_AVAIL:
+                q[Q_IDLE] = 0
+                return _IDLE
+        q[Q_IDLE] = 0
+        if not set_notify(q, dev, mem, table, 0):
+            return _BROKEN
+        q[Q_WAKEUPS] += 1
+        room, nmax = _room(q, shadow)
+        pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
+        taken = 0
+        done = 0
+        status = _MORE
+        while True:
+            nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(q, desc, mem, table, pos, wrap, f, sg, READ_ONLY,
+                                                                  room - taken)
+            if nread < 0:
+                status = _BROKEN
+                break
+            shadow[done, SH_ID] = bid
+            shadow[done, SH_LEN] = 0
+            shadow[done, SH_NDESC] = ndesc
+            # counted once completed (a chain left behind by a fault is not counted)
+            if rbytes < hdr:
+                q[Q_DROPS] += 1  # too short for the virtio-net header: dropped, still completed
+            else:
+                q[Q_PACKETS] += 1
+                q[Q_BYTES] += rbytes - hdr
+            done += 1
+            taken += ndesc
+            pos, wrap = advance(pos, wrap, ndesc, size)
+            if done >= nmax or taken >= room:
+                break
+            f = read_head(q, desc, mem, table, pos, wrap)
+            if f < 0:
+                if f == -1:
+                    status = _BROKEN
+                break
+        # chains handled before a fault are still completed: no completion is lost
+        q[Q_LAST_AVAIL] = pos
+        q[Q_AVAIL_WRAP] = wrap
+        q[Q_CHAINS] += done
+        if not flush_used(q, drv, desc, mem, table, shadow, done):
+            return _BROKEN
+        if status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
+@helper
+def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, pos, wrap, taken, room):
+    """Put one frame (virtio_net_hdr + ``src[:length]``) into RX chains from the cursor ``pos``/``wrap``, their
+    used descriptors into ``shadow[k:]``.
+
+    Returns (chains used, cursor, descriptors taken): chains > 0, or 0 if the chains available (or the room
+    left in this pass) are not enough -- the cursor is then unchanged and nothing is consumed -- or -1 if the
+    queue broke.  Without MRG_RXBUF a chain too small for the frame is completed empty and counted as a drop.
+    """
+    hdr = q[Q_HDR_LEN]
+    size = q[Q_SIZE]
+    total = hdr + length
+    done = 0
+    c = 0
+    first_nseg = 0
+    p, w, t = pos, wrap, taken
+    while done < total:
+        if k + c >= nmax or t >= room:
+            return 0, pos, wrap, taken
+        f = read_head(q, desc, mem, table, p, w)
+        if f == -1:
+            return -1, pos, wrap, taken
+        if f == NOT_AVAIL:
+            return 0, pos, wrap, taken
+        sg = sgs[0] if c == 0 else sgs[1]
+        nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(q, desc, mem, table, p, w, f, sg, WRITE_ONLY,
+                                                              room - t)
+        if nread < 0:
+            return -1, pos, wrap, taken
+        if c == 0:
+            if wbytes < hdr or (q[Q_MRG] == 0 and wbytes < total):
+                shadow[k, SH_ID] = bid
+                shadow[k, SH_LEN] = 0
+                shadow[k, SH_NDESC] = ndesc
+                q[Q_DROPS] += 1
+                p, w = advance(p, w, ndesc, size)
+                return 1, p, w, t + ndesc
+            # header first (num_buffers = 1; patched below if the frame needs more buffers), then the frame
+            if sg[0, 1] >= hdr:
+                o = sg[0, 0]
+                for b in range(hdr):
+                    mem[o + b] = 0
+                if hdr >= 12:
+                    mem[o + 10] = 1
+            else:
+                for b in range(hdr):
+                    hdrbuf[b] = 0
+                if hdr >= 12:
+                    hdrbuf[10] = 1
+                sg_write(mem, sg, 0, nseg, 0, hdrbuf, 0, hdr)
+            wr = sg_write(mem, sg, 0, nseg, hdr, src, 0, min(length, wbytes - hdr))
+            chain_len = hdr + wr
+            first_nseg = nseg
+        else:
+            chain_len = sg_write(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
+        done += chain_len
+        shadow[k + c, SH_ID] = bid
+        shadow[k + c, SH_LEN] = chain_len
+        shadow[k + c, SH_NDESC] = ndesc
+        p, w = advance(p, w, ndesc, size)
+        t += ndesc
+        c += 1
+    if c > 1 and hdr >= 12:
+        hdrbuf[0] = c & 0xFF
+        hdrbuf[1] = c >> 8
+        sg_write(mem, sgs[0], 0, first_nseg, 10, hdrbuf, 0, 2)  # num_buffers
+    q[Q_PACKETS] += 1
+    q[Q_BYTES] += length
+    return c, p, w, t
+
+
+@kernel
+def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget, spins):
+    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1)."""
+    for _ in range(budget):
+        if q[Q_STOP]:
+            return _STOPPED
+        f = _head(q, desc, mem, table)
+        if f == -1:
+            return _BROKEN
+        if q[Q_LIMIT] >= 0 and q[Q_PACKETS] >= q[Q_LIMIT]:
+            f = NOT_AVAIL
+        if f == NOT_AVAIL:
+            q[Q_IDLE] += 1
+            if q[Q_IDLE] < spins:
+                continue
+            f = _idle(q, desc, dev, mem, table)
+            if f == -1:
+                return _BROKEN
+            if f == NOT_AVAIL:
+                q[Q_IDLE] = 0
+                return _IDLE
+        q[Q_IDLE] = 0
+        if not set_notify(q, dev, mem, table, 0):
+            return _BROKEN
+        q[Q_WAKEUPS] += 1
+        room, nmax = _room(q, shadow)
+        pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
+        taken = 0
+        k = 0
+        status = _MORE
+        while q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]:
+            c, pos, wrap, taken = rx_deliver(q, desc, mem, table, sgs, hdrbuf, frame, frame.shape[0], shadow, k,
+                                             nmax, pos, wrap, taken, room)
+            if c < 0:
+                status = _BROKEN
+                break
+            if c == 0:
+                break
+            k += c
+        q[Q_LAST_AVAIL] = pos
+        q[Q_AVAIL_WRAP] = wrap
+        q[Q_CHAINS] += k
+        if not flush_used(q, drv, desc, mem, table, shadow, k):
+            return _BROKEN
+        if status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
+@kernel
+def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs, rshadow, tshadow, hdrbuf,
+             scratch, budget, spins):
+    """Move each TX frame to the paired RX queue.  A TX chain is taken only when RX has room for it."""
+    hdr = tq[Q_HDR_LEN]
+    tsize = tq[Q_SIZE]
+    for _ in range(budget):
+        if tq[Q_STOP] or rq[Q_STOP]:
+            return _STOPPED
+        ft = _head(tq, tdesc, mem, table)
+        fr = _head(rq, rdesc, mem, table)
+        if ft == -1 or fr == -1:
+            return _BROKEN
+        if ft == NOT_AVAIL or fr == NOT_AVAIL:
+            tq[Q_IDLE] += 1
+            if tq[Q_IDLE] < spins:
+                continue
+            ft = _idle(tq, tdesc, tdev, mem, table)
+            fr = _idle(rq, rdesc, rdev, mem, table)
+            if ft == -1 or fr == -1:
+                return _BROKEN
+            if ft == NOT_AVAIL or fr == NOT_AVAIL:
+                tq[Q_IDLE] = 0
+                return _IDLE
+        tq[Q_IDLE] = 0
+        if not set_notify(tq, tdev, mem, table, 0) or not set_notify(rq, rdev, mem, table, 0):
+            return _BROKEN
+        tq[Q_WAKEUPS] += 1
+        troom, tmax = _room(tq, tshadow)
+        rroom, rmax = _room(rq, rshadow)
+        tpos, twrap = tq[Q_LAST_AVAIL], tq[Q_AVAIL_WRAP]
+        rpos, rwrap = rq[Q_LAST_AVAIL], rq[Q_AVAIL_WRAP]
+        ttaken = 0
+        rtaken = 0
+        t = 0
+        r = 0
+        status = _MORE
+        while True:
+            nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(tq, tdesc, mem, table, tpos, twrap, ft, tsg,
+                                                                  READ_ONLY, troom - ttaken)
+            if nread < 0:
+                status = _BROKEN
+                break
+            if rbytes < hdr or rbytes - hdr > scratch.shape[0]:
+                tq[Q_DROPS] += 1
+            else:
+                length = sg_read(mem, tsg, 0, nread, hdr, scratch, rbytes - hdr)
+                c, rpos, rwrap, rtaken = rx_deliver(rq, rdesc, mem, table, rsgs, hdrbuf, scratch, length, rshadow,
+                                                    r, rmax, rpos, rwrap, rtaken, rroom)
+                if c < 0:
+                    status = _BROKEN
+                    break
+                if c == 0:
+                    break  # RX full: leave this TX chain for the next pass
+                r += c
+                tq[Q_PACKETS] += 1
+                tq[Q_BYTES] += length
+            tshadow[t, SH_ID] = bid
+            tshadow[t, SH_LEN] = 0
+            tshadow[t, SH_NDESC] = ndesc
+            t += 1
+            ttaken += ndesc
+            tpos, twrap = advance(tpos, twrap, ndesc, tsize)
+            if t >= tmax or ttaken >= troom:
+                break
+            ft = read_head(tq, tdesc, mem, table, tpos, twrap)
+            if ft < 0:
+                if ft == -1:
+                    status = _BROKEN
+                break
+        tq[Q_LAST_AVAIL] = tpos
+        tq[Q_AVAIL_WRAP] = twrap
+        rq[Q_LAST_AVAIL] = rpos
+        rq[Q_AVAIL_WRAP] = rwrap
+        tq[Q_CHAINS] += t
+        rq[Q_CHAINS] += r
+        if not flush_used(rq, rdrv, rdesc, mem, table, rshadow, r):
+            return _BROKEN
+        if not flush_used(tq, tdrv, tdesc, mem, table, tshadow, t):
+            return _BROKEN
+        if status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
+# ---------------------------------------------------------------------------------------------------------
+def make_step(mode: str, rings: list, spins: int, frame: np.ndarray, max_frame: int):
+    """The step function of one NetDevice worker over packed rings (NetDevice.make_step dispatches here)."""
+    from ..chain import new_sg
+    from ..ring.packed import new_shadow
+
+    mem = rings[0].mem
+    views, table = mem.arena.view, mem.table
+    if mode == "sink":
+        (tx,) = rings
+        size = int(tx.q[Q_SIZE])
+        args = (tx.q, *tx.views.args(), views, table, new_sg(size), new_shadow(size))
+        return lambda budget: tx_sink(*args, budget, spins)
+    if mode == "source":
+        (rx,) = rings
+        size = int(rx.q[Q_SIZE])
+        sgs = np.stack([new_sg(size)] * 2)
+        args = (rx.q, *rx.views.args(), views, table, sgs, new_shadow(size), np.zeros(16, np.uint8), frame)
+        return lambda budget: rx_source(*args, budget, spins)
+    rx, tx = rings
+    rsize, tsize = int(rx.q[Q_SIZE]), int(tx.q[Q_SIZE])
+    rsgs = np.stack([new_sg(rsize)] * 2)
+    args = (rx.q, *rx.views.args(), tx.q, *tx.views.args(), views, table, new_sg(tsize), rsgs, new_shadow(rsize),
+            new_shadow(tsize), np.zeros(16, np.uint8), np.zeros(max_frame, np.uint8))
+    return lambda budget: loopback(*args, budget, spins)
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) the packed kernels on a tiny stopped ring."""
+    from ..access import _NO_U16, _NO_U64
+    from ..chain import new_sg
+    from ..memory import GuestMemory
+    from ..ring.packed import new_packed_state, new_shadow
+    from .net import make_frame
+
+    mem = GuestMemory(arena_size=1 << 21)
+    try:
+        q = new_packed_state(1)
+        q[Q_STOP] = 1  # return at once
+        ring = (_NO_U64, _NO_U16, _NO_U16)
+        sg = new_sg(1)
+        sgs = np.stack([sg, sg])
+        sh = new_shadow(1)
+        tx_sink(q, *ring, mem.arena.view, mem.table, sg, sh, 1, 1)
+        rx_source(q, *ring, mem.arena.view, mem.table, sgs, sh, np.zeros(16, np.uint8), make_frame(64), 1, 1)
+        loopback(q, *ring, q, *ring, mem.arena.view, mem.table, sg, sgs, sh, sh, np.zeros(16, np.uint8),
+                 np.zeros(16, np.uint8), 1, 1)
+    finally:
+        mem.close()
