@@ -20,7 +20,7 @@ from .jit import helper, kernel
 
 from . import protocol as P
 from .atomic import eventfd_write, fence_full, load_acquire, store_release
-from .devices.base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from .devices.base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
 from .devices.net import NET_HDR_LEN, NET_HDR_LEN_LEGACY, VIRTIO_NET_F_MRG_RXBUF, make_frame
 from .protocol import ProtocolFeature as PF, Request as R
 from .ring.split import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, avail_bytes,
@@ -207,7 +207,7 @@ class FrontendError(Exception):
 class Frontend:
     """Driver side of one vhost-user connection to a net device."""
 
-    def __init__(self, socket_path: str, *, queue_size: int = 256, queue_pairs: int = 1,
+    def __init__(self, socket_path: str, *, queue_size: int = 256, queue_pairs: int = 1, packed: bool = False,
                  ram_size: int = 64 << 20, event_idx: bool = True, mrg_rxbuf: bool = True,
                  connect_timeout: float = 10.0, num_queues: int | None = None) -> None:
         self.socket_path = socket_path
@@ -217,6 +217,7 @@ class Frontend:
         self.queue_pairs = queue_pairs
         self.want_event_idx = event_idx
         self.want_mrg = mrg_rxbuf
+        self.want_packed = packed  # VIRTIO_F_RING_PACKED: packed rings (frontend_packed.py)
         self.ram = GuestRam(ram_size)
         self.sock = self._connect(socket_path, connect_timeout)
         self.rings: list[DriverRing] = []
@@ -261,6 +262,10 @@ class Frontend:
             want |= 1 << VIRTIO_RING_F_EVENT_IDX
         if self.want_mrg:
             want |= 1 << VIRTIO_NET_F_MRG_RXBUF
+        if self.want_packed:
+            if not offered & (1 << VIRTIO_F_RING_PACKED):
+                raise FrontendError(f"back-end does not offer VIRTIO_F_RING_PACKED (features {offered:#x})")
+            want |= 1 << VIRTIO_F_RING_PACKED
         if not offered & (1 << VIRTIO_F_VERSION_1):
             raise FrontendError(f"back-end does not offer VIRTIO_F_VERSION_1 (features {offered:#x})")
         self.features = want & offered
@@ -285,6 +290,12 @@ class Frontend:
         self.negotiate()
         n = self.queue_size
         for i in range(self.num_queues):
+            if self.want_packed:
+                from . import frontend_packed
+                self.rings.append(frontend_packed.new_ring(self.ram, i, n))
+                self.rings[-1].d[D_EVENT_IDX] = 1 if self.features & (1 << VIRTIO_RING_F_EVENT_IDX) else 0
+                self.rings[-1].d[D_HDR] = self.hdr_len
+                continue
             desc = self.ram.alloc(desc_bytes(n), PAGE)
             avail = self.ram.alloc(avail_bytes(n), 64)
             used = self.ram.alloc(used_bytes(n), PAGE)
@@ -304,8 +315,11 @@ class Frontend:
         payload = P.MEM_TABLE_HDR.pack(1, 0) + self.ram.region().pack()
         self.command(R.SET_MEM_TABLE, payload, [self.ram.fd])
 
-    def start_ring(self, ring: DriverRing, base: int = 0) -> None:
+    def start_ring(self, ring: DriverRing, base: int | None = None) -> None:
         i = ring.index
+        if base is None:
+            from . import frontend_packed
+            base = frontend_packed.INITIAL_BASE if self.want_packed else 0
         self.command(R.SET_VRING_NUM, P.VRING_STATE.pack(i, ring.size))
         self.command(R.SET_VRING_BASE, P.VRING_STATE.pack(i, base))
         a = ring.addr()
@@ -340,11 +354,12 @@ class Frontend:
         done0 = int(ring.d[D_DONE])
         ring.d[D_LIMIT] = ring.d[D_POSTED] + count if count >= 0 else -1
         gpa = ring.buf_gpa(0)
+        tx_k, rx_k = self._kernels()
         if direction == "tx":
             length = self.fill_tx_frames(ring, pkt_size)
-            step = lambda passes: drive_tx(*ring.views(), gpa, length, passes)  # noqa: E731
+            step = lambda passes: tx_k(*ring.views(), gpa, length, passes)  # noqa: E731
         else:
-            step = lambda passes: drive_rx(*ring.views(), gpa, passes)  # noqa: E731
+            step = lambda passes: rx_k(*ring.views(), gpa, passes)  # noqa: E731
         passes = 256
         t0 = time.perf_counter()
         t_warm = t0 + warmup
@@ -373,6 +388,13 @@ class Frontend:
                 "seconds": secs, "mpps": measured / secs / 1e6 if secs > 0 else 0.0,
                 "first_completion_s": first_at, "first_completion_at": None if first_at is None else t0 + first_at}
 
+    def _kernels(self):
+        """The compiled driver loops (TX, RX) for this front-end's ring layout."""
+        if self.want_packed:
+            from . import frontend_packed
+            return frontend_packed.drive_tx, frontend_packed.drive_rx
+        return drive_tx, drive_rx
+
     def drain(self, direction: str, pair: int = 0) -> dict:
         """Stop the ring (GET_VRING_BASE: the back-end finishes and stops), then take back every completion
         it published.  After this, ``packets`` is exact: what the back-end processed."""
@@ -380,10 +402,11 @@ class Frontend:
         base = self.stop_ring(ring)
         ring.d[D_LIMIT] = ring.d[D_POSTED]  # post nothing more
         gpa = ring.buf_gpa(0)
+        tx_k, rx_k = self._kernels()
         if direction == "tx":
-            drive_tx(*ring.views(), gpa, 0, 1)
+            tx_k(*ring.views(), gpa, 0, 1)
         else:
-            drive_rx(*ring.views(), gpa, 1)
+            rx_k(*ring.views(), gpa, 1)
         return {"packets": int(ring.d[D_DONE]), "posted": int(ring.d[D_POSTED]), "bytes": int(ring.d[D_BYTES]),
                 "base": base}
 
@@ -420,3 +443,5 @@ def warm_up() -> None:
         ring.close()
     finally:
         ram.close()
+    from . import frontend_packed
+    frontend_packed.warm_up()
