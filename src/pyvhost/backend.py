@@ -497,8 +497,8 @@ class Connection:
             w = Worker(self, rings, self.device.make_step(handles), self.budget)
             self.workers[group] = w
             w.start()
-            log.info("queues %s started (%s path)", group,
-                     "/".join("direct" if vr.q[2] else "copy" for vr in rings))
+            log.info("queues %s started (%s path, %s rings)", group,
+                     "/".join("direct" if vr.q[2] else "copy" for vr in rings), "packed" if self.packed else "split")
 
     def _load_used_idx(self, vr: Vring) -> None:
         """The used index lives in the ring; start from it, as vhost does."""

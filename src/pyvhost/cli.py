@@ -87,7 +87,8 @@ def cmd_drive(args: argparse.Namespace) -> int:
     _pin(args.cpu)
     warm_up()
     t_connect = time.perf_counter()
-    with Frontend(args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx) as fe:
+    with Frontend(args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx,
+                  packed=args.packed) as fe:
         fe.setup()
         result = fe.run(args.direction, seconds=args.seconds, count=args.count, pkt_size=args.pkt_size,
                         warmup=args.warmup, batch=args.batch)
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--queue-size", type=int, default=256)
     drive.add_argument("--batch", type=int, default=64)
     drive.add_argument("--no-event-idx", action="store_true")
+    drive.add_argument("--packed", action="store_true", help="packed virtqueues (VIRTIO_F_RING_PACKED)")
     drive.add_argument("--cpu", type=int)
     drive.set_defaults(func=cmd_drive)
 
