@@ -372,7 +372,7 @@ def test_ring_outside_guest_memory(serve, sock_path, errors, caplog, metadata, m
                          direct=False)
     index = 1 if mode == "sink" else 0
     started = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"queues ({index},) started")]
-    assert any(m.endswith("(copy path)") for m in started)  # the direct path fell back to copy
+    assert any("(copy path" in m for m in started)  # the direct path fell back to copy
     fell_back = [r for r in caplog.records if "does not lie in mapped memory; using the copy path" in r.getMessage()]
     assert bool(fell_back) == (metadata == "direct")
 

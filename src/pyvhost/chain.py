@@ -16,7 +16,7 @@ the segments a chain may produce.  Errors mark the queue broken (``fail``) and r
 from __future__ import annotations
 
 import numpy as np
-from .jit import helper
+from .jit import helper, inline_helper
 
 from .atomic import copy_bytes, ld64
 from .errors import QueueError
@@ -64,7 +64,7 @@ def _add_buffer(q, mem, table, sg, n, addr, length):
     return n
 
 
-@helper
+@inline_helper
 def walk_chain(q, desc, mem, table, head, sg, want):
     """Walk the chain starting at ``head``.
 

@@ -35,6 +35,11 @@ def helper(fn):
     return njit(_nrt=False)(fn)
 
 
+def inline_helper(fn):
+    """A compiled function inlined into its callers at the Numba IR level (hot, called once per packet)."""
+    return njit(_nrt=False, inline="always")(fn)
+
+
 def kernel(fn):
     """A compiled entry point called from Python: no GIL, cached."""
     return njit(_nrt=False, nogil=True, cache=True)(fn)
