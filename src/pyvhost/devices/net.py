@@ -12,7 +12,7 @@ import enum
 import struct
 
 import numpy as np
-from ..jit import helper, kernel
+from ..jit import helper, inline_helper, kernel
 
 from ..atomic import fence_full
 from ..chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
@@ -131,7 +131,7 @@ def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
     return _MORE
 
 
-@helper
+@inline_helper
 def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, n):
     """Put one frame (virtio_net_hdr + ``src[:length]``) into RX chains from avail position last+k.
 
