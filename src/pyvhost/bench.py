@@ -82,7 +82,7 @@ def _pyvhost(*args: str) -> list[str]:
     return [sys.executable, "-m", "pyvhost", *args]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
