@@ -280,7 +280,8 @@ def measure(r: Runner, c: Config, run: int) -> Row:
             _stop(proc)
         back = parse_testpmd(log.read_text(errors="replace"))
         back_count = back["rx_packets"] if c.direction == "tx" else back["tx_packets"]
-        slack = 0 if c.direction == "tx" else RX_INFLIGHT_RINGS * a.queue_size
+        # DPDK's vhost PMD never dequeues what is still in the TX ring when the front-end quits (up to a ring)
+        slack = a.queue_size if c.direction == "tx" else RX_INFLIGHT_RINGS * a.queue_size
         if abs(back_count - row.packets) > slack:
             row.errors += 1
             row.note = f"counts disagree: front-end {row.packets}, DPDK back-end {back_count}"
