@@ -25,8 +25,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .devices.net import Mode, NetDevice, warm_up
 
     _pin(args.cpu)
-    device = NetDevice(Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size, count=args.count)
-    warm_up()
+    if args.tap:  # a guest on a real network: frames go to and come from this tap device
+        from .devices import tap
+
+        device = tap.TapDevice(args.tap, offloads=not args.no_offloads)
+        tap.warm_up()
+    else:
+        device = NetDevice(Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size,
+                           count=args.count)
+        warm_up()
     server = Server(device, args.socket_path, Metadata(args.metadata), batch=args.batch)
 
     def on_signal(signum, frame):
@@ -44,7 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log.info("stats %s", json.dumps(server.stats()))
         ticker = threading.Thread(target=tick, daemon=True)
         ticker.start()
-    log.info("serving %s (%s, %s path) on %s", device.mode.value, "net", args.metadata, args.socket_path)
+    log.info("serving %s (%s, %s path) on %s", f"tap {args.tap}" if args.tap else device.mode.value, "net",
+             args.metadata, args.socket_path)
     if args.ready_file:
         with open(args.ready_file, "w") as f:
             f.write(str(os.getpid()))
@@ -99,6 +107,20 @@ def cmd_drive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Build (or load) every cached kernel now, so no server or benchmark waits for the compiler later."""
+    import time
+
+    from .devices.net import warm_up as warm_net
+    from .frontend import warm_up as warm_frontend
+
+    t = time.perf_counter()
+    warm_net()
+    warm_frontend()
+    print(f"kernels ready in {time.perf_counter() - t:.1f} s", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
@@ -115,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     net = serve_sub.add_parser("net", help="virtio-net")
     net.add_argument("--socket-path", required=True)
     net.add_argument("--mode", choices=["sink", "source", "loopback"], default="sink")
+    net.add_argument("--tap", metavar="NAME", help="connect the guest to tap device NAME (created if missing); "
+                     "--mode is then ignored")
+    net.add_argument("--no-offloads", action="store_true",
+                     help="with --tap: offer no checksum/TSO/UFO offloads to the guest")
     net.add_argument("--metadata", choices=[m.value for m in Metadata], default="direct",
                      help="ring metadata access: direct (validated-once views) or copy (checked every access)")
     net.add_argument("--pkt-size", type=int, default=64, help="frame size generated in source mode")
@@ -149,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--packed", action="store_true", help="packed virtqueues (VIRTIO_F_RING_PACKED)")
     drive.add_argument("--cpu", type=int)
     drive.set_defaults(func=cmd_drive)
+
+    comp = sub.add_parser("compile", help="compile (or load from cache) the datapath kernels ahead of use")
+    comp.set_defaults(func=cmd_compile)
 
     from .bench import add_arguments
     bench = sub.add_parser("bench", help="measure the metadata paths side by side")
