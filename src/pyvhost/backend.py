@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import inflight
 from . import protocol as P
 from .access import Metadata, PackedViews, RingViews, bind, bind_packed, check_alignment
 from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -160,10 +161,13 @@ class Connection:
             R.SET_VRING_ERR: self.set_vring_err, R.SET_VRING_ENABLE: self.set_vring_enable,
             R.GET_QUEUE_NUM: self.get_queue_num, R.SET_STATUS: self.set_status,
             R.GET_STATUS: self.get_status, R.GET_CONFIG: self.get_config, R.SET_CONFIG: self.set_config,
+            R.GET_INFLIGHT_FD: self.get_inflight_fd, R.SET_INFLIGHT_FD: self.set_inflight_fd,
         }
         #: requests whose reply is their answer (a failure still owes one, of the right shape)
         self.replies = {R.GET_FEATURES: 8, R.GET_PROTOCOL_FEATURES: 8, R.GET_VRING_BASE: 8, R.GET_QUEUE_NUM: 8,
-                        R.GET_MAX_MEM_SLOTS: 8, R.GET_STATUS: 8, R.GET_CONFIG: None}
+                        R.GET_MAX_MEM_SLOTS: 8, R.GET_STATUS: 8, R.GET_CONFIG: None,
+                        R.GET_INFLIGHT_FD: inflight.PAYLOAD_SIZE}
+        self.inflight: inflight.InflightArea | None = None
         self.totals: dict[int, dict[str, int]] = {}
 
     # -- dispatch ---------------------------------------------------------------------------------------
@@ -189,10 +193,17 @@ class Connection:
     def answer(self, msg: P.Message, reply: bytes | None, ok: bool) -> None:
         """Send what ``msg`` is owed: its reply (of the right shape even on failure), or a REPLY_ACK status."""
         if msg.request in self.replies:
+            fds = None
+            if isinstance(reply, tuple):  # a reply that carries fds
+                reply, fds = reply
             if reply is None:
                 size = self.replies[msg.request]
                 reply = bytes(size if size is not None else len(msg.payload))
-            P.send_reply(self.sock, msg.request, reply)
+            try:
+                P.send_message(self.sock, msg.request, reply, fds, flags=P.VHOST_USER_VERSION | P.VHOST_USER_REPLY_MASK)
+            finally:
+                for fd in fds or ():  # the peer has its own copies now
+                    os.close(fd)
         elif msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK):
             P.send_reply(self.sock, msg.request, P.U64.pack(0 if ok else 1))
 
@@ -204,7 +215,11 @@ class Connection:
     # -- features and ownership -------------------------------------------------------------------------
     @property
     def offered_features(self) -> int:
-        return self.device.features | TRANSPORT_FEATURES
+        return (self.device.features | TRANSPORT_FEATURES) & ~self.device.transport_features_off
+
+    @property
+    def offered_protocol_features(self) -> int:
+        return PROTOCOL_FEATURES | ((1 << PF.INFLIGHT_SHMFD) if self.device.inflight_tracking else 0)
 
     def get_features(self, msg: P.Message) -> bytes:
         return P.U64.pack(self.offered_features)
@@ -232,11 +247,11 @@ class Connection:
         self.refresh()
 
     def get_protocol_features(self, msg: P.Message) -> bytes:
-        return P.U64.pack(PROTOCOL_FEATURES)
+        return P.U64.pack(self.offered_protocol_features)
 
     def set_protocol_features(self, msg: P.Message) -> None:
         features = msg.u64()
-        extra = features & ~PROTOCOL_FEATURES
+        extra = features & ~self.offered_protocol_features
         if extra:
             raise ProtocolError(f"SET_PROTOCOL_FEATURES asks for features not offered: {extra:#x}")
         self.protocol_features = features
@@ -457,6 +472,24 @@ class Connection:
         vr.enabled = bool(num)
         self.refresh()
 
+    # -- inflight I/O tracking (inflight.py) -----------------------------------------------------------
+    def get_inflight_fd(self, msg: P.Message) -> tuple[bytes, list[int]]:
+        _, _, num_queues, queue_size = inflight.unpack_description(msg.payload)
+        fd, size = inflight.new_area_fd(num_queues, queue_size)
+        return inflight.pack_description(size, 0, num_queues, queue_size), [fd]
+
+    def set_inflight_fd(self, msg: P.Message) -> None:
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_INFLIGHT_FD with {len(msg.fds)} fds, expected 1")
+        size, offset, num_queues, queue_size = inflight.unpack_description(msg.payload)
+        area = inflight.InflightArea(msg.fds[0], size, offset, num_queues, queue_size)
+        self.stop_workers()  # no ring keeps a view of the area it had
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = area
+        log.info("inflight area: %d queues of %d, %d bytes", num_queues, queue_size, size)
+        self.refresh()
+
     # -- workers ----------------------------------------------------------------------------------------
     def stop_workers(self, indices: list[int] | None = None) -> list[Worker]:
         """Stop (and join) the workers serving any of ``indices`` (all if None)."""
@@ -493,7 +526,8 @@ class Connection:
                 vr.q[Q_NOTIFY_ON] = -1
                 vr.q[Q_SIGNALLED_VALID] = 0
                 vr.q[Q_STOP] = 0
-                handles.append(Ring(vr.index, vr.q, vr.views, self.mem))
+                region = self.inflight.queue(vr.index, vr.size) if self.inflight is not None else None
+                handles.append(Ring(vr.index, vr.q, vr.views, self.mem, kick_fd=vr.kick_fd, inflight=region))
             w = Worker(self, rings, self.device.make_step(handles), self.budget)
             self.workers[group] = w
             w.start()
@@ -541,6 +575,9 @@ class Connection:
             vr.views = None
             vr.close_fds()
         self.mem.close()
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
 
 

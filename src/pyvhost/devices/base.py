@@ -13,11 +13,15 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..access import RingViews
 from ..memory import GuestMemory
+
+if TYPE_CHECKING:
+    from ..inflight import QueueRegion
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,10 @@ class Ring:
     q: np.ndarray
     views: RingViews
     mem: GuestMemory
+    #: the ring's kick eventfd (-1: none); a step that waits for something else too may wait on it
+    kick_fd: int = -1
+    #: the ring's region of the inflight area (SET_INFLIGHT_FD), if the front-end gave one
+    inflight: "QueueRegion | None" = None
 
 
 StepFn = Callable[[int], int]
@@ -62,6 +70,10 @@ class Device(abc.ABC):
     features: int = 0
     #: number of virtqueues
     num_queues: int = 1
+    #: transport feature bits the backend must not offer for this device (e.g. a split-ring-only datapath)
+    transport_features_off: int = 0
+    #: the device records chains in flight (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD is offered)
+    inflight_tracking: bool = False
 
     def config_space(self) -> bytes:
         """The device's config space (GET_CONFIG reads from it)."""
@@ -91,27 +103,35 @@ class Device(abc.ABC):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Devices in plain Python: compiled code takes chains off the ring and puts completions back; the device's
-# handle() sees each chain as lists of memoryviews of guest memory.
+# Devices in plain Python: compiled code takes chains off the ring and puts completions back; the device sees
+# each chain as lists of memoryviews of guest memory, and completes it at once (handle) or later (submit).
+import collections  # noqa: E402
+import os  # noqa: E402
+import select  # noqa: E402
+import threading  # noqa: E402
+
+from ..atomic import fence_full  # noqa: E402
 from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain  # noqa: E402
 from ..jit import kernel  # noqa: E402
 from ..ring.split import (Q_CHAINS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_SIZE, Q_STOP, Q_USED_IDX, Q_WAKEUPS,  # noqa: E402
                           avail_pending, flush_used, read_avail_entry, set_notify, write_used)
-from ..atomic import fence_full  # noqa: E402
 
 #: pop_chains results besides a chain count
 POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
 #: columns of the chains array: head, first sg row, readable segments, sg row after the last segment
 C_HEAD, C_FIRST, C_NREAD, C_END = 0, 1, 2, 3
+#: inflight tracking state of a ring (``ist``): next counter value, 1 if tracking
+IST_COUNTER, IST_TRACK = 0, 1
+_NO_U8, _NO_U16, _NO_U64 = np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
 
 
 @kernel
-def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins):
+def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins, i8, i64, ist):
     """Take up to ``max_chains`` chains (walked and bounded) off the avail ring into ``chains``/``sg``.
 
     Polls up to ``spins`` times; with nothing to take, asks for kicks, looks once more, and returns POP_IDLE.
-    The chains are in flight until push_used() completes them (the worker does both in one step, so a stop
-    never finds chains in flight)."""
+    With inflight tracking (``ist[IST_TRACK]``), each chain taken is marked in flight -- counter first, then
+    the flag -- in avail order, before the device sees it."""
     for _ in range(spins):
         if q[Q_STOP]:
             return POP_STOPPED
@@ -131,6 +151,7 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
         return POP_BROKEN
     q[Q_WAKEUPS] += 1
     last = q[Q_LAST_AVAIL]
+    track = ist[IST_TRACK]
     row = 0
     room = q[Q_SIZE] + MAX_INDIRECT  # rows one chain may need at most
     k = 0
@@ -141,6 +162,11 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
         nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg[row:], ANY)
         if nread < 0:
             break
+        if track:
+            i64[3 + 2 * head] = np.uint64(ist[IST_COUNTER])  # desc[head].counter
+            ist[IST_COUNTER] += 1
+            fence_full()
+            i8[16 + 16 * head] = 1                                # desc[head].inflight
         chains[k, C_HEAD] = head
         chains[k, C_FIRST] = row
         chains[k, C_NREAD] = nread
@@ -152,33 +178,142 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
 
 
 @kernel
-def push_used(q, avail, used16, used32, mem, table, chains, lens, n):
-    """Complete ``n`` chains with the lengths written; publish once, then notify if asked."""
+def push_used(q, avail, used16, used32, mem, table, heads, lens, n, i8, i16, track):
+    """Complete ``n`` chains with the lengths written; publish once, then notify if asked.
+
+    With inflight tracking, in libvhost-user's order: link the batch (``desc[h].next = last_batch_head;
+    last_batch_head = h``), publish the used index, clear each ``inflight``, then record ``used_idx``."""
     used = q[Q_USED_IDX]
     for i in range(n):
-        if not write_used(q, used32, mem, table, used + i, chains[i, C_HEAD], lens[i]):
+        h = heads[i]
+        if not write_used(q, used32, mem, table, used + i, h, lens[i]):
             return False
+        if track:
+            i16[11 + 8 * h] = i16[6]   # desc[h].next = last_batch_head
+            i16[6] = np.uint16(h)      # last_batch_head = h
     q[Q_CHAINS] += n
     q[Q_IDLE] = 0
-    return flush_used(q, avail, used16, mem, table, (used + n) & 0xFFFF)
+    new_used = (used + n) & 0xFFFF
+    if track:
+        fence_full()
+    if not flush_used(q, avail, used16, mem, table, new_used):
+        return False
+    if track:
+        fence_full()
+        for i in range(n):
+            i8[16 + 16 * heads[i]] = 0
+        fence_full()
+        i16[7] = np.uint16(new_used)   # used_idx
+    return True
+
+
+@kernel
+def walk_one(q, desc, mem, table, head, sg):
+    """Walk the chain at ``head`` (a resubmitted one) into ``sg``: (readable segments, segments), or (-1, 0)."""
+    nread, nseg, _r, _w = walk_chain(q, desc, mem, table, head, sg, ANY)
+    return nread, nseg
+
+
+class Request:
+    """One chain given to :meth:`ChainDevice.submit`: ``readable`` and ``writable`` are memoryviews of guest
+    memory, valid until :meth:`complete` is called -- once, from any thread."""
+
+    __slots__ = ("queue", "head", "readable", "writable", "_sink")
+
+    def __init__(self, queue: int, head: int, readable: list[memoryview], writable: list[memoryview],
+                 sink: "_Completions") -> None:
+        self.queue, self.head, self.readable, self.writable = queue, head, readable, writable
+        self._sink = [sink]
+
+    @property
+    def done(self) -> bool:
+        return not self._sink
+
+    def complete(self, written: int) -> None:
+        """Finish the request: ``written`` bytes were written into ``writable`` (the used length)."""
+        try:
+            sink = self._sink.pop()  # atomic: a second complete() finds the list empty
+        except IndexError:
+            log.error("queue %d: chain %d completed twice; the second completion is ignored", self.queue, self.head)
+            return
+        wmax = 0
+        for b in self.writable:
+            wmax += len(b)
+        n = min(max(int(written or 0), 0), wmax)
+        for b in (*self.readable, *self.writable):
+            try:
+                b.release()
+            except BufferError:
+                log.error("queue %d: chain %d completed while its buffers are still in use", self.queue, self.head)
+        self.readable = self.writable = []
+        sink.put(self.head, n)
+
+
+class _Completions:
+    """Completions of one ring, from any thread; the ring's worker drains and publishes them.  A completion
+    from another thread wakes the worker through ``fd`` (an eventfd, closed under the lock when the worker
+    is done with the ring, so that a late writer never writes into a reused fd number)."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple[int, int]] = collections.deque()
+        self.lock = threading.Lock()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.owner = 0
+
+    def put(self, head: int, n: int) -> None:
+        self.items.append((head, n))
+        if threading.get_ident() != self.owner:
+            with self.lock:
+                if self.fd >= 0:
+                    os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _wait(fds: list[int], timeout: float) -> None:
+    ready, _, _ = select.select([fd for fd in fds if fd >= 0], [], [], timeout)
+    for fd in ready:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
 
 
 class ChainDevice(Device):
-    """A device written in plain Python: implement :meth:`handle`; pyvhost does the rest.
+    """A device written in plain Python: implement :meth:`handle` (or :meth:`submit`); pyvhost does the rest.
 
-    Each chain reaches ``handle`` as lists of memoryviews of guest memory -- the device-readable buffers, then
-    the device-writable ones -- valid only during the call.  Chains are taken in batches of ``batch`` by
-    compiled code (bounded and checked like every datapath), and completed in one publish per batch.
+    Each chain reaches the device as lists of memoryviews of guest memory -- the device-readable buffers, then
+    the device-writable ones.  ``handle`` processes a chain and returns at once; a device whose requests take
+    time overrides ``submit`` instead, hands the :class:`Request` to a thread (or anything), and calls
+    ``req.complete(written)`` when done: requests complete in any order and the queue goes on meanwhile.
+    Chains are taken in batches of ``batch`` by compiled code (bounded and checked like every datapath) and
+    completions are published in batches.  A ring is stopped (for a memory change, GET_VRING_BASE, a
+    disconnect) only once every request taken from it is complete.
+
+    Chains in flight are recorded in the inflight area when the front-end provides one
+    (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a back-end restarted after a crash resubmits the chains the
+    crashed one had taken and not completed, once each, in the order they were taken, before new ones.
     """
 
     #: chains taken per batch
     batch: int = 64
     #: empty polls before a worker sleeps on its kick fd
     spins: int = 2000
+    #: the datapath is split-ring only
+    transport_features_off = 1 << VIRTIO_F_RING_PACKED
+    inflight_tracking = True
 
-    @abc.abstractmethod
     def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
         """Process one chain; return how many bytes were written into ``writable``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither handle() nor submit()")
+
+    def submit(self, req: Request) -> None:
+        """Start processing a chain; ``req.complete(written)`` finishes it (the default: handle() at once)."""
+        req.complete(self.handle(req.queue, req.readable, req.writable))
 
     def make_step(self, rings: list[Ring]) -> StepFn:
         (ring,) = rings
@@ -186,37 +321,116 @@ class ChainDevice(Device):
         arena, table = mem.arena.view, mem.table
         q = ring.q
         desc, avail, used16, used32 = ring.views.args()
-        sg = new_sg(int(q[Q_SIZE]) * 2)
-        chains = np.zeros((self.batch, 4), dtype=np.int64)
-        lens = np.zeros(self.batch, dtype=np.int64)
-        handle, index, batch, spins = self.handle, ring.index, self.batch, self.spins
+        size = int(q[Q_SIZE])
+        sg = new_sg(size * 2)
+        batch = max(1, min(self.batch, size))
+        chains = np.zeros((batch, 4), dtype=np.int64)
+        heads = np.zeros(size, dtype=np.int64)
+        lens = np.zeros(size, dtype=np.int64)
+        index, spins, submit = ring.index, self.spins, self.submit
+        name = type(self).__name__
+        region = ring.inflight
+        ist = np.zeros(2, dtype=np.int64)
+        resubmit: collections.deque[int] = collections.deque()
+        if region is not None:
+            heads_in_flight, counter = region.recover(int(q[Q_USED_IDX]))
+            resubmit.extend(heads_in_flight)
+            ist[IST_COUNTER], ist[IST_TRACK] = counter, 1
+            # the chains taken so far are the completed ones and the ones in flight (a prefix of the avail ring)
+            q[Q_LAST_AVAIL] = (int(q[Q_USED_IDX]) + len(heads_in_flight)) & 0xFFFF
+            if heads_in_flight:
+                log.info("vring %d: resubmitting %d in-flight requests (heads %s)", index, len(heads_in_flight),
+                         " ".join(map(str, heads_in_flight)))
+            i8, i16, i64 = region.u8, region.u16, region.u64
+        else:
+            i8, i16, i64 = _NO_U8, _NO_U16, _NO_U64
+        track = int(ist[IST_TRACK])
+        done = _Completions()
+        kick_fd = ring.kick_fd
+        outstanding = 0
+
+        def start(head: int, rows: list[list[int]], nread: int) -> None:
+            nonlocal outstanding
+            segs = [memoryview(arena[o:o + ln]) for o, ln in rows]
+            req = Request(index, head, segs[:nread], segs[nread:], done)
+            outstanding += 1
+            try:
+                submit(req)
+            except Exception:
+                log.exception("device %s: handling a chain of queue %d failed", name, index)
+                if not req.done:
+                    req.complete(0)
+
+        def reap() -> bool:
+            nonlocal outstanding
+            items = done.items
+            k = 0
+            while items and k < size:
+                heads[k], lens[k] = items.popleft()
+                k += 1
+            if not k:
+                return True
+            outstanding -= k
+            return push_used(q, avail, used16, used32, arena, table, heads, lens, k, i8, i16, track)
+
+        def finish(status: Step) -> Step:
+            """Leave the ring: every request taken must be complete first (their views die with the ring).
+            Their completions are published while the used ring can be written, else dropped."""
+            nonlocal outstanding
+            publish = True
+            while outstanding:
+                if publish and not reap():
+                    publish, status = False, Step.BROKEN
+                if not publish:
+                    while done.items:
+                        done.items.popleft()
+                        outstanding -= 1
+                if outstanding:
+                    _wait([done.fd], 0.1)
+            done.close()
+            return status
 
         def step(budget: int) -> int:
+            done.owner = threading.get_ident()
             for _ in range(max(1, budget // 256)):
-                n = pop_chains(q, desc, avail, used16, arena, table, sg, chains, batch, spins)
+                if not reap():
+                    return finish(Step.BROKEN)
+                if q[Q_STOP]:
+                    if not outstanding:
+                        return finish(Step.STOPPED)
+                    _wait([done.fd], 0.1)
+                    continue
+                if resubmit:  # one at a time, in the order they were first taken, before anything new
+                    if outstanding:
+                        _wait([done.fd], 0.1)
+                        continue
+                    head = resubmit.popleft()
+                    nread, nseg = walk_one(q, desc, arena, table, head, sg)
+                    if nread < 0:
+                        return finish(Step.BROKEN)
+                    start(head, sg[:nseg].tolist(), int(nread))
+                    continue
+                room = min(batch, size - outstanding)
+                if room <= 0:
+                    _wait([done.fd], 0.1)
+                    continue
+                n = pop_chains(q, desc, avail, used16, arena, table, sg, chains, room,
+                               spins if not outstanding else 64, i8, i64, ist)
                 if n == POP_STOPPED:
-                    return Step.STOPPED
-                if n == POP_IDLE:
-                    return Step.IDLE
+                    continue
                 if n == POP_BROKEN:
-                    return Step.BROKEN
-                for i in range(n):
-                    head, first, nread, end = (int(x) for x in chains[i])
-                    segs = [memoryview(arena[o:o + ln]) for o, ln in sg[first:end]]
-                    try:
-                        written = handle(index, segs[:nread], segs[nread:])
-                        wmax = sum(len(s) for s in segs[nread:])
-                        lens[i] = min(max(int(written or 0), 0), wmax)
-                    except Exception:
-                        log.exception("device %s: handling a chain of queue %d failed", type(self).__name__, index)
-                        lens[i] = 0
-                    finally:
-                        for s in segs:
-                            s.release()
-                if not push_used(q, avail, used16, used32, arena, table, chains, lens, n):
-                    return Step.BROKEN
+                    return finish(Step.BROKEN)
+                if n == POP_IDLE:
+                    if not outstanding:
+                        return Step.IDLE
+                    if not done.items:
+                        _wait([done.fd, kick_fd], 0.1)
+                    continue
+                rows = sg[:int(chains[n - 1, C_END])].tolist()
+                for head, first, nread, end in chains[:n].tolist():
+                    start(head, rows[first:end], nread)
                 if q[Q_ERROR]:
-                    return Step.BROKEN  # the fault that ended the batch; the chains before it are completed
+                    return finish(Step.BROKEN)  # the fault that ended the batch; the chains before it complete
             return Step.MORE
 
         return step
