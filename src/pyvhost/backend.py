@@ -108,8 +108,13 @@ class Worker(threading.Thread):
                     self.conn.ring_broken([r for r in self.rings if r.q[Q_ERROR]])
                     return
                 fds = [r.kick_fd for r in self.rings if r.kick_fd >= 0] + [self.wake_fd]
-                ready, _, _ = select.select(fds, [], [], 1.0)
+                # a step may also sleep on fds of its own (``step.wait_fds``: a tap, a socket); those wake the
+                # worker when readable and are left for the step to read
+                extra = list(getattr(self.step, "wait_fds", ()))
+                ready, _, _ = select.select(fds + extra, [], [], 1.0)
                 for fd in ready:
+                    if fd in extra:
+                        continue
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
