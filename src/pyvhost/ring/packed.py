@@ -334,7 +334,8 @@ def need_event(event, new, old, m):
 @helper
 def flush_used(q, drv, desc, mem, table, shadow, n):
     """Write the ``n`` used descriptors of ``shadow`` from the used cursor -- the first one's flags last --
-    advance the cursor, and signal the driver if it asked to be (flags, or EVENT_IDX's off_wrap)."""
+    advance the cursor, and signal the driver if it asked to be (flags, or EVENT_IDX's off_wrap).  If one cannot
+    be written (the ring is partly unmapped: the queue breaks) the batch is not published and the cursor stays."""
     if n == 0:
         return True
     size = q[Q_SIZE]
