@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-## Debian packages the tests drive: DPDK's testpmd (virtio-user front-end and vhost PMD back-end).
+## Debian packages the tests drive: DPDK's testpmd (virtio-user front-end and vhost PMD back-end), QEMU and the
+## guest kit of the VM tests (tools/guestkit: a Debian kernel and a busybox initramfs, cached outside the repo).
 deps:
 	tools/install-debian-deps.sh
 
