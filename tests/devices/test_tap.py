@@ -328,3 +328,15 @@ def test_offloads_offered_only_when_asked(ns):
     assert on.features & OFFLOAD_FEATURES == OFFLOAD_FEATURES  # a Linux tap takes every one of them
     assert off.features & OFFLOAD_FEATURES == 0
     assert off.features & (1 << 15)  # MRG_RXBUF either way
+
+
+def test_tx_frame_the_kernel_refuses_is_counted_and_completed(tap):
+    """A vnet header the tap rejects (unknown GSO type): write fails with EINVAL, the frame is a counted
+    drop, its chain is completed, and the next frame goes through."""
+    fe, rx, tx, wire, dev, srv = tap()
+    bad = bytes([0, 0x7E]) + bytes(8) + struct.pack("<H", 0)  # gso_type 0x7e
+    tx.post([tx.buffer(bad + frame(200, 1))], write=False)
+    tx.post([tx.buffer(vnet_hdr() + frame(200, 2))], write=False)
+    assert wire.recv(1) == [frame(200, 2)]
+    assert len(tx.used(2)) == 2
+    assert dev.counters["tx_drops"] == 1 and dev.counters["tx_frames"] == 1

@@ -287,6 +287,7 @@ class _RingIO:
         self.hdr = dev.hdr_len
         #: fds the worker also sleeps on when this step is idle (readable wakes it)
         self.wait_fds: list[int] = []
+        self.errors_seen: set[int] = set()
 
     def pop(self, max_chains: int, spins: int) -> int:
         return pop_chains(self.q, self.desc, self.avail, self.used16, self.arena, self.table, self.sg,
@@ -311,6 +312,9 @@ class _RingIO:
         return [memoryview(arena[o:o + ln]) for o, ln in self.sg[first:end].tolist()]
 
 
+_SENT, _DROPPED, _STOPPING = 0, 1, 2
+
+
 class _TxStep(_RingIO):
     """Queue 1: each chain's readable buffers (virtio_net_hdr + frame) go to the tap in one writev."""
 
@@ -332,13 +336,14 @@ class _TxStep(_RingIO):
                 segs = self.views(first, first + nread)
                 try:
                     size = sum(len(s) for s in segs)
-                    if nread == 0 or size < self.hdr:
-                        q[Q_DROPS] += 1  # too short for the header: dropped, still completed
-                        c["tx_drops"] += 1
-                    elif not self._write(segs):
+                    sent = _DROPPED if nread == 0 or size < self.hdr else self._write(segs)
+                    if sent == _STOPPING:
                         # stopping while the tap is full: give this chain and the rest back, unsent
                         q[Q_LAST_AVAIL] = (int(q[Q_LAST_AVAIL]) - (n - i)) & 0xFFFF
                         return Step.STOPPED if self.flush() else Step.BROKEN
+                    if sent == _DROPPED:  # too short for the header, or refused by the kernel: still completed
+                        q[Q_DROPS] += 1
+                        c["tx_drops"] += 1
                     else:
                         q[Q_PACKETS] += 1
                         q[Q_BYTES] += size - self.hdr
@@ -353,25 +358,26 @@ class _TxStep(_RingIO):
                 return Step.BROKEN
         return Step.MORE
 
-    def _write(self, segs: list[memoryview]) -> bool:
-        """One frame to the tap.  False only if told to stop while waiting for room."""
+    def _write(self, segs: list[memoryview]) -> int:
+        """One frame to the tap: _SENT, _DROPPED (the kernel refused it), or _STOPPING (told to stop while
+        waiting for room)."""
         iov = _iov(segs)
         while True:
             try:
                 os.writev(self.fd, iov)
-                return True
+                return _SENT
             except (BlockingIOError, InterruptedError):
                 while not self.q[Q_STOP]:  # the tap's socket buffer is full: wait for room, lose nothing
                     if select.select([], [self.fd], [], 0.1)[1]:
                         break
                 else:
-                    return False
+                    return _STOPPING
             except OSError as e:  # the kernel refused the frame (bad vnet header, link down): dropped
-                self.q[Q_DROPS] += 1
-                self.dev.counters["tx_drops"] += 1
-                if e.errno not in (errno.EIO, errno.EINVAL):
-                    log.warning("tap %s: write failed: %s", self.dev.tap, e)
-                return True
+                if e.errno not in self.errors_seen:  # once per kind of error, not once per frame
+                    self.errors_seen.add(e.errno)
+                    log.warning("tap %s: write failed: %s (frames the tap refuses are counted as drops)",
+                                self.dev.tap, e)
+                return _DROPPED
 
 
 class _RxStep(_RingIO):
@@ -505,8 +511,9 @@ class _RxStep(_RingIO):
         return self._deliver(n, n)
 
     def _read_one(self) -> int:
-        """Read one frame into the held chains; -1 if the tap is empty, 0 if the queue broke, 1 if delivered
-        (or dropped as the kernel would), 2 if it waits in the bounce buffer for more chains."""
+        """Read one frame into the held chains; -1 if the tap is empty (-2 if reading it failed), 0 if the
+        queue broke, 1 if delivered (or dropped as the kernel would), 2 if it waits in the bounce buffer for
+        more chains."""
         if not self.mrg:  # one chain per frame
             chains = 1
         elif len(self.held_views) < IOV_MAX:
@@ -524,10 +531,11 @@ class _RxStep(_RingIO):
             n = os.readv(self.fd, [*iov, self.bounce_view])
         except (BlockingIOError, InterruptedError):
             return -1
-        except OSError as e:
-            log.warning("tap %s: read failed: %s", self.dev.tap, e)
-            self.dev.counters["rx_drops"] += 1
-            return -1
+        except OSError as e:  # the tap went away (or worse): retry once a second, say so once
+            if e.errno not in self.errors_seen:
+                self.errors_seen.add(e.errno)
+                log.error("tap %s: read failed: %s", self.dev.tap, e)
+            return -2
         if n < self.hdr:  # the tap always writes the header; nothing to deliver
             self.q[Q_DROPS] += 1
             self.dev.counters["rx_drops"] += 1
@@ -577,8 +585,8 @@ class _RxStep(_RingIO):
             r = self._read_one()
             if r == 0:
                 return Step.BROKEN
-            if r < 0:  # the tap is empty: publish, sleep on the tap fd
-                self.wait_fds = [self.fd]
+            if r < 0:  # the tap is empty: publish, sleep on the tap fd (or a while, if reading it fails)
+                self.wait_fds = [self.fd] if r == -1 else []
                 return Step.IDLE if self.flush() else Step.BROKEN
             frames += 1
             if frames >= limit:
