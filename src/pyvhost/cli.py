@@ -112,10 +112,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import time
 
     from .devices.net import warm_up as warm_net
+    from .devices.tap import warm_up as warm_tap
     from .frontend import warm_up as warm_frontend
 
     t = time.perf_counter()
     warm_net()
+    warm_tap()
     warm_frontend()
     print(f"kernels ready in {time.perf_counter() - t:.1f} s", flush=True)
     return 0
