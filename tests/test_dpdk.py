@@ -57,11 +57,12 @@ def finish(proc: subprocess.Popen, stats: Path) -> dict:
 
 
 def run_virtio_user(tmp: Path, sock: Path, fwd: str, seconds: float, extra: list[str] | None = None,
-                    until_rx: int | None = None) -> dict:
+                    until_rx: int | None = None, vdev_args: str = "") -> dict:
     """Interactive testpmd on ``sock``: start, run ``seconds`` (or until it has received ``until_rx``
-    packets, within 60 s), stop, quit; its final forward statistics."""
-    proc, log = start_testpmd(tmp, f"net_virtio_user0,path={sock},queues=1,queue_size={QUEUE}", fwd, 1, "virtio",
-                        extra, interactive=True)
+    packets, within 60 s), stop, quit; its final forward statistics.  ``vdev_args`` are appended to the
+    virtio-user vdev (e.g. ",packed_vq=1")."""
+    proc, log = start_testpmd(tmp, f"net_virtio_user0,path={sock},queues=1,queue_size={QUEUE}{vdev_args}", fwd, 1,
+                              "virtio", extra, interactive=True)
     try:
         con = PmdConsole(proc, log)
         con.wait_for("testpmd> ", 60)
