@@ -281,6 +281,11 @@ def loopback(rq, rdesc, ravail, rused16, rused32, tq, tdesc, tavail, tused16, tu
             if nread < 0:
                 status = _BROKEN
                 break
+            # the TX used entry first (published only with the index): a chain whose completion cannot be written
+            # is neither delivered nor counted
+            if not write_used(tq, tused32, mem, table, tused + t, head, 0):
+                status = _BROKEN
+                break
             if rbytes < hdr or rbytes - hdr > scratch.shape[0]:
                 tq[Q_DROPS] += 1
             else:
@@ -294,17 +299,14 @@ def loopback(rq, rdesc, ravail, rused16, rused32, tq, tdesc, tavail, tused16, tu
                 r += c
                 tq[Q_PACKETS] += 1
                 tq[Q_BYTES] += length
-            if not write_used(tq, tused32, mem, table, tused + t, head, 0):
-                status = _BROKEN
-                break
             t += 1
         tq[Q_LAST_AVAIL] = (tlast + t) & 0xFFFF
         rq[Q_LAST_AVAIL] = (rq[Q_LAST_AVAIL] + r) & 0xFFFF
         tq[Q_CHAINS] += t
         rq[Q_CHAINS] += r
-        if not flush_used(rq, ravail, rused16, mem, table, (rq[Q_USED_IDX] + r) & 0xFFFF):
-            return _BROKEN
-        if not flush_used(tq, tavail, tused16, mem, table, (tused + t) & 0xFFFF):
+        # both, even if RX fails: the TX chains taken are completed (no completion is lost)
+        rok = flush_used(rq, ravail, rused16, mem, table, (rq[Q_USED_IDX] + r) & 0xFFFF)
+        if not flush_used(tq, tavail, tused16, mem, table, (tused + t) & 0xFFFF) or not rok:
             return _BROKEN
         if status == _BROKEN:
             return _BROKEN

@@ -306,9 +306,9 @@ def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs
         rq[Q_AVAIL_WRAP] = rwrap
         tq[Q_CHAINS] += t
         rq[Q_CHAINS] += r
-        if not flush_used(rq, rdrv, rdesc, mem, table, rshadow, r):
-            return _BROKEN
-        if not flush_used(tq, tdrv, tdesc, mem, table, tshadow, t):
+        # both, even if RX fails: the TX chains taken are completed (no completion is lost)
+        rok = flush_used(rq, rdrv, rdesc, mem, table, rshadow, r)
+        if not flush_used(tq, tdrv, tdesc, mem, table, tshadow, t) or not rok:
             return _BROKEN
         if status == _BROKEN:
             return _BROKEN
