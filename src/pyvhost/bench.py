@@ -54,11 +54,12 @@ class Config:
     frontend: str     # pyvhost | dpdk
     direction: str    # tx | rx
     metadata: str     # copy | direct | "-" for DPDK's back-end
+    ring: str = "split"  # split | packed (VIRTIO_F_RING_PACKED, negotiated by the front-end)
     rows: list[Row] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata}"
+        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pyvhost: pyvhost's own front-end (default); dpdk: add DPDK's vhost PMD and virtio-user")
     p.add_argument("--metadata", choices=["copy", "direct", "both"], default="both")
     p.add_argument("--direction", choices=["tx", "rx", "both"], default="both")
+    p.add_argument("--ring", choices=["split", "packed", "both"], default="split",
+                   help="virtqueue layout the front-ends negotiate (packed: VIRTIO_F_RING_PACKED)")
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")
@@ -128,11 +131,13 @@ class Runner:
         return data["ended"][-1][str(queue)]
 
     # -- pyvhost front-end ------------------------------------------------------------------------------
-    def drive(self, sock: Path, direction: str) -> dict:
+    def drive(self, sock: Path, direction: str, ring: str = "split") -> dict:
         cmd = _pyvhost("drive", "net", "--socket-path", str(sock), "--direction", direction,
                        "--seconds", str(self.a.seconds), "--warmup", str(self.a.warmup),
                        "--pkt-size", str(self.a.pkt_size), "--queue-size", str(self.a.queue_size),
                        "--batch", str(self.a.batch), "--cpu", str(FRONTEND_CPU))
+        if ring == "packed":
+            cmd.append("--packed")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.seconds + self.a.warmup + 120)
         if out.returncode:
             raise RuntimeError(f"pyvhost drive failed: {out.stderr[-2000:]}")
@@ -164,10 +169,12 @@ class Runner:
             time.sleep(0.05)
         return proc, out
 
-    def dpdk_frontend(self, sock: Path, fwd: str) -> dict:
+    def dpdk_frontend(self, sock: Path, fwd: str, ring: str = "split") -> dict:
         """Interactive testpmd virtio-user on ``sock``: start, read the port counters after the warm-up and
         after ``seconds``, stop.  The rate is the counter difference over the time between the reads."""
         vdev = f"net_virtio_user0,path={sock},queues=1,queue_size={self.a.queue_size}"
+        if ring == "packed":
+            vdev += ",packed_vq=1"
         proc, out = self.testpmd(vdev, fwd, FRONTEND_CPU, "virtio", interactive=True)
         key = "TX-packets" if fwd == "txonly" else "RX-packets"
         try:
@@ -237,7 +244,8 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     r.n += 1
     sock = r.dir / f"vhost{r.n}.sock"
     a = r.a
-    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 0, run=run)
+    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 0, ring=c.ring,
+              run=run)
     mode = "sink" if c.direction == "tx" else "source"
     dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
     fe_fwd = "txonly" if c.direction == "tx" else "rxonly"
@@ -245,11 +253,11 @@ def measure(r: Runner, c: Config, run: int) -> Row:
         proc, stats = r.start_pyvhost(mode, c.metadata, sock)
         try:
             if c.frontend == "pyvhost":
-                res = r.drive(sock, c.direction)
+                res = r.drive(sock, c.direction, c.ring)
                 row.mpps, row.packets = res["mpps"], res["final"]["packets"]
                 row.first_packet_s = res.get("first_packet_s")
             else:
-                res = r.dpdk_frontend(sock, fe_fwd)
+                res = r.dpdk_frontend(sock, fe_fwd, c.ring)
                 row.mpps = res["mpps"]
                 row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
         finally:
@@ -268,11 +276,11 @@ def measure(r: Runner, c: Config, run: int) -> Row:
         proc, log = r.dpdk_backend(sock, dpdk_fwd)
         try:
             if c.frontend == "pyvhost":
-                res = r.drive(sock, c.direction)
+                res = r.drive(sock, c.direction, c.ring)
                 row.mpps, row.packets = res["mpps"], res["final"]["packets"]
                 row.first_packet_s = res.get("first_packet_s")
             else:
-                res = r.dpdk_frontend(sock, fe_fwd)
+                res = r.dpdk_frontend(sock, fe_fwd, c.ring)
                 row.mpps = res["mpps"]
                 row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
         finally:
@@ -294,13 +302,15 @@ def measure(r: Runner, c: Config, run: int) -> Row:
 def configs(a: argparse.Namespace) -> list[Config]:
     dirs = ["tx", "rx"] if a.direction == "both" else [a.direction]
     paths = ["copy", "direct"] if a.metadata == "both" else [a.metadata]
+    rings = ["split", "packed"] if getattr(a, "ring", "split") == "both" else [getattr(a, "ring", "split")]
     out: list[Config] = []
     fronts = ["dpdk", "pyvhost"] if a.peer == "dpdk" else ["pyvhost"]
     for fe in fronts:
         for d in dirs:
-            if a.peer == "dpdk":
-                out.append(Config("dpdk", fe, d, "-"))
-            out += [Config("pyvhost", fe, d, m) for m in paths]
+            for ring in rings:
+                if a.peer == "dpdk":
+                    out.append(Config("dpdk", fe, d, "-", ring))
+                out += [Config("pyvhost", fe, d, m, ring) for m in paths]
     return out
 
 
@@ -314,16 +324,22 @@ def table(cs: list[Config]) -> str:
     lines = []
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
-        lines.append(f"{'back-end':9} {'path':7} {'dir':3} {'Mpps median (min–max)':24} {'errors':>6}  ratio")
+        lines.append(f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'Mpps median (min–max)':24} {'errors':>6}  ratio")
         for c in (c for c in cs if c.frontend == fe):
             if not c.rows:
                 continue
             med = statistics.median(x.mpps for x in c.rows)
             ratio = ""
-            same = {x.metadata: x for x in cs if x.frontend == fe and x.direction == c.direction and x.rows}
+            same = {x.metadata: x for x in cs
+                    if x.frontend == fe and x.direction == c.direction and x.ring == c.ring and x.rows}
             if c.backend == "pyvhost" and c.metadata == "direct" and "copy" in same:
                 base = statistics.median(x.mpps for x in same["copy"].rows)
                 ratio = f"direct/copy {med / base:.2f}x" if base else ""
+            split = [x for x in cs if x.frontend == fe and x.backend == c.backend and x.direction == c.direction
+                     and x.metadata == c.metadata and x.ring == "split" and x.rows]
+            if c.ring == "packed" and split:
+                base = statistics.median(x.mpps for x in split[0].rows)
+                ratio += (" " if ratio else "") + (f"packed/split {med / base:.2f}x" if base else "")
             if c.backend == "pyvhost" and "-" in same:
                 dp = same["-"].rows
                 pairs = [p.mpps / d.mpps for p, d in zip(c.rows, dp) if d.mpps]
@@ -331,7 +347,7 @@ def table(cs: list[Config]) -> str:
                     ratio += (" " if ratio else "") + f"pyvhost/DPDK {statistics.median(pairs):.2f}x " \
                         f"(runs {', '.join(f'{x:.2f}' for x in pairs)})"
             errs = sum(x.errors for x in c.rows)
-            lines.append(f"{c.backend:9} {c.metadata:7} {c.direction:3} {_fmt(c.rows):24} {errs:6d}  {ratio}")
+            lines.append(f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {_fmt(c.rows):24} {errs:6d}  {ratio}")
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
         if fp:
             lines.append(f"connect → first completion (pyvhost front-end, warm cache): median {statistics.median(fp):.3f} s, "
@@ -352,7 +368,10 @@ def plot(cs: list[Config], path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(done)), 4))
     colors = ["#888888" if c.backend == "dpdk" else ("#4477aa" if c.metadata == "copy" else "#ee6677")
               for c in done]
-    ax.bar(range(len(done)), meds, yerr=[lo, hi], color=colors, capsize=4)
+    bars = ax.bar(range(len(done)), meds, yerr=[lo, hi], color=colors, capsize=4)
+    for bar, c in zip(bars, done):
+        if c.ring == "packed":
+            bar.set_hatch("//")
     ax.set_xticks(range(len(done)), [c.label.replace(" ", "\n", 1) for c in done], fontsize=7)
     ax.set_ylabel("Mpps (median, min–max)")
     ax.set_title(f"pyvhost bench: {done[0].rows[0].pkt_size}-byte packets, queue {done[0].rows[0].queue_size}")
