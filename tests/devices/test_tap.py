@@ -119,16 +119,19 @@ class Driver:
         self.ram.buf[off:off + n] = 0 if isinstance(data, int) else np.frombuffer(data, np.uint8)
         return off, n
 
-    def post(self, bufs: list[tuple[int, int]], write: bool) -> int:
-        """One chain of ``bufs``; returns its head."""
+    def post(self, bufs: list[tuple[int, int]], write: bool, bad_next: bool = False) -> int:
+        """One chain of ``bufs``; returns its head.  ``bad_next``: the last descriptor says NEXT, to an index
+        beyond the ring (a broken chain)."""
         r = self.ring
         head = self.next_desc
         for k, (off, n) in enumerate(bufs):
             d = self.next_desc % r.size
             self.next_desc += 1
-            flags = (VRING_DESC_F_WRITE if write else 0) | (VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0)
+            more = k + 1 < len(bufs) or bad_next
+            flags = (VRING_DESC_F_WRITE if write else 0) | (VRING_DESC_F_NEXT if more else 0)
+            nxt = (d + 1) % r.size if k + 1 < len(bufs) else 9999
             r.desc[2 * d] = self.ram.gpa(off)
-            r.desc[2 * d + 1] = n | (flags << 32) | (((d + 1) % r.size) << 48)
+            r.desc[2 * d + 1] = n | (flags << 32) | (nxt << 48)
         r.avail[2 + self.avail_idx % r.size] = head % r.size
         self.avail_idx += 1
         r.avail[1] = self.avail_idx & 0xFFFF
@@ -340,3 +343,35 @@ def test_tx_frame_the_kernel_refuses_is_counted_and_completed(tap):
     assert wire.recv(1) == [frame(200, 2)]
     assert len(tx.used(2)) == 2
     assert dev.counters["tx_drops"] == 1 and dev.counters["tx_frames"] == 1
+
+
+def test_broken_rx_ring_stops_only_that_queue(tap, errors):
+    """An RX chain with a next index out of range breaks the RX queue (logged); TX goes on."""
+    fe, rx, tx, wire, dev, srv = tap()
+    rx.post([rx.buffer(2048)], write=True)
+    rx.post([rx.buffer(2048)], write=True, bad_next=True)
+    wire.send(frame(100, 1))  # wakes the worker, which takes both chains
+    rx.post([rx.buffer(2048)], write=True)
+    deadline = time.monotonic() + 10
+    while not srv.connection.vrings[0].broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.connection.vrings[0].broken
+    assert any("vring 0 broken: NEXT_OUT_OF_RANGE" in m for m in errors())
+    tx.post([tx.buffer(vnet_hdr() + frame(300, 2))], write=False)
+    assert wire.recv(1) == [frame(300, 2)]
+
+
+def test_broken_tx_ring_stops_only_that_queue(tap, errors):
+    fe, rx, tx, wire, dev, srv = tap()
+    tx.post([tx.buffer(vnet_hdr() + frame(100, 1))], write=False, bad_next=True)
+    tx.post([tx.buffer(vnet_hdr() + frame(100, 2))], write=False)
+    deadline = time.monotonic() + 10
+    while not srv.connection.vrings[1].broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.connection.vrings[1].broken
+    assert any("vring 1 broken: NEXT_OUT_OF_RANGE" in m for m in errors())
+    buf = rx.buffer(2048)
+    rx.post([buf], write=True)
+    wire.send(frame(200, 3))
+    (h, ln), = rx.used(1)
+    assert rx.read(buf[0], ln) == vnet_hdr(1) + frame(200, 3)

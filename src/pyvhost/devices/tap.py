@@ -39,7 +39,7 @@ import numpy as np
 from ..atomic import fence_full
 from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain
 from ..jit import kernel
-from ..ring.split import (Q_BYTES, Q_CHAINS, Q_DROPS, Q_IDLE, Q_LAST_AVAIL, Q_PACKETS, Q_SIZE, Q_STOP,
+from ..ring.split import (Q_BYTES, Q_CHAINS, Q_DROPS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_PACKETS, Q_SIZE, Q_STOP,
                           Q_USED_IDX, Q_WAKEUPS, avail_pending, flush_used, read_avail_entry, set_notify,
                           write_used)
 from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
@@ -328,10 +328,10 @@ class _TxStep(_RingIO):
             if n == POP_STOPPED:
                 return Step.STOPPED
             if n == POP_IDLE:
-                return Step.IDLE
+                return Step.BROKEN if q[Q_ERROR] else Step.IDLE  # (a fault at the first chain takes none)
             if n == POP_BROKEN:
                 return Step.BROKEN
-            for i in range(n):
+            for i in range(n):  # (chains taken before a fault are sent and completed, then the queue stops)
                 head, first, nread, _end = (int(x) for x in self.chains[i])
                 segs = self.views(first, first + nread)
                 try:
@@ -354,7 +354,7 @@ class _TxStep(_RingIO):
                         s.release()
                 if not self.complete(head, 0):
                     return Step.BROKEN
-            if not self.flush():
+            if not self.flush() or q[Q_ERROR]:
                 return Step.BROKEN
         return Step.MORE
 
@@ -553,6 +553,13 @@ class _RxStep(_RingIO):
 
     # -- the worker's step --------------------------------------------------------------------------------
     def __call__(self, budget: int) -> int:
+        status = self._run()
+        if status == Step.BROKEN:  # the worker ends here: let go of the guest's buffers (no view outlives it)
+            self.pending = self.pending_chains = 0
+            self._release(len(self.heads))
+        return status
+
+    def _run(self) -> int:
         q = self.q
         frames = 0
         limit = max(self.batch, 1)
@@ -564,7 +571,7 @@ class _RxStep(_RingIO):
             need = self.pending > 0 or self.held_bytes < self.want or not self.heads
             if need:
                 n = self._take(self.batch)
-                if n == POP_BROKEN:
+                if n == POP_BROKEN or q[Q_ERROR]:  # (chains taken before a fault are not used either)
                     self.flush()
                     return Step.BROKEN
                 if n == POP_STOPPED:
