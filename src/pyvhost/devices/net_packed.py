@@ -14,7 +14,7 @@ import numpy as np
 
 from ..atomic import fence_full
 from ..chain import READ_ONLY, WRITE_ONLY, sg_read, sg_write
-from ..jit import helper, kernel
+from ..jit import helper, inline_helper, kernel
 from ..ring.packed import (NOT_AVAIL, SH_ID, SH_LEN, SH_NDESC, advance, flush_used, in_flight, read_head,
                            set_notify, walk_packed)
 from ..ring.split import (Q_AVAIL_WRAP, Q_BATCH, Q_BYTES, Q_CHAINS, Q_DROPS, Q_HDR_LEN, Q_IDLE, Q_LAST_AVAIL,
@@ -110,7 +110,7 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
     return _MORE
 
 
-@helper
+@inline_helper
 def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, pos, wrap, taken, room):
     """Put one frame (virtio_net_hdr + ``src[:length]``) into RX chains from the cursor ``pos``/``wrap``, their
     used descriptors into ``shadow[k:]``.

@@ -36,7 +36,7 @@ import numpy as np
 from ..atomic import eventfd_write, fence_full, ld16_acquire, ld32, ld64, st16, st16_release, st32
 from ..chain import READ_ONLY, WRITE_ONLY, MAX_INDIRECT, _add_buffer
 from ..errors import QueueError
-from ..jit import helper
+from ..jit import helper, inline_helper
 from ..memory import SPACE_GPA, SPACE_UVA, translate
 from ..protocol import ADDR_LIMIT
 from .split import (DESC_SIZE, Q_AVAIL, Q_AVAIL_WRAP, Q_CALLFD, Q_CALLS, Q_DESC, Q_DIRECT, Q_EVENT_IDX,
@@ -165,7 +165,7 @@ def read_desc(q, desc, mem, table, pos):
     return ld64(mem, off), ld64(mem, off + 8), True
 
 
-@helper
+@inline_helper
 def walk_packed(q, desc, mem, table, pos, wrap, head_flags, sg, want, room):
     """Walk the chain whose head at ``pos`` has ``head_flags`` (from read_head, available).
 
