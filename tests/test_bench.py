@@ -46,3 +46,21 @@ def test_bench_peer_dpdk(tmp_path):
     assert {(r["backend"], r["frontend"]) for r in rows} == {
         ("dpdk", "dpdk"), ("pyvhost", "dpdk"), ("dpdk", "pyvhost"), ("pyvhost", "pyvhost")}
     assert "pyvhost/DPDK" in table
+
+
+def test_bench_ring_both(tmp_path):
+    rows, table = bench(tmp_path, "--ring", "both", "--metadata", "direct")
+    check(rows)
+    assert {(r["ring"], r["direction"]) for r in rows} == {(g, d) for g in ("split", "packed") for d in ("tx", "rx")}
+    assert "packed/split" in table
+
+
+@needs_dpdk
+@pytest.mark.dpdk
+def test_bench_peer_dpdk_packed(tmp_path):
+    rows, table = bench(tmp_path, "--peer", "dpdk", "--ring", "packed", "--metadata", "direct")
+    check(rows)
+    assert all(r["ring"] == "packed" for r in rows)
+    assert {(r["backend"], r["frontend"]) for r in rows} == {
+        ("dpdk", "dpdk"), ("pyvhost", "dpdk"), ("dpdk", "pyvhost"), ("pyvhost", "pyvhost")}
+    assert "pyvhost/DPDK" in table
