@@ -230,7 +230,12 @@ def test_ping_and_bulk_tcp(net: Net, metadata: str, record_property) -> None:
         net.go()
         rates = bulk_both_ways(net, g, recv, BULK)
         assert g.wait(60)["exit"] == "0"
-    check_queues(net.stop_backend())
+    stats = net.stop_backend()
+    check_queues(stats)
+    rx, tx = stats["ended"][-1]["0"], stats["ended"][-1]["1"]
+    # segmentation offloaded both ways: frames larger than the MTU, spread over several RX buffers
+    assert tx["bytes"] / tx["packets"] > 1514 and rx["bytes"] / rx["packets"] > 1514, stats
+    assert rx["chains"] > rx["packets"], stats
     print(f"\n{metadata}, offloads on, {BULK >> 20} MiB: {rates}")
     for k, v in rates.items():
         record_property(k, v)
