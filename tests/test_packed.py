@@ -35,6 +35,16 @@ TIMEOUT = 10.0
 GOOD = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    """Compile (or load) the kernels first: a test that runs traffic for a time must not spend it compiling."""
+    from pyvhost.devices.net import warm_up as warm_up_device
+    from pyvhost.frontend import warm_up as warm_up_driver
+
+    warm_up_device()
+    warm_up_driver()
+
+
 def started_packed(srv, index: int, metadata: str) -> None:
     vr = srv.connection.vrings[index]
     assert srv.connection.features & (1 << VIRTIO_F_RING_PACKED)
@@ -425,3 +435,75 @@ def test_pyvhost_packed_frontend_with_dpdk_vhost_pmd(tmp_path, direction):
         assert stats["rx_packets"] == final["packets"], stats
     else:
         assert stats["tx_packets"] == final["packets"], stats
+
+
+# =========================================================================================================
+# Invariant 1 on packed rings: memory and ring-address changes hammered while traffic runs
+@pytest.mark.parametrize("metadata", PATHS)
+def test_memory_and_vring_addr_changes_hammered(serve, sock_path, errors, metadata):
+    import os as _os
+
+    from .test_invalidation import EXTRA, EXTRA_SIZE, TX, MemSlotsFrontend, Traffic, finish, hammer
+
+    srv = serve("sink", metadata)
+    fe = MemSlotsFrontend(sock_path, ram_size=RAM, packed=True)
+    fe.setup()
+    extra_fd = _os.memfd_create("pyvhost-extra", _os.MFD_CLOEXEC)
+    _os.ftruncate(extra_fd, EXTRA_SIZE)
+    try:
+        traffic = Traffic(fe, seconds=3.0)
+        traffic.wait_progress(0)
+        changes = hammer(traffic, [
+            fe.set_mem_table,
+            lambda: fe.resend_vring_addr(TX),
+            lambda: fe.add_region(EXTRA, extra_fd),
+            lambda: fe.resend_vring_addr(0),  # the idle RX ring: must not disturb TX
+            lambda: fe.rem_region(EXTRA),
+        ], seconds=2.0)
+        assert changes >= 10
+        assert srv.connection.packed
+        done, stats = finish(fe, traffic, srv)
+    finally:
+        _os.close(extra_fd)
+    assert errors() == []
+    assert done > changes and stats["error"] == 0 and stats["drops"] == 0
+    assert done == stats["packets"] == stats["chains"]
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event_idx"])
+def test_restarted_worker_asks_for_kicks_before_sleeping(serve, sock_path, errors, metadata, event_idx):
+    """A worker stopped while polling leaves DISABLE in the device area; restarted from GET/SET_VRING_BASE
+    with nothing to do, it must ask for kicks again (ENABLE, or DESC at its avail cursor) before it sleeps."""
+    from pyvhost.ring.packed import RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE
+
+    srv = serve("sink", metadata, spins=64)
+    fe = Frontend(sock_path, ram_size=RAM, event_idx=event_idx, packed=True, queue_size=100)
+    fe.setup()
+    tx = fe.rings[1]
+    fe.run("tx", count=1050)
+    cursor = int(tx.d[D_AVAIL_IDX]) | int(tx.d[D_AVAIL_WRAP]) << 15  # 50, wrap 1 after 10 laps + 50
+
+    def asks() -> bool:
+        if event_idx:
+            return int(tx.device[1]) == RING_EVENT_FLAGS_DESC and int(tx.device[0]) == cursor
+        return int(tx.device[1]) == RING_EVENT_FLAGS_ENABLE
+
+    deadline = time.monotonic() + TIMEOUT
+    while not asks() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert asks()  # idle and asleep
+    base = fe.stop_ring(tx)
+    tx.stopped = False
+    tx.device[1] = RING_EVENT_FLAGS_DISABLE  # as a worker stopped while polling leaves it
+    tx.device[0] = 0
+    fe.start_ring(tx, base)
+    deadline = time.monotonic() + 0.5
+    while not asks() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert asks(), "the restarted worker sleeps with kicks suppressed"
+    r = fe.run("tx", count=1000)
+    assert r["kicks"] > 0
+    assert fe.drain("tx")["packets"] == 2050
+    fe.close()
+    assert errors() == [] and srv.ended()[-1][1]["packets"] == 1000
