@@ -426,6 +426,9 @@ class Connection:
 
     def _vring_fd(self, msg: P.Message) -> tuple[Vring, int]:
         value = msg.u64()
+        if value & ~(P.VHOST_USER_VRING_IDX_MASK | P.VHOST_USER_VRING_NOFD_MASK):
+            # an index over 255 would be silently truncated to another ring (the CVE-2020-10723 class)
+            raise ProtocolError(f"{msg.name}: payload {value:#x} has bits set besides the vring index and NOFD")
         vr = self.vring(value & P.VHOST_USER_VRING_IDX_MASK)
         if value & P.VHOST_USER_VRING_NOFD_MASK:
             if msg.fds:
@@ -461,9 +464,10 @@ class Connection:
 
     def set_vring_err(self, msg: P.Message) -> None:
         vr, fd = self._vring_fd(msg)
-        if vr.err_fd >= 0:
-            os.close(vr.err_fd)
-        vr.err_fd = fd
+        with self.lock:  # not while a worker signals it (ring_broken): a closed fd's number is soon reused
+            old, vr.err_fd = vr.err_fd, fd
+        if old >= 0:
+            os.close(old)
 
     def set_vring_enable(self, msg: P.Message) -> None:
         index, num = msg.vring_state()
@@ -554,11 +558,12 @@ class Connection:
         for vr in rings:
             vr.broken = True
             log.error("vring %d broken: %s", vr.index, describe(int(vr.q[Q_ERROR]), int(vr.q[Q_ERROR_VALUE])))
-            if vr.err_fd >= 0:
-                try:
-                    os.eventfd_write(vr.err_fd, 1)
-                except OSError as e:
-                    log.error("vring %d: signalling the err fd failed: %s", vr.index, e)
+            with self.lock:  # SET_VRING_ERR may replace (and close) the fd meanwhile
+                if vr.err_fd >= 0:
+                    try:
+                        os.eventfd_write(vr.err_fd, 1)
+                    except OSError as e:
+                        log.error("vring %d: signalling the err fd failed: %s", vr.index, e)
 
     # -- stats and teardown -----------------------------------------------------------------------------
     def record_totals(self, vr: Vring) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -138,6 +139,16 @@ def _check_fd(fd: int, need: int) -> int:
     return st.st_blksize
 
 
+def sealed_against_shrinking(fd: int) -> bool:
+    """Whether the file behind ``fd`` is a memfd sealed with F_SEAL_SHRINK (as QEMU's memory-backend-memfd
+    seals guest RAM by default).  Any other file can be truncated by the front-end under our mapping, and an
+    access to a truncated page raises SIGBUS, which kills this process: that cannot be prevented, only noted."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # not a memfd/shmem file: no seals
+        return False
+
+
 def map_region(arena: Arena, region: MemRegion, fd: int) -> MappedRegion:
     """Map one region from its fd into the arena; the fd itself is not kept (the mapping holds the file)."""
     size, off = region.memory_size, region.mmap_offset
@@ -167,7 +178,17 @@ class GuestMemory:
         self.arena = Arena(arena_size)
         self.regions: list[MappedRegion] = []
         self.generation = 0
+        self.warned_unsealed = False
         self._rebuild()
+
+    def _check_seals(self, fds: list[int]) -> None:
+        """Warn (once per connection) about region files the front-end could truncate under us."""
+        unsealed = [fd for fd in fds if not sealed_against_shrinking(fd)]
+        if unsealed and not self.warned_unsealed:
+            self.warned_unsealed = True
+            log.warning("%d region fd(s) not sealed against shrinking (F_SEAL_SHRINK): a front-end that truncates "
+                        "its memory file makes the next access to it fault (SIGBUS) and end this process",
+                        len(unsealed))
 
     # -- changes ---------------------------------------------------------------------------------------
     def set_table(self, regions: list[MemRegion], fds: list[int]) -> list[MappedRegion]:
@@ -185,6 +206,7 @@ class GuestMemory:
             raise
         old, self.regions = self.regions, new
         self._rebuild()
+        self._check_seals(fds[:len(regions)])
         return old
 
     def add_region(self, region: MemRegion, fd: int) -> None:
@@ -198,6 +220,7 @@ class GuestMemory:
             raise
         self.regions.append(r)
         self._rebuild()
+        self._check_seals([fd])
 
     def remove_region(self, region: MemRegion) -> MappedRegion:
         """Remove the region matching gpa/size/uva; returns it for the caller to unmap after stopping users."""
