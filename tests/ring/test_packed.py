@@ -20,7 +20,7 @@ from pyvhost.devices.net_packed import loopback, rx_source, tx_sink
 from pyvhost.errors import QueueError
 from pyvhost.frontend import D_BATCH, D_BUFLEN, D_BYTES, D_EVENT_IDX, D_HDR, D_LIMIT, GuestRam
 from pyvhost.frontend_packed import D_BAD_IDS, D_DONE, D_POSTED, D_USED_WRAP, PackedDriverRing, drive_rx, drive_tx
-from pyvhost.memory import SPACE_GPA, SPACE_UVA, GuestMemory
+from pyvhost.memory import SPACE_UVA, GuestMemory
 from pyvhost.protocol import ADDR_LIMIT, MemRegion, VringAddr
 from pyvhost.ring.packed import (NOT_AVAIL, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
                                  VRING_PACKED_DESC_F_AVAIL as AV, VRING_PACKED_DESC_F_USED as US, decode_base,
