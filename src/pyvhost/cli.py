@@ -87,6 +87,13 @@ def cmd_serve_rng(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_blk(args: argparse.Namespace) -> int:
+    from .devices.blk import serve_main
+
+    _pin(args.cpu)
+    return serve_main(args)
+
+
 def cmd_drive(args: argparse.Namespace) -> int:
     import time
 
@@ -162,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     rng.add_argument("--connections", type=int, help="exit after this many connections have ended")
     rng.add_argument("--cpu", type=int, help="pin to this CPU")
     rng.set_defaults(func=cmd_serve_rng)
+
+    from .devices.blk import add_serve_arguments
+    blk = serve_sub.add_parser("blk", help="virtio-blk on a raw image file or block device")
+    add_serve_arguments(blk)
+    blk.add_argument("--cpu", type=int, help="pin to this CPU")
+    blk.set_defaults(func=cmd_serve_blk)
 
     drive = sub.add_parser("drive", help="drive a vhost-user net back-end with pyvhost's front-end")
     drive.add_argument("device", choices=["net"])

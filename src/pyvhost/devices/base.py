@@ -434,3 +434,25 @@ class ChainDevice(Device):
             return Step.MORE
 
         return step
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) the ChainDevice kernels on a tiny idle ring, so that the first
+    connection does not wait for the compiler."""
+    from ..access import _NO_U16, _NO_U32, _NO_U64
+    from ..memory import GuestMemory
+    from ..ring.split import new_queue_state
+
+    mem = GuestMemory(arena_size=1 << 21)
+    try:
+        q = new_queue_state(1)
+        q[Q_STOP] = 1  # return at once
+        sg = new_sg(2)
+        chains = np.zeros((1, 4), dtype=np.int64)
+        ist = np.zeros(2, dtype=np.int64)
+        ints = np.zeros(1, dtype=np.int64)
+        pop_chains(q, _NO_U64, _NO_U16, _NO_U16, mem.arena.view, mem.table, sg, chains, 1, 1, _NO_U8, _NO_U64, ist)
+        push_used(q, _NO_U16, _NO_U16, _NO_U32, mem.arena.view, mem.table, ints, ints, 0, _NO_U8, _NO_U16, 0)
+        walk_one(q, _NO_U64, mem.arena.view, mem.table, -1, sg)
+    finally:
+        mem.close()
