@@ -2,7 +2,8 @@
 # Install the Debian packages the tests need (idempotent; needs root or sudo).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-pkgs=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23)
+pkgs=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
+      qemu-system-common)  # qemu-storage-daemon: the vhost-user-blk back-end `pyvhost bench --device blk` compares with
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

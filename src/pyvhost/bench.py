@@ -63,6 +63,9 @@ class Config:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["net", "blk"], default="net",
+                   help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench_blk.py)")
+    p.add_argument("--image-mb", type=int, default=256, help="blk: size of the benchmark image")
     p.add_argument("--peer", choices=["pyvhost", "dpdk"], default="pyvhost",
                    help="pyvhost: pyvhost's own front-end (default); dpdk: add DPDK's vhost PMD and virtio-user")
     p.add_argument("--metadata", choices=["copy", "direct", "both"], default="both")
@@ -380,6 +383,9 @@ def plot(cs: list[Config], path: str) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
+    if a.device == "blk":
+        from .bench_blk import main as blk_main
+        return blk_main(a)
     if os.cpu_count() and os.cpu_count() < 2:
         print("note: fewer than 2 CPUs; back-end and front-end share one", file=sys.stderr)
     cs = configs(a)

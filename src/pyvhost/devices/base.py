@@ -251,21 +251,33 @@ class Request:
 
 class _Completions:
     """Completions of one ring, from any thread; the ring's worker drains and publishes them.  A completion
-    from another thread wakes the worker through ``fd`` (an eventfd, closed under the lock when the worker
-    is done with the ring, so that a late writer never writes into a reused fd number)."""
+    from another thread wakes the worker through ``fd`` if it sleeps (an eventfd, closed under the lock when
+    the worker is done with the ring, so that a late writer never writes into a reused fd number)."""
 
     def __init__(self) -> None:
         self.items: collections.deque[tuple[int, int]] = collections.deque()
         self.lock = threading.Lock()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.owner = 0
+        self.sleeping = False
 
     def put(self, head: int, n: int) -> None:
         self.items.append((head, n))
-        if threading.get_ident() != self.owner:
+        # the worker sets ``sleeping`` before it last looks at ``items``, and we look at ``sleeping`` after
+        # appending: one of the two sees the other (both under the GIL), so a completion never goes unnoticed
+        if self.sleeping and threading.get_ident() != self.owner:
             with self.lock:
                 if self.fd >= 0:
                     os.eventfd_write(self.fd, 1)
+
+    def sleep(self, fds: list[int], timeout: float) -> None:
+        """Wait for a completion (or one of ``fds``), unless there is one already."""
+        self.sleeping = True
+        try:
+            if not self.items:
+                _wait([self.fd, *fds], timeout)
+        finally:
+            self.sleeping = False
 
     def close(self) -> None:
         with self.lock:
@@ -303,6 +315,8 @@ class ChainDevice(Device):
     batch: int = 64
     #: empty polls before a worker sleeps on its kick fd
     spins: int = 2000
+    #: completions published at the latest after this many, even in the middle of a batch
+    publish_every: int = 8
     #: the datapath is split-ring only
     transport_features_off = 1 << VIRTIO_F_RING_PACKED
     inflight_tracking = True
@@ -327,7 +341,7 @@ class ChainDevice(Device):
         chains = np.zeros((batch, 4), dtype=np.int64)
         heads = np.zeros(size, dtype=np.int64)
         lens = np.zeros(size, dtype=np.int64)
-        index, spins, submit = ring.index, self.spins, self.submit
+        index, spins, submit, publish_every = ring.index, self.spins, self.submit, self.publish_every
         name = type(self).__name__
         region = ring.inflight
         ist = np.zeros(2, dtype=np.int64)
@@ -386,7 +400,7 @@ class ChainDevice(Device):
                         done.items.popleft()
                         outstanding -= 1
                 if outstanding:
-                    _wait([done.fd], 0.1)
+                    done.sleep([], 0.1)
             done.close()
             return status
 
@@ -398,11 +412,11 @@ class ChainDevice(Device):
                 if q[Q_STOP]:
                     if not outstanding:
                         return finish(Step.STOPPED)
-                    _wait([done.fd], 0.1)
+                    done.sleep([], 0.1)
                     continue
                 if resubmit:  # one at a time, in the order they were first taken, before anything new
                     if outstanding:
-                        _wait([done.fd], 0.1)
+                        done.sleep([], 0.1)
                         continue
                     head = resubmit.popleft()
                     nread, nseg = walk_one(q, desc, arena, table, head, sg)
@@ -412,7 +426,7 @@ class ChainDevice(Device):
                     continue
                 room = min(batch, size - outstanding)
                 if room <= 0:
-                    _wait([done.fd], 0.1)
+                    done.sleep([], 0.1)
                     continue
                 n = pop_chains(q, desc, avail, used16, arena, table, sg, chains, room,
                                spins if not outstanding else 64, i8, i64, ist)
@@ -424,11 +438,14 @@ class ChainDevice(Device):
                     if not outstanding:
                         return Step.IDLE
                     if not done.items:
-                        _wait([done.fd, kick_fd], 0.1)
+                        done.sleep([kick_fd], 0.1)
                     continue
                 rows = sg[:int(chains[n - 1, C_END])].tolist()
                 for head, first, nread, end in chains[:n].tolist():
                     start(head, rows[first:end], nread)
+                    if len(done.items) >= publish_every:  # keep the driver busy while the batch goes on
+                        if not reap():
+                            return finish(Step.BROKEN)
                 if q[Q_ERROR]:
                     return finish(Step.BROKEN)  # the fault that ended the batch; the chains before it complete
             return Step.MORE

@@ -128,7 +128,8 @@ class BlkDevice(ChainDevice):
 
     def __init__(self, path: str, readonly: bool = False, num_queues: int = 1, io_threads: int = 4,
                  serial: str | None = None, seg_max: int = 126, size_max: int = 1 << 20,
-                 max_discard_sectors: int = (1 << 22) - 1, max_discard_seg: int = 32, io_delay: float = 0.0) -> None:
+                 max_discard_sectors: int = (1 << 22) - 1, max_discard_seg: int = 32, io_delay: float = 0.0,
+                 nowait: bool = True) -> None:
         self.path = path
         self.readonly = readonly
         self.num_queues = num_queues
@@ -169,6 +170,11 @@ class BlkDevice(ChainDevice):
         self.lock = threading.Lock()
         #: seconds each request takes at least (simulates a slow medium; tests and demonstrations)
         self.io_delay = io_delay
+        #: request kinds tried at once without blocking before going to the I/O threads (_try_nowait)
+        self.nowait = {"read", "write"} if nowait else set()
+        self.nowait_max = 64 << 10
+        self._nowait_failures = {"read": 0, "write": 0}
+        self._nowait_worked: set[str] = set()
 
     # -- configuration ----------------------------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -215,8 +221,38 @@ class BlkDevice(ChainDevice):
             return
         if self.pool is None:
             self._run(req, *job)
-        else:
+        elif not (job[0] in self.nowait and self._try_nowait(req, *job)):
             self.pool.put(self._run, req, *job)
+
+    def _try_nowait(self, req: Request, kind: str, offset: int, views) -> bool:
+        """The fast path, in the queue's worker: a read or write the kernel can do without blocking (the data
+        is in the page cache; RWF_NOWAIT) is done at once, saving the trip through the I/O threads.  Anything
+        that would block, or is only partly done, goes to the threads (and is done whole there)."""
+        if self.io_delay or len(views) > IOV_MAX or (kind == "write" and not self.writeback):
+            return False
+        if _total(views) > self.nowait_max:  # a long copy would hold up the queue's other requests
+            return False
+        try:
+            if kind == "read":
+                n = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
+            else:
+                n = os.pwritev(self.fd, views, offset, os.RWF_NOWAIT)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.nowait.discard(kind)  # not for this file (system): always use the threads
+            elif e.errno == errno.EAGAIN:
+                self._nowait_failures[kind] += 1
+                if self._nowait_failures[kind] >= 64 and kind not in self._nowait_worked:
+                    # e.g. buffered writes on a file system that never does them without blocking
+                    log.info("%ss never complete without blocking here; they all go to the I/O threads", kind)
+                    self.nowait.discard(kind)
+            return False
+        if n != _total(views):
+            return False
+        self._nowait_worked.add(kind)
+        self._count(kind, kind + "_bytes", n)
+        self._finish(req, VIRTIO_BLK_S_OK, n if kind == "read" else 0)
+        return True
 
     def _parse(self, req: Request) -> tuple:
         """Check the request; return what the I/O thread does: (kind, offset, views or ranges)."""
@@ -409,6 +445,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--readonly", action="store_true", help="expose the image read-only (VIRTIO_BLK_F_RO)")
     p.add_argument("--queues", type=int, default=1, help="request queues (VIRTIO_BLK_F_MQ)")
     p.add_argument("--io-threads", type=int, default=4, help="I/O threads (0: do the I/O in the queue's worker)")
+    p.add_argument("--no-nowait", action="store_true", help="send every read and write to the I/O threads "
+                   "(default: try it first without blocking, RWF_NOWAIT, in the queue's worker)")
     p.add_argument("--serial", help="the ID string GET_ID returns (default: the file's name)")
     p.add_argument("--io-delay-ms", type=float, default=0.0, help="make every request take this long at least "
                    "(simulates a slow medium)")
@@ -425,7 +463,7 @@ def serve_main(args) -> int:
     from ..backend import Server
 
     device = BlkDevice(args.file, readonly=args.readonly, num_queues=args.queues, io_threads=args.io_threads,
-                       serial=args.serial, io_delay=args.io_delay_ms / 1000)
+                       serial=args.serial, io_delay=args.io_delay_ms / 1000, nowait=not args.no_nowait)
     warm_up()
     server = Server(device, args.socket_path, Metadata(args.metadata))
     signal.signal(signal.SIGTERM, lambda s, f: server.stop())

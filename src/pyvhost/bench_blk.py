@@ -1,0 +1,232 @@
+"""``pyvhost bench --device blk``: pyvhost's virtio-blk back-end against qemu-storage-daemon's vhost-user-blk
+export, on the same image, through the same front-end (pyvhost's ``BlkFrontend``), in one run.
+
+Workloads: 4 KiB random reads and random writes (IOPS) and 1 MiB sequential reads and writes (MB/s), each at a
+fixed queue depth.  The back-end process is pinned to one CPU (``taskset`` for qemu-storage-daemon), the
+front-end (this process) to the other; runs of the two back-ends alternate.  The image is a regular file filled
+with data first, so reads come from the page cache for both (buffered I/O, as both back-ends do by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BACKEND_CPU, FRONTEND_CPU = 0, 1
+WORKLOADS = [  # name, block size, queue depth, random
+    ("randread", 4096, 32, True),
+    ("randwrite", 4096, 32, True),
+    ("seqread", 1 << 20, 8, False),
+    ("seqwrite", 1 << 20, 8, False),
+]
+
+
+@dataclass
+class BlkRow:
+    backend: str
+    workload: str
+    block_size: int
+    iodepth: int
+    iops: float
+    mbps: float
+    ops: int
+    errors: int
+    run: int = 0
+    note: str = ""
+
+
+def qsd_binary() -> str | None:
+    return shutil.which("qemu-storage-daemon")
+
+
+def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"back-end exited with {proc.returncode}: {log.read_text()[-1500:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+def start_backend(kind: str, image: Path, sock: Path, logfile: Path) -> subprocess.Popen:
+    if sock.exists():
+        sock.unlink()
+    if kind == "pyvhost":
+        cmd = [sys.executable, "-m", "pyvhost", "serve", "blk", "--socket-path", str(sock), "--file", str(image),
+               "--cpu", str(BACKEND_CPU)]
+    else:
+        qsd = qsd_binary()
+        if qsd is None:
+            raise RuntimeError("qemu-storage-daemon not found (tools/install-debian-deps.sh installs it)")
+        cmd = ["taskset", "-c", str(BACKEND_CPU), qsd,
+               "--blockdev", f"driver=file,node-name=file0,filename={image}",
+               "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},"
+                           "writable=on,num-queues=1"]
+    proc = subprocess.Popen(cmd, stdout=open(logfile, "w"), stderr=subprocess.STDOUT)
+    _wait_socket(sock, proc, logfile)
+    return proc
+
+
+def stop_backend(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup: float, nbytes: int) -> dict:
+    """Keep ``depth`` requests in flight for ``warmup + seconds``; count what completes after the warm-up."""
+    from .devices.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+
+    rtype = VIRTIO_BLK_T_IN if "read" in name else VIRTIO_BLK_T_OUT
+    nblocks = nbytes // bs
+    rng = random.Random(42)
+    pos = 0
+    done = errors = 0
+    t0 = time.perf_counter()
+    t_start, done_start = None, 0
+    end = t0 + warmup + seconds
+    post, publish, reap = fe.post, fe.publish, fe.reap
+    sectors_per_block = bs // 512
+    outstanding = 0
+    while True:
+        while outstanding < depth:
+            if rand:
+                b = rng.randrange(nblocks)
+            else:
+                b, pos = pos, (pos + 1) % nblocks
+            post(rtype, b * sectors_per_block, bs, publish=False)  # writes send what the slot holds
+            outstanding += 1
+        publish()
+        cs = reap()
+        if cs:
+            outstanding -= len(cs)
+            done += len(cs)
+            errors += sum(1 for c in cs if c.status != VIRTIO_BLK_S_OK)
+        now = time.perf_counter()
+        if t_start is None and now >= t0 + warmup:
+            t_start, done_start = now, done
+        if now >= end:
+            break
+    while outstanding:  # drain
+        cs = reap()
+        outstanding -= len(cs)
+    secs = time.perf_counter() - (t_start or t0)
+    ops = done - done_start
+    return {"ops": ops, "iops": ops / secs, "mbps": ops * bs / secs / 1e6, "errors": errors}
+
+
+def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRow]:
+    from .frontend_blk import BlkFrontend
+
+    sock = workdir / f"blk-{backend}-{run}.sock"
+    log = workdir / f"blk-{backend}-{run}.log"
+    proc = start_backend(backend, image, sock, log)
+    rows = []
+    try:
+        max_bs = max(w[1] for w in WORKLOADS)
+        with BlkFrontend(str(sock), queue_size=a.queue_size, max_io=max_bs, poll=True, inflight=False) as fe:
+            fe.setup()
+            fill = os.urandom(max_bs)
+            for s in range(fe.queues[0].slots):  # what every write sends
+                off = fe.queues[0].data_off + s * max_bs
+                fe.ram.mm[off:off + max_bs] = fill
+            nbytes = fe.capacity() * 512
+            for name, bs, depth, rand in WORKLOADS:
+                depth = min(depth, fe.queues[0].slots)
+                r = drive(fe, name, bs, depth, rand, a.seconds, a.warmup, nbytes)
+                rows.append(BlkRow(backend, name, bs, depth, r["iops"], r["mbps"], r["ops"], r["errors"], run))
+            if fe.anomalies:
+                rows[-1].errors += len(fe.anomalies)
+                rows[-1].note = fe.anomalies[0]
+    finally:
+        stop_backend(proc)
+    return rows
+
+
+def table(rows: list[BlkRow]) -> str:
+    lines = [f"{'workload':10} {'bs':>7} {'qd':>3}  {'pyvhost':>22}  {'qemu-storage-daemon':>22}  pyvhost/qsd"]
+    for name, bs, _depth, _rand in WORKLOADS:
+        cells, meds = [], {}
+        for be in ("pyvhost", "qsd"):
+            rs = [r for r in rows if r.backend == be and r.workload == name]
+            if not rs:
+                cells.append(f"{'-':>22}")
+                continue
+            unit = "iops" if bs <= 4096 else "mbps"
+            v = [getattr(r, unit) for r in rs]
+            meds[be] = statistics.median(v)
+            fmt = (lambda x: f"{x / 1000:.1f}k") if unit == "iops" else (lambda x: f"{x:.0f}")
+            cells.append(f"{fmt(meds[be]) + (' IOPS' if unit == 'iops' else ' MB/s'):>11} "
+                         f"({fmt(min(v))}–{fmt(max(v))})".rjust(22))
+        ratio = f"{meds['pyvhost'] / meds['qsd']:.2f}x" if meds.get("qsd") and "pyvhost" in meds else ""
+        depth = next((r.iodepth for r in rows if r.workload == name), 0)
+        lines.append(f"{name:10} {bs:7d} {depth:3d}  {cells[0]}  {cells[1]}  {ratio}")
+    return "\n".join(lines)
+
+
+def main(a) -> int:
+    if os.cpu_count() and os.cpu_count() >= 2:
+        os.sched_setaffinity(0, {FRONTEND_CPU})
+    backends = ["pyvhost"] + (["qsd"] if qsd_binary() else [])
+    if len(backends) == 1:
+        print("note: qemu-storage-daemon not found; measuring pyvhost only", file=sys.stderr)
+    rows: list[BlkRow] = []
+    with tempfile.TemporaryDirectory(prefix="pyvhost-bench-blk-") as tmp:
+        workdir = Path(a.workdir) if a.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        image = workdir / "bench.img"
+        with open(image, "wb") as f:  # real data (no holes), in the page cache for both back-ends
+            chunk = os.urandom(1 << 20)
+            for _ in range(a.image_mb):
+                f.write(chunk)
+        for run in range(1, a.runs + 1):
+            for be in backends:
+                print(f"[run {run}/{a.runs}] {be} ...", end="", file=sys.stderr, flush=True)
+                try:
+                    got = measure(be, run, image, workdir, a)
+                except (RuntimeError, OSError, ValueError) as e:
+                    got = [BlkRow(be, w[0], w[1], w[2], 0.0, 0.0, 0, 1, run, str(e)[:300]) for w in WORKLOADS]
+                rows += got
+                print(" " + ", ".join(f"{r.workload} {r.iops / 1000:.1f}k IOPS {r.mbps:.0f} MB/s" for r in got),
+                      file=sys.stderr, flush=True)
+    print(table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    if a.plot:
+        plot(rows, a.plot)
+    bad = [r for r in rows if r.errors or r.ops == 0]
+    for r in bad:
+        print(f"error: {r.backend} {r.workload}: {r.errors} errors, {r.ops} ops {r.note}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def plot(rows: list[BlkRow], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(3 * len(WORKLOADS), 3.5))
+    for ax, (name, bs, _d, _r) in zip(axes, WORKLOADS):
+        unit = "iops" if bs <= 4096 else "mbps"
+        bes = [b for b in ("pyvhost", "qsd") if any(r.backend == b for r in rows)]
+        meds = [statistics.median(getattr(r, unit) for r in rows if r.backend == b and r.workload == name)
+                for b in bes]
+        ax.bar(bes, meds, color=["#ee6677", "#888888"][:len(bes)])
+        ax.set_title(f"{name} ({'IOPS' if unit == 'iops' else 'MB/s'})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
