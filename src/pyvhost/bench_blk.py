@@ -42,6 +42,8 @@ class BlkRow:
     ops: int
     errors: int
     run: int = 0
+    #: CPU time the back-end process used per request (less sensitive than rates to a busy machine)
+    cpu_us_per_op: float = 0.0
     note: str = ""
 
 
@@ -88,6 +90,13 @@ def stop_backend(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup: float, nbytes: int) -> dict:
     """Keep ``depth`` requests in flight for ``warmup + seconds``; count what completes after the warm-up."""
     from .devices.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
@@ -122,12 +131,13 @@ def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup
             t_start, done_start = now, done
         if now >= end:
             break
+    secs = time.perf_counter() - (t_start or t0)
+    ops = done - done_start
     while outstanding:  # drain
         cs = reap()
         outstanding -= len(cs)
-    secs = time.perf_counter() - (t_start or t0)
-    ops = done - done_start
-    return {"ops": ops, "iops": ops / secs, "mbps": ops * bs / secs / 1e6, "errors": errors}
+        done += len(cs)
+    return {"ops": ops, "iops": ops / secs, "mbps": ops * bs / secs / 1e6, "errors": errors, "total": done}
 
 
 def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRow]:
@@ -148,8 +158,11 @@ def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRo
             nbytes = fe.capacity() * 512
             for name, bs, depth, rand in WORKLOADS:
                 depth = min(depth, fe.queues[0].slots)
+                c0 = cpu_seconds(proc.pid)
                 r = drive(fe, name, bs, depth, rand, a.seconds, a.warmup, nbytes)
-                rows.append(BlkRow(backend, name, bs, depth, r["iops"], r["mbps"], r["ops"], r["errors"], run))
+                cpu = (cpu_seconds(proc.pid) - c0) / max(1, r["total"]) * 1e6
+                rows.append(BlkRow(backend, name, bs, depth, r["iops"], r["mbps"], r["ops"], r["errors"], run,
+                                   cpu))
             if fe.anomalies:
                 rows[-1].errors += len(fe.anomalies)
                 rows[-1].note = fe.anomalies[0]
@@ -159,7 +172,8 @@ def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRo
 
 
 def table(rows: list[BlkRow]) -> str:
-    lines = [f"{'workload':10} {'bs':>7} {'qd':>3}  {'pyvhost':>22}  {'qemu-storage-daemon':>22}  pyvhost/qsd"]
+    lines = [f"{'workload':10} {'bs':>7} {'qd':>3}  {'pyvhost':>22}  {'qemu-storage-daemon':>22}  pyvhost/qsd"
+             "   back-end CPU per request: pyvhost / qsd"]
     for name, bs, _depth, _rand in WORKLOADS:
         cells, meds = [], {}
         for be in ("pyvhost", "qsd"):
@@ -175,7 +189,9 @@ def table(rows: list[BlkRow]) -> str:
                          f"({fmt(min(v))}–{fmt(max(v))})".rjust(22))
         ratio = f"{meds['pyvhost'] / meds['qsd']:.2f}x" if meds.get("qsd") and "pyvhost" in meds else ""
         depth = next((r.iodepth for r in rows if r.workload == name), 0)
-        lines.append(f"{name:10} {bs:7d} {depth:3d}  {cells[0]}  {cells[1]}  {ratio}")
+        cpu = " / ".join(f"{statistics.median(r.cpu_us_per_op for r in rows if r.backend == be and r.workload == name):.1f} us"
+                         for be in ("pyvhost", "qsd") if any(r.backend == be and r.workload == name for r in rows))
+        lines.append(f"{name:10} {bs:7d} {depth:3d}  {cells[0]}  {cells[1]}  {ratio:>11}   {cpu}")
     return "\n".join(lines)
 
 
