@@ -28,8 +28,11 @@ from pyvhost.devices.blk import (OUTHDR, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUS
                                  VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
                                  VIRTIO_BLK_T_FLUSH,
                                  VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, BlkDevice)
+from pyvhost import protocol as P
+from pyvhost.devices.blk import VIRTIO_BLK_F_CONFIG_WCE
+from pyvhost.frontend import FrontendError
 from pyvhost.frontend_blk import BlkFrontend
-from pyvhost.protocol import ProtocolFeature as PF
+from pyvhost.protocol import ProtocolFeature as PF, Request as R
 
 PATHS = ["direct", "copy"]
 MiB = 1 << 20
@@ -94,6 +97,15 @@ def test_config_and_features(image, sock_path, metadata):
         for q in (0, 1):  # both request queues work
             assert fe.write(8 * q, payload(q, q), queue=q) == VIRTIO_BLK_S_OK
             assert fe.read(8 * q, BLOCK, queue=q) == (VIRTIO_BLK_S_OK, payload(q, q))
+        # CONFIG_WCE: the driver turns the write cache off (write-through: every write is synced) and on
+        assert fe.features & (1 << VIRTIO_BLK_F_CONFIG_WCE) and fe.config["writeback"] == 1
+        fe.command(R.SET_CONFIG, P.CONFIG_HDR.pack(32, 1, 0) + b"\0")
+        assert fe.read_config()["writeback"] == 0 and dev.writeback == 0
+        assert fe.write(16, payload(2, 2)) == VIRTIO_BLK_S_OK
+        with pytest.raises(FrontendError):  # any other field is read-only
+            fe.command(R.SET_CONFIG, P.CONFIG_HDR.pack(0, 8, 0) + bytes(8))
+        fe.command(R.SET_CONFIG, P.CONFIG_HDR.pack(32, 1, 0) + b"\1")
+        assert fe.read_config()["writeback"] == 1
         assert fe.anomalies == []
     dev.close()
 
