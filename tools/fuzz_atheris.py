@@ -210,7 +210,8 @@ class ChainHarness:
                 flags |= F.AVAIL_F if fdp.ConsumeIntInRange(0, 3) else fdp.ConsumeIntInRange(0, 1) << 7
                 mid = fdp.ConsumeIntInRange(0, n + 1)  # buffer id
             else:
-                mid = fdp.ConsumeIntInRange(0, n + 2) if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 0xFFFF)
+                small = fdp.ConsumeIntInRange(0, 7)
+                mid = fdp.ConsumeIntInRange(0, n + 2) if small else fdp.ConsumeIntInRange(0, 0xFFFF)
             word = (length & 0xFFFFFFFF) | (mid & 0xFFFF) << 32 | (flags & 0xFFFF) << 48 if packed else \
                 (length & 0xFFFFFFFF) | (flags & 0xFFFF) << 32 | (mid & 0xFFFF) << 48
             ram[off:off + 8] = np.frombuffer(int(a & (2 ** 64 - 1)).to_bytes(8, "little"), np.uint8)

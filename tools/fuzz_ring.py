@@ -39,17 +39,17 @@ import time
 import numpy as np
 from numba import njit
 
-from pyvhost.chain import ANY, READ_ONLY, WRITE_ONLY, walk_chain
+from pyvhost.chain import READ_ONLY, WRITE_ONLY, walk_chain
+from pyvhost.devices import net_packed as NP
 from pyvhost.devices.net import loopback, make_frame, rx_source, tx_sink
 from pyvhost.errors import QueueError
-from pyvhost.memory import SPACE_GPA, SPACE_UVA, GuestMemory, translate
+from pyvhost.memory import SPACE_UVA, GuestMemory, translate
 from pyvhost.protocol import ADDR_LIMIT, MemRegion
-from pyvhost.devices import net_packed as NP
 from pyvhost.ring.packed import read_head, walk_packed
-from pyvhost.ring.split import (Q_AVAIL, Q_AVAIL_WRAP, Q_PACKED, Q_USED_WRAP, Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DESC, Q_DIRECT, Q_DROPS,
+from pyvhost.ring.split import (Q_AVAIL, Q_AVAIL_WRAP, Q_BATCH, Q_CALLFD, Q_CHAINS, Q_DESC, Q_DIRECT, Q_DROPS,
                                 Q_ERROR, Q_EVENT_IDX, Q_FIELDS, Q_HDR_LEN, Q_LAST_AVAIL, Q_LIMIT, Q_MASK, Q_MRG,
-                                Q_NOTIFY_ON, Q_PACKETS, Q_SIGNALLED, Q_SIGNALLED_VALID, Q_SIZE, Q_USED,
-                                Q_USED_IDX)
+                                Q_NOTIFY_ON, Q_PACKED, Q_PACKETS, Q_SIGNALLED, Q_SIGNALLED_VALID, Q_SIZE, Q_USED,
+                                Q_USED_IDX, Q_USED_WRAP)
 
 KiB = 1024
 FILE_SIZE = 192 * KiB
@@ -101,6 +101,14 @@ V_NAMES = {
 @njit(cache=True)
 def _u64():
     return (np.uint64(np.random.randint(0, 1 << 32)) << np.uint64(32)) | np.uint64(np.random.randint(0, 1 << 32))
+
+
+@njit(cache=True)
+def _or_u16(k):
+    """Half the time a value below k, else any u16."""
+    if np.random.randint(0, 2):
+        return np.random.randint(0, k)
+    return np.random.randint(0, 0x10000)
 
 
 @njit(cache=True)
@@ -225,7 +233,8 @@ def _placement(lay, slot, n, p):
     if p == 0:  # all in A
         return 4096 + slot * 12288, 8192 + slot * 12288, 10240 + slot * 12288
     if p == 1:  # spread: desc in C, avail/used in B (bindable)
-        return lay[L_C_OFF] + 64 + slot * 4096, lay[L_B_END] - 8192 + slot * 4096, lay[L_B_END] - 8192 + slot * 4096 + 1024
+        tail = lay[L_B_END] - 8192 + slot * 4096
+        return lay[L_C_OFF] + 64 + slot * 4096, tail, tail + 1024
     if p == 2:  # desc table straddles the end of A (into a canary)
         return lay[L_A_END] - 16 * max(n // 2, 1), 8192 + slot * 12288, 10240 + slot * 12288
     if p == 3:  # avail flags/idx are the last bytes of B, the ring is outside
@@ -245,7 +254,7 @@ def _gen_ring(ram, lay, data, slot, n, mode, gen, tables_used):
     mask = n - 1
     # garbage everywhere first (reachable only through a bad head or next)
     for i in range(n):
-        f = np.random.randint(0, 8) if np.random.randint(0, 2) else np.random.randint(0, 0x10000)
+        f = _or_u16(8)
         _wdesc(ram, lay, d_off + 16 * i, _bad_addr(lay), _bad_len(), f, np.random.randint(0, 0x10000))
     # well-formed chains over a permutation of the descriptors
     perm = np.arange(n)
@@ -327,9 +336,9 @@ def _gen_ring(ram, lay, data, slot, n, mode, gen, tables_used):
             elif f == 1:
                 _w32(ram, lay, o + 8, _bad_len())
             elif f == 2:
-                _w16(ram, lay, o + 12, np.random.randint(0, 8) if np.random.randint(0, 2) else np.random.randint(0, 0x10000))
+                _w16(ram, lay, o + 12, _or_u16(8))
             else:
-                _w16(ram, lay, o + 14, np.random.randint(0, n) if np.random.randint(0, 2) else np.random.randint(0, 0x10000))
+                _w16(ram, lay, o + 14, _or_u16(n))
         elif kind == 2 and nint > 0:  # a field of an indirect table entry
             e = np.random.randint(0, nint)
             o = TABLES_OFF + in_table[e, 0] * 1024 + 16 * in_table[e, 1]
@@ -341,9 +350,9 @@ def _gen_ring(ram, lay, data, slot, n, mode, gen, tables_used):
             elif f == 2:
                 _w16(ram, lay, o + 12, np.random.randint(0, 8))
             else:
-                _w16(ram, lay, o + 14, np.random.randint(0, MAX_IND) if np.random.randint(0, 2) else np.random.randint(0, 0x10000))
+                _w16(ram, lay, o + 14, _or_u16(MAX_IND))
         elif kind == 3:  # an avail entry
-            ring[np.random.randint(0, n)] = np.random.randint(0, n) if np.random.randint(0, 2) else np.random.randint(0, 0x10000)
+            ring[np.random.randint(0, n)] = _or_u16(n)
         elif kind == 4:  # the avail index
             r = np.random.randint(0, 4)
             if r == 0:
@@ -372,7 +381,8 @@ def _gen_ring(ram, lay, data, slot, n, mode, gen, tables_used):
             i = np.random.randint(0, n)
             t = np.random.randint(0, N_TABLES)
             _wdesc(ram, lay, d_off + 16 * i, _gpa(lay, TABLES_OFF + t * 1024),
-                   16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2) else 0),
+                   16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2)
+                                                             else 0),
                    4 | (np.random.randint(0, 2) if np.random.randint(0, 4) == 0 else 0), 0)
         elif kind == 9:  # a whole-table loop, chain longer than the queue
             for i in range(n):
@@ -383,7 +393,10 @@ def _gen_ring(ram, lay, data, slot, n, mode, gen, tables_used):
     _w16(ram, lay, a_off + 2, avail_idx)
     for s in range(n):
         _w16(ram, lay, a_off + 4 + 2 * s, ring[s])
-    ue = (used_idx + np.random.randint(-4, 2 * n + 1)) & 0xFFFF if np.random.randint(0, 2) else np.random.randint(0, 0x10000)
+    if np.random.randint(0, 2):
+        ue = (used_idx + np.random.randint(-4, 2 * n + 1)) & 0xFFFF
+    else:
+        ue = np.random.randint(0, 0x10000)
     _w16(ram, lay, a_off + 4 + 2 * n, ue)
     # the used ring: flags, idx, entries (a pattern the device must overwrite only below the index), avail_event
     _w16(ram, lay, u_off, np.random.randint(0, 2))
@@ -719,7 +732,8 @@ def _pplacement(lay, slot, n, p):
     if p == 0:
         return 4096 + slot * 12288, 8192 + slot * 12288, 10240 + slot * 12288
     if p == 1:
-        return lay[L_C_OFF] + 64 + slot * 4096, lay[L_B_END] - 8192 + slot * 4096, lay[L_B_END] - 8192 + slot * 4096 + 1024
+        tail = lay[L_B_END] - 8192 + slot * 4096
+        return lay[L_C_OFF] + 64 + slot * 4096, tail, tail + 1024
     if p == 2:  # the descriptor ring straddles the end of A
         return lay[L_A_END] - 16 * max(n // 2, 1), 8192 + slot * 12288, 10240 + slot * 12288
     if p == 3:  # the driver area lies in the canary after B
@@ -828,7 +842,8 @@ def _gen_packed(ram, lay, data, slot, n, mode, gen, tables_used):
             if _in_region(lay, o + 14, 2):
                 _w16(ram, lay, o + 14, _r16(ram, o + 14) ^ (AVAIL_F if np.random.randint(0, 2) else USED_F))
         elif kind == 3:  # a buffer id
-            _w16(ram, lay, o + 12, np.random.randint(n, 0x10000) if np.random.randint(0, 2) else np.random.randint(0, n))
+            bid = np.random.randint(n, 0x10000) if np.random.randint(0, 2) else np.random.randint(0, n)
+            _w16(ram, lay, o + 12, bid)
         elif kind == 4:  # INDIRECT or NEXT where they do not belong
             if _in_region(lay, o + 14, 2):
                 _w16(ram, lay, o + 14, _r16(ram, o + 14) | (4 if np.random.randint(0, 2) else 1))
@@ -847,7 +862,8 @@ def _gen_packed(ram, lay, data, slot, n, mode, gen, tables_used):
         elif kind == 7:  # an indirect descriptor of odd length
             t = np.random.randint(0, N_TABLES)
             _wdesc(ram, lay, o, _gpa(lay, TABLES_OFF + t * 1024),
-                   16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2) else 0), 0, 0)
+                   16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2)
+                                                             else 0), 0, 0)
             _w16(ram, lay, o + 12, np.random.randint(0, n))
             if _in_region(lay, o + 14, 2):
                 _w16(ram, lay, o + 14, (_r16(ram, o + 14) & (AVAIL_F | USED_F)) | 4)
@@ -1104,7 +1120,8 @@ class RingFuzzEnv:
         self.qs = np.zeros((2, Q_FIELDS), np.int64)  # the queue states and generator outputs of the last state
         self.gs = np.zeros((2, 10), np.int64)
 
-    def run(self, seed: int, count: int, sample: int, stats: np.ndarray, info: np.ndarray, layout: str = "split") -> int:
+    def run(self, seed: int, count: int, sample: int, stats: np.ndarray, info: np.ndarray,
+            layout: str = "split") -> int:
         fn = fuzz_packed if layout == "packed" else fuzz_ring
         return int(fn(seed, count, sample, self.ram, self.lay, self.data, self.mem.arena.view,
                              self.mem.table, self.regions, self.callfd, self.frame, stats, info, self.snap,
