@@ -186,6 +186,10 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
         assert c.length == 0 and fe.ram.buf[fe.queues[0].status_off + c.slot] == 0xFF
         # and a good request still works
         assert fe.write(8, payload(1, 1)) == VIRTIO_BLK_S_OK
+        # data and status in one buffer (the device writes the status into its last byte)
+        fe.post_chain([("hdr", 16, False), ("data", BLOCK + 1, True)], header=OUTHDR.pack(VIRTIO_BLK_T_IN, 0, 8))
+        (c,) = fe.wait()
+        assert c.length == BLOCK + 1 and fe.data(c, BLOCK + 1) == payload(1, 1) + bytes([VIRTIO_BLK_S_OK])
         assert fe.read(8, BLOCK) == (VIRTIO_BLK_S_OK, payload(1, 1))
         assert fe.write(8, bytes(BLOCK)) == VIRTIO_BLK_S_OK  # back to zeros
         assert fe.anomalies == []
@@ -194,6 +198,7 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
     assert file_hash(image) == before  # nothing refused touched the file
     assert Path(image).stat().st_size == 32 * MiB
     assert any("no writable status byte" in m for m in errors())
+    assert not any("still has views" in m or "still in use" in m for m in errors())  # all released on time
 
     # a read-only image: writes, discards and write-zeroes fail, reads work, the file is unchanged
     ro_before = file_hash(ro_image)

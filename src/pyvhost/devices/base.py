@@ -218,12 +218,13 @@ class Request:
     """One chain given to :meth:`ChainDevice.submit`: ``readable`` and ``writable`` are memoryviews of guest
     memory, valid until :meth:`complete` is called -- once, from any thread."""
 
-    __slots__ = ("queue", "head", "readable", "writable", "_sink")
+    __slots__ = ("queue", "head", "readable", "writable", "_sink", "_wmax")
 
     def __init__(self, queue: int, head: int, readable: list[memoryview], writable: list[memoryview],
-                 sink: "_Completions") -> None:
+                 sink: "_Completions", wmax: int) -> None:
         self.queue, self.head, self.readable, self.writable = queue, head, readable, writable
         self._sink = [sink]
+        self._wmax = wmax  # bytes the device may write (the used length is capped to it)
 
     @property
     def done(self) -> bool:
@@ -236,13 +237,10 @@ class Request:
         except IndexError:
             log.error("queue %d: chain %d completed twice; the second completion is ignored", self.queue, self.head)
             return
-        wmax = 0
-        for b in self.writable:
-            wmax += len(b)
-        n = min(max(int(written or 0), 0), wmax)
+        n = min(max(int(written or 0), 0), self._wmax)
         for b in (*self.readable, *self.writable):
             try:
-                b.release()
+                b.release()  # a view the device released already is fine
             except BufferError:
                 log.error("queue %d: chain %d completed while its buffers are still in use", self.queue, self.head)
         self.readable = self.writable = []
@@ -366,7 +364,7 @@ class ChainDevice(Device):
         def start(head: int, rows: list[list[int]], nread: int) -> None:
             nonlocal outstanding
             segs = [memoryview(arena[o:o + ln]) for o, ln in rows]
-            req = Request(index, head, segs[:nread], segs[nread:], done)
+            req = Request(index, head, segs[:nread], segs[nread:], done, sum(ln for _, ln in rows[nread:]))
             outstanding += 1
             try:
                 submit(req)

@@ -95,6 +95,13 @@ def _total(views: list[memoryview]) -> int:
     return sum(len(v) for v in views)
 
 
+def _release(views: list[memoryview]) -> None:
+    """Release the views (slices of the chain's buffers included) before the request completes: after that,
+    guest memory may be unmapped, and a slice still alive would keep the mapping from being released."""
+    for v in views:
+        v.release()
+
+
 class IOPool:
     """Threads that run I/O functions taken from a queue (the system calls release the GIL)."""
 
@@ -113,6 +120,7 @@ class IOPool:
             if fn is None:
                 return
             fn(*args)
+            del fn, args  # nothing of the request outlives it here
 
     def close(self) -> None:
         for _ in self.threads:
@@ -250,6 +258,7 @@ class BlkDevice(ChainDevice):
         if n != _total(views):
             return False
         self._nowait_worked.add(kind)
+        _release(views)
         self._count(kind, kind + "_bytes", n)
         self._finish(req, VIRTIO_BLK_S_OK, n if kind == "read" else 0)
         return True
@@ -350,6 +359,8 @@ class BlkDevice(ChainDevice):
         except Exception:
             log.exception("queue %d: %s request failed", req.queue, kind)
             status, written = VIRTIO_BLK_S_IOERR, 0
+        if kind in ("read", "write"):
+            _release(what)
         self._finish(req, status, written)
 
     def _finish(self, req: Request, status: int, written: int) -> None:
