@@ -82,6 +82,7 @@ def test_message_campaign_both_paths():
     for r in out["messages"]:
         assert r["sessions"] > 10 and r["closed_by_server"] > 0 and r["acks_ok"] > 0 and r["acks_failed"] > 0
         assert r["requests"] >= 40  # every request id (and unknown ones) was sent
+        assert r["workers_started"] > 100 and r["rings_broken"] > 10  # messages met running, breaking workers
     print(json.dumps(out))
 
 

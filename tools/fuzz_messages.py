@@ -332,6 +332,26 @@ class Generator:
             return b"", ["socket"]
         return bytes(r.getrandbits(8) for _ in range(r.choice((0, 8, 8, 16, 40)))), []
 
+    def setup_burst(self) -> list[tuple[int, int, bytes, list[str]]]:
+        """A complete, valid set-up of both rings over the session's RAM (split or packed), so that workers
+        start -- and then meet the random messages, kicks and RAM that follow."""
+        r = self.r
+        s = self.s
+        offered = s.offered_features or 0
+        features = offered & ((1 << 32) | (1 << 30) | (1 << 28) | (1 << 29) | (1 << 15)
+                              | ((1 << 34) if r.randrange(3) == 0 else 0))
+        out = [(R.SET_FEATURES, V1, P.U64.pack(features), []),
+               (R.SET_MEM_TABLE, V1, P.MEM_TABLE_HDR.pack(1, 0) + P.MemRegion(GPA, RAM, s.uva, 0).pack(), ["memfd"])]
+        for i in (0, 1):
+            base = s.uva + i * 0x10000
+            out += [(R.SET_VRING_NUM, V1, P.VRING_STATE.pack(i, r.choice((8, 64, 256))), []),
+                    (R.SET_VRING_BASE, V1, P.VRING_STATE.pack(i, 0 if features & (1 << 34) == 0 else 0x80008000), []),
+                    (R.SET_VRING_ADDR, V1, P.VRING_ADDR.pack(i, 0, base, base + 0x8000, base + 0x4000, 0), []),
+                    (R.SET_VRING_KICK, V1, P.U64.pack(i), [f"eventfd{'' if i == 0 else i}"]),
+                    (R.SET_VRING_CALL, V1, P.U64.pack(i), ["eventfd2"]),
+                    (R.SET_VRING_ENABLE, V1, P.VRING_STATE.pack(i, 1), [])]
+        return out
+
     def mutate(self, payload: bytes) -> bytes:
         r = self.r
         k = r.randrange(5)
@@ -426,6 +446,12 @@ class Server:
         with open(self.log_path) as f:
             return f.read()[-n:]
 
+    def count(self, text: str) -> int:
+        if not self.log.closed:
+            self.log.flush()
+        with open(self.log_path) as f:
+            return sum(text in line for line in f)
+
     def bad_lines(self) -> list[str]:
         if not self.log.closed:
             self.log.flush()
@@ -493,6 +519,9 @@ def run_campaign(count: int, seed: int = 1, metadata: str = "direct", mode: str 
                 elif k < 12:
                     for fd in s.eventfds:  # kicks
                         os.eventfd_write(fd, 1)
+                elif k < 16:  # a whole valid set-up: workers start, then meet what follows
+                    for req, flags, payload, kinds in g.setup_burst():
+                        s.send(req, flags, payload, [s.fd(x) for x in kinds])
                 else:
                     req, flags, payload, kinds = g.message()
                     desc = f"{_name(req)}({req}) flags={flags:#x} payload={payload[:48].hex()}" \
@@ -525,6 +554,7 @@ def run_campaign(count: int, seed: int = 1, metadata: str = "direct", mode: str 
             rc = srv.stop()
             if rc != 0:
                 raise ModelError(f"the server exited with {rc}: {srv.tail()}")
+            workers_started, rings_broken = srv.count("started"), srv.count("broken: ")
             bad = srv.bad_lines()
             if bad:
                 raise ModelError("the server logged bugs:\n" + "\n".join(bad[:20]) + "\n" + srv.tail())
@@ -542,4 +572,5 @@ def run_campaign(count: int, seed: int = 1, metadata: str = "direct", mode: str 
             "fds_sent": stats.fds_sent, "fds_received": stats.fds_received,
             "server_fds_idle": base_fds, "server_fds_max": max_fds, "server_maps_idle": base_maps,
             "server_maps_max": max_maps, "requests": len(stats.per_request),
+            "workers_started": workers_started, "rings_broken": rings_broken,
             "seconds": round(time.perf_counter() - t0, 2)}
