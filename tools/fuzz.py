@@ -86,7 +86,8 @@ def cmd_all(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/fuzz.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tools/fuzz.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     ring = sub.add_parser("ring", help="compiled ring-state fuzzer")
     ring.add_argument("--states", type=int, default=1_000_000)
