@@ -75,3 +75,26 @@ def test_device_exception_completes_the_chain_and_goes_on(serve, sock_path, erro
         dst = ring.bufs_off + 5 * BUF_SIZE
         assert bytes(ram.buf[dst:dst + 5]) == b"again"
     assert any("handling a chain of queue 0 failed" in m for m in errors())
+
+
+class Careless(ChainDevice):
+    """Completes with a length that is not a number, and completes one chain twice."""
+
+    num_queues = 1
+
+    def submit(self, req):
+        req.complete("lots" if req.head == 0 else len(req.writable[0]))
+        if req.head == 2:
+            req.complete(1)
+
+
+def test_device_completion_mistakes_do_not_lose_chains(serve, sock_path, errors):
+    serve(device=Careless())
+    with Frontend(sock_path, num_queues=1) as fe:
+        fe.setup()
+        r = fe.run("rx", count=300)
+        assert r["packets"] == 300  # every chain completed, the ones the device got wrong too
+        final = fe.drain("rx")
+    assert final["packets"] == 300
+    msgs = errors()
+    assert any("completing chain 0" in m for m in msgs) and any("completed twice" in m for m in msgs)

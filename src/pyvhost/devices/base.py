@@ -237,14 +237,20 @@ class Request:
         except IndexError:
             log.error("queue %d: chain %d completed twice; the second completion is ignored", self.queue, self.head)
             return
-        n = min(max(int(written or 0), 0), self._wmax)
-        for b in (*self.readable, *self.writable):
-            try:
-                b.release()  # a view the device released already is fine
-            except BufferError:
-                log.error("queue %d: chain %d completed while its buffers are still in use", self.queue, self.head)
-        self.readable = self.writable = []
-        sink.put(self.head, n)
+        n = 0
+        try:  # whatever goes wrong here, the completion is delivered (a lost one would block the ring forever)
+            n = min(max(int(written or 0), 0), self._wmax)
+            for b in (*self.readable, *self.writable):
+                try:
+                    b.release()  # a view the device released already is fine
+                except BufferError:
+                    log.error("queue %d: chain %d completed while its buffers are still in use", self.queue,
+                              self.head)
+        except Exception:
+            log.exception("queue %d: completing chain %d (written=%r)", self.queue, self.head, written)
+        finally:
+            self.readable = self.writable = []
+            sink.put(self.head, n)
 
 
 class _Completions:
