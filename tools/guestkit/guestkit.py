@@ -271,6 +271,8 @@ class Guest:
     append: str = ""
     extra_args: list[str] = field(default_factory=list)
     workdir: str | None = None
+    #: more virtio-net-pci properties, e.g. "packed=on"
+    device_opts: str = ""
 
     def __post_init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -287,7 +289,8 @@ class Guest:
         return [QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(m),
                 "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on", "-numa", "node,memdev=mem",
                 "-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
-                "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile=",
+                "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile="
+                + (f",{self.device_opts}" if self.device_opts else ""),
                 "-kernel", str(self.kit.kernel), "-initrd", initrd,
                 "-append", f"console=ttyS0 quiet panic=-1 oops=panic {self.append}".strip(),
                 "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-monitor", "none",
