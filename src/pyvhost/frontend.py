@@ -8,6 +8,7 @@ It is what ``pyvhost bench`` drives by default, and what the tests use as a gues
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -38,10 +39,12 @@ BUF_SIZE = 2048
 class GuestRam:
     """A memfd shared with the back-end, with a bump allocator and GPA/UVA helpers."""
 
-    def __init__(self, size: int, gpa_base: int = GPA_BASE) -> None:
+    def __init__(self, size: int, gpa_base: int = GPA_BASE, seal: bool = True) -> None:
         self.size = size
-        self.fd = os.memfd_create("pyvhost-guest", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("pyvhost-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        if seal:  # a back-end maps this memory: it must never shrink under it (that would be SIGBUS there)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
         self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = np.frombuffer(self.mm, dtype=np.uint8)
         self.uva_base = self.buf.ctypes.data
@@ -209,7 +212,7 @@ class Frontend:
 
     def __init__(self, socket_path: str, *, queue_size: int = 256, queue_pairs: int = 1, packed: bool = False,
                  ram_size: int = 64 << 20, event_idx: bool = True, mrg_rxbuf: bool = True,
-                 connect_timeout: float = 10.0, num_queues: int | None = None) -> None:
+                 connect_timeout: float = 10.0, num_queues: int | None = None, seal_memory: bool = True) -> None:
         self.socket_path = socket_path
         #: virtqueues to set up: a net device's 2 per pair unless told otherwise (e.g. 1 for virtio-rng)
         self.num_queues = num_queues or 2 * queue_pairs
@@ -218,7 +221,7 @@ class Frontend:
         self.want_event_idx = event_idx
         self.want_mrg = mrg_rxbuf
         self.want_packed = packed  # VIRTIO_F_RING_PACKED: packed rings (frontend_packed.py)
-        self.ram = GuestRam(ram_size)
+        self.ram = GuestRam(ram_size, seal=seal_memory)
         self.sock = self._connect(socket_path, connect_timeout)
         self.rings: list[DriverRing] = []
         self.features = 0
