@@ -175,26 +175,26 @@ ioerrs
 
 
 def test_guest_write_stream_survives_three_backend_kill9(kit, disk, tmp_path):
-    """The guest writes 48 MiB (buffered, then fsync: many requests in flight) while the back-end -- one I/O
-    thread, 25 ms per request, so that it always holds requests it has not finished -- is killed three times
+    """The guest writes 64 MiB (buffered, then fsync: many requests in flight) while the back-end -- one I/O
+    thread, 60 ms per request, so that it always holds requests it has not finished -- is killed three times
     and restarted; QEMU reconnects each time and the back-end resubmits what was in flight.  Every byte
     lands: the guest reads back what it wrote, the file holds it, and no I/O error reached the guest."""
-    d = disk("--io-threads", "1", "--io-delay-ms", "25")
+    d = disk("--io-threads", "1", "--io-delay-ms", "60")
     script = PRELUDE + """
-dd if=/dev/urandom of=/tmp/a bs=1M count=48 2>/dev/null
+dd if=/dev/urandom of=/tmp/a bs=1M count=64 2>/dev/null
 echo "RESULT a_md5=$(md5sum /tmp/a | cut -d' ' -f1)"
 echo "RESULT writing=1"
 dd if=/tmp/a of=/dev/vda bs=1M conv=fsync 2>/dev/null
 echo "RESULT written=$(now)"
 echo 3 > /proc/sys/vm/drop_caches
-echo "RESULT b_md5=$(dd if=/dev/vda bs=1M count=48 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "RESULT b_md5=$(dd if=/dev/vda bs=1M count=64 2>/dev/null | md5sum | cut -d' ' -f1)"
 ioerrs
 """.replace("$(now)", "1")
     with BlkGuest(kit, d.sock, script, reconnect=True, workdir=str(tmp_path)) as g:
         g.expect("writing", GUEST_TIMEOUT)
         kills = 0
         for _ in range(3):
-            time.sleep(1.0)
+            time.sleep(0.6)  # the stream needs more than 3 s of the back-end's time (>= 50 requests)
             if "written" in g.results:
                 break
             d.kill9()
@@ -205,7 +205,7 @@ ioerrs
     r = g.results
     assert r.get("exit") == "0", g.tail()
     assert kills == 3, "the write stream ended before the third kill"
-    assert r["b_md5"] == r["a_md5"] == d.md5(48 * MiB)
+    assert r["b_md5"] == r["a_md5"] == d.md5(64 * MiB)
     assert r["ioerr"] == "0", g.tail()
     resubmitted = [log.read_text().count("resubmitting") for log in d.logs[1:]]
     assert sum(resubmitted) > 0, "no restart found requests in flight"
