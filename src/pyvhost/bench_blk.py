@@ -173,7 +173,7 @@ def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRo
 
 def table(rows: list[BlkRow]) -> str:
     lines = [f"{'workload':10} {'bs':>7} {'qd':>3}  {'pyvhost':>22}  {'qemu-storage-daemon':>22}  pyvhost/qsd"
-             "   back-end CPU per request: pyvhost / qsd"]
+             "   back-end CPU per request: pyvhost / qsd   (pyvhost/qsd of each pair of runs)"]
     for name, bs, _depth, _rand in WORKLOADS:
         cells, meds = [], {}
         for be in ("pyvhost", "qsd"):
@@ -187,11 +187,17 @@ def table(rows: list[BlkRow]) -> str:
             fmt = (lambda x: f"{x / 1000:.1f}k") if unit == "iops" else (lambda x: f"{x:.0f}")
             cells.append(f"{fmt(meds[be]) + (' IOPS' if unit == 'iops' else ' MB/s'):>11} "
                          f"({fmt(min(v))}–{fmt(max(v))})".rjust(22))
-        ratio = f"{meds['pyvhost'] / meds['qsd']:.2f}x" if meds.get("qsd") and "pyvhost" in meds else ""
+        # per pair of runs (pyvhost's run i against qemu-storage-daemon's run i, measured next to each other)
+        unit = "iops" if bs <= 4096 else "mbps"
+        mine = {r.run: getattr(r, unit) for r in rows if r.backend == "pyvhost" and r.workload == name}
+        theirs = {r.run: getattr(r, unit) for r in rows if r.backend == "qsd" and r.workload == name}
+        pairs = [mine[k] / theirs[k] for k in sorted(mine) if theirs.get(k)]
+        ratio = f"{statistics.median(pairs):.2f}x" if pairs else ""
+        runs = f" (runs {', '.join(f'{x:.2f}' for x in pairs)})" if len(pairs) > 1 else ""
         depth = next((r.iodepth for r in rows if r.workload == name), 0)
         cpu = " / ".join(f"{statistics.median(r.cpu_us_per_op for r in rows if r.backend == be and r.workload == name):.1f} us"
                          for be in ("pyvhost", "qsd") if any(r.backend == be and r.workload == name for r in rows))
-        lines.append(f"{name:10} {bs:7d} {depth:3d}  {cells[0]}  {cells[1]}  {ratio:>11}   {cpu}")
+        lines.append(f"{name:10} {bs:7d} {depth:3d}  {cells[0]}  {cells[1]}  {ratio:>11}   {cpu}{runs}")
     return "\n".join(lines)
 
 
