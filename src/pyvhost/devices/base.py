@@ -112,7 +112,7 @@ import threading  # noqa: E402
 
 from ..atomic import fence_full  # noqa: E402
 from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain  # noqa: E402
-from ..jit import kernel  # noqa: E402
+from ..jit import helper, kernel  # noqa: E402
 from ..ring.split import (Q_CHAINS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_SIZE, Q_STOP, Q_USED_IDX, Q_WAKEUPS,  # noqa: E402
                           avail_pending, flush_used, read_avail_entry, set_notify, write_used)
 
@@ -125,13 +125,10 @@ IST_COUNTER, IST_TRACK = 0, 1
 _NO_U8, _NO_U16, _NO_U64 = np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
 
 
-@kernel
-def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins, i8, i64, ist):
-    """Take up to ``max_chains`` chains (walked and bounded) off the avail ring into ``chains``/``sg``.
-
-    Polls up to ``spins`` times; with nothing to take, asks for kicks, looks once more, and returns POP_IDLE.
-    With inflight tracking (``ist[IST_TRACK]``), each chain taken is marked in flight -- counter first, then
-    the flag -- in avail order, before the device sees it."""
+@helper
+def wait_pending(q, avail, used16, mem, table, spins):
+    """Chains waiting on the avail ring (> 0, kicks then suppressed while we work), or POP_IDLE after ``spins``
+    empty polls (kicks asked for and the ring looked at once more), POP_STOPPED or POP_BROKEN."""
     for _ in range(spins):
         if q[Q_STOP]:
             return POP_STOPPED
@@ -150,6 +147,19 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
     if not set_notify(q, used16, mem, table, 0):
         return POP_BROKEN
     q[Q_WAKEUPS] += 1
+    return n
+
+
+@kernel
+def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins, i8, i64, ist):
+    """Take up to ``max_chains`` chains (walked and bounded) off the avail ring into ``chains``/``sg``.
+
+    Polls up to ``spins`` times; with nothing to take, asks for kicks, looks once more, and returns POP_IDLE.
+    With inflight tracking (``ist[IST_TRACK]``), each chain taken is marked in flight -- counter first, then
+    the flag -- in avail order, before the device sees it."""
+    n = wait_pending(q, avail, used16, mem, table, spins)
+    if n <= 0:
+        return n
     last = q[Q_LAST_AVAIL]
     track = ist[IST_TRACK]
     row = 0

@@ -36,13 +36,12 @@ import struct
 
 import numpy as np
 
-from ..atomic import fence_full
 from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain
 from ..jit import kernel
 from ..ring.split import (Q_BYTES, Q_CHAINS, Q_DROPS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_PACKETS, Q_SIZE, Q_STOP,
-                          Q_USED_IDX, Q_WAKEUPS, avail_pending, flush_used, read_avail_entry, set_notify,
-                          write_used)
-from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
+                          Q_USED_IDX, flush_used, read_avail_entry, write_used)
+from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn, wait_pending
+from .base import POP_BROKEN, POP_IDLE, POP_STOPPED  # wait_pending's results
 from .net import (NET_HDR_LEN, NET_HDR_LEN_LEGACY, VIRTIO_ID_NET, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
                   VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
                   VIRTIO_NET_S_LINK_UP)
@@ -88,7 +87,6 @@ OFFLOAD_FEATURES = sum(1 << b for b in (*GUEST_OFFLOADS, *HOST_OFFLOADS))
 
 # ---------------------------------------------------------------------------------------------------------
 # compiled ring access: chains off the avail ring, completions onto the used ring (the rest is Python)
-POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
 #: columns of the chains array: head, first sg row, readable segments, sg row after the last segment
 C_HEAD, C_FIRST, C_NREAD, C_END = 0, 1, 2, 3
 
@@ -99,24 +97,9 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
 
     Polls up to ``spins`` times; with nothing to take, asks for kicks, looks once more, and returns POP_IDLE.
     Chains taken before a fault are still handed out; the fault shows in q[Q_ERROR]."""
-    for _ in range(spins):
-        if q[Q_STOP]:
-            return POP_STOPPED
-        n = avail_pending(q, avail, mem, table)
-        if n < 0:
-            return POP_BROKEN
-        if n > 0:
-            break
-    else:
-        if not set_notify(q, used16, mem, table, 1):
-            return POP_BROKEN
-        fence_full()
-        n = avail_pending(q, avail, mem, table)
-        if n <= 0:
-            return POP_BROKEN if n < 0 else POP_IDLE
-    if not set_notify(q, used16, mem, table, 0):
-        return POP_BROKEN
-    q[Q_WAKEUPS] += 1
+    n = wait_pending(q, avail, used16, mem, table, spins)
+    if n <= 0:
+        return n
     last = q[Q_LAST_AVAIL]
     row = 0
     room = q[Q_SIZE] + MAX_INDIRECT  # rows one chain may need at most
