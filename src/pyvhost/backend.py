@@ -612,21 +612,29 @@ class Server:
     """Listen on a Unix socket and serve one front-end at a time; a disconnect tears the device down and the
     next connection gets a fresh one."""
 
-    def __init__(self, device: Device, socket_path: str, metadata: Metadata = Metadata.DIRECT,
-                 batch: int = 256) -> None:
+    def __init__(self, device: Device, socket_path: str | None, metadata: Metadata = Metadata.DIRECT,
+                 batch: int = 256, listener: socket.socket | None = None) -> None:
+        """Listen on ``socket_path`` (created, replacing what is there), or on ``listener``, a listening Unix
+        socket passed in (socket activation: its path belongs to whoever made it and is left in place)."""
         self.device = device
-        self.socket_path = socket_path
         self.metadata = Metadata(metadata)
         self.batch = batch
         self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.connection: Connection | None = None
         #: counters of the connections that ended, the most recent last (bounded: a server runs for long)
         self.history: collections.deque[dict[int, dict[str, int]]] = collections.deque(maxlen=HISTORY)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
-        self.listener.bind(socket_path)
-        self.listener.listen(1)
+        self.owns_path = listener is None
+        if listener is None:
+            if socket_path is None:
+                raise ValueError("a socket path or a listening socket is needed")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if os.path.exists(socket_path):
+                os.unlink(socket_path)
+            listener.bind(socket_path)
+            listener.listen(1)
+        self.listener = listener
+        name = listener.getsockname()
+        self.socket_path: str = socket_path or (name if isinstance(name, str) and name else f"fd {listener.fileno()}")
 
     def stop(self) -> None:
         """Ask serve() to return (safe from a signal handler or another thread)."""
@@ -704,7 +712,8 @@ class Server:
     def close(self) -> None:
         self.listener.close()
         os.close(self.stop_fd)
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        if self.owns_path:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass

@@ -8,11 +8,19 @@ import logging
 import os
 import signal
 import sys
+import socket
 import threading
 
-from .access import Metadata
+from .bench import add_arguments as add_bench_arguments
+from .devices.builtin import SPECS
+from .devices.registry import DeviceSpec, discover
 
 log = logging.getLogger("pyvhost")
+
+#: ``access.Metadata``'s values, named here so that the parser needs no NumPy (a test keeps them equal)
+METADATA_PATHS = ("direct", "copy")
+#: the first fd systemd passes (sd_listen_fds(3))
+SD_LISTEN_FDS_START = 3
 
 
 def _pin(cpu: int | None) -> None:
@@ -20,21 +28,47 @@ def _pin(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
+def socket_activated() -> bool:
+    """systemd passed this process its sockets (sd_listen_fds)."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS") or 0) >= 1
+
+
+def listening_socket(args: argparse.Namespace) -> socket.socket | None:
+    """The socket passed in (``--socket-fd N``, or systemd's first one: LISTEN_PID/LISTEN_FDS), checked to be a
+    bound Unix stream socket and listening; None when pyvhost is to create ``--socket-path`` itself."""
+    fd = args.socket_fd
+    if fd is None and args.socket_path is None and socket_activated():
+        fd = SD_LISTEN_FDS_START
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for our children
+        os.environ.pop(name, None)
+    if fd is None:
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise SystemExit(f"pyvhost serve: --socket-fd {fd}: not a socket ({e.strerror})") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise SystemExit(f"pyvhost serve: --socket-fd {fd}: not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        if not sock.getsockname():
+            sock.detach()
+            raise SystemExit(f"pyvhost serve: --socket-fd {fd}: the socket is not bound to an address")
+        sock.listen(1)
+    sock.set_inheritable(False)
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one device (any in the registry) until a signal, or ``--connections`` connections have ended."""
+    from .access import Metadata
     from .backend import Server
-    from .devices.net import Mode, NetDevice, warm_up
 
     _pin(args.cpu)
-    if args.tap:  # a guest on a real network: frames go to and come from this tap device
-        from .devices import tap
-
-        device = tap.TapDevice(args.tap, offloads=not args.no_offloads)
-        tap.warm_up()
-    else:
-        device = NetDevice(Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size,
-                           count=args.count)
-        warm_up()
-    server = Server(device, args.socket_path, Metadata(args.metadata), batch=args.batch)
+    listener = listening_socket(args)
+    spec: DeviceSpec = args.spec
+    device = spec.create(args)
+    server = Server(device, args.socket_path, Metadata(args.metadata), batch=args.batch, listener=listener)
 
     def on_signal(signum, frame):
         server.stop()
@@ -42,56 +76,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGUSR1, lambda s, f: log.info("stats %s", json.dumps(server.stats())))
-    ticker = None
+    done = threading.Event()
     if args.stats_interval:
-        done = threading.Event()
-
         def tick():
             while not done.wait(args.stats_interval):
                 log.info("stats %s", json.dumps(server.stats()))
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
-    log.info("serving %s (%s, %s path) on %s", f"tap {args.tap}" if args.tap else device.mode.value, "net",
-             args.metadata, args.socket_path)
+        threading.Thread(target=tick, daemon=True).start()
+    log.info("serving %s (%s path) on %s", spec.name, args.metadata, server.socket_path)
     if args.ready_file:
         with open(args.ready_file, "w") as f:
             f.write(str(os.getpid()))
     try:
         server.serve(connections=args.connections)
     finally:
+        done.set()
         stats = server.stats()
         server.close()
-        if ticker:
-            done.set()
-        print(json.dumps({"stats": stats}), flush=True)
+        device.close()
+        print(json.dumps({"stats": stats, spec.name: device.stats()}), flush=True)
         if args.stats_json:
             with open(args.stats_json, "w") as f:
                 json.dump(stats, f)
     return 0
-
-
-def cmd_serve_rng(args: argparse.Namespace) -> int:
-    from .backend import Server
-    from .devices.rng import RngDevice
-
-    _pin(args.cpu)
-    server = Server(RngDevice(), args.socket_path, Metadata(args.metadata))
-    signal.signal(signal.SIGTERM, lambda s, f: server.stop())
-    signal.signal(signal.SIGINT, lambda s, f: server.stop())
-    log.info("serving rng (%s path) on %s", args.metadata, args.socket_path)
-    try:
-        server.serve(connections=args.connections)
-    finally:
-        print(json.dumps({"stats": server.stats()}), flush=True)
-        server.close()
-    return 0
-
-
-def cmd_serve_blk(args: argparse.Namespace) -> int:
-    from .devices.blk import serve_main
-
-    _pin(args.cpu)
-    return serve_main(args)
 
 
 def cmd_drive(args: argparse.Namespace) -> int:
@@ -136,45 +142,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def serve_arguments() -> argparse.ArgumentParser:
+    """The arguments every ``serve DEVICE`` takes (the rust-vmm vhost-device convention where it has one)."""
+    p = argparse.ArgumentParser(add_help=False)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", help="listen on this Unix socket path (created; replaced if it exists)")
+    where.add_argument("--socket-fd", type=int, metavar="N",
+                       help="serve on the listening Unix socket already open as fd N (socket activation; "
+                       "without either option, systemd's LISTEN_FDS socket is used)")
+    p.add_argument("--metadata", choices=METADATA_PATHS, default="direct",
+                   help="ring metadata access: direct (validated-once views) or copy (checked every access)")
+    p.add_argument("--batch", type=int, default=256, help="most chains taken per pass")
+    p.add_argument("--cpu", type=int, help="pin to this CPU")
+    p.add_argument("--connections", type=int, help="exit after this many connections have ended")
+    p.add_argument("--stats-json", help="write the per-queue counters here at exit")
+    p.add_argument("--stats-interval", type=float, default=0, help="log the counters every N seconds")
+    p.add_argument("--ready-file", help="write the pid here once the socket listens")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvhost", description="vhost-user device back-ends in Python")
     p.add_argument("-v", "--verbose", action="count", default=0)
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a device on a vhost-user socket")
-    serve_sub = serve.add_subparsers(dest="device", required=True)
-    net = serve_sub.add_parser("net", help="virtio-net")
-    net.add_argument("--socket-path", required=True)
-    net.add_argument("--mode", choices=["sink", "source", "loopback"], default="sink")
-    net.add_argument("--tap", metavar="NAME", help="connect the guest to tap device NAME (created if missing); "
-                     "--mode is then ignored")
-    net.add_argument("--no-offloads", action="store_true",
-                     help="with --tap: offer no checksum/TSO/UFO offloads to the guest")
-    net.add_argument("--metadata", choices=[m.value for m in Metadata], default="direct",
-                     help="ring metadata access: direct (validated-once views) or copy (checked every access)")
-    net.add_argument("--pkt-size", type=int, default=64, help="frame size generated in source mode")
-    net.add_argument("--queue-pairs", type=int, default=1)
-    net.add_argument("--count", type=int, default=-1, help="source mode: stop after this many packets per queue")
-    net.add_argument("--batch", type=int, default=256, help="most chains taken per pass")
-    net.add_argument("--cpu", type=int, help="pin to this CPU")
-    net.add_argument("--connections", type=int, help="exit after this many connections have ended")
-    net.add_argument("--stats-json", help="write the per-queue counters here at exit")
-    net.add_argument("--stats-interval", type=float, default=0, help="log the counters every N seconds")
-    net.add_argument("--ready-file", help="write the pid here once the socket listens")
-    net.set_defaults(func=cmd_serve)
-
-    rng = serve_sub.add_parser("rng", help="virtio-rng (a device written in plain Python)")
-    rng.add_argument("--socket-path", required=True)
-    rng.add_argument("--metadata", choices=[m.value for m in Metadata], default="direct")
-    rng.add_argument("--connections", type=int, help="exit after this many connections have ended")
-    rng.add_argument("--cpu", type=int, help="pin to this CPU")
-    rng.set_defaults(func=cmd_serve_rng)
-
-    from .devices.blk import add_serve_arguments
-    blk = serve_sub.add_parser("blk", help="virtio-blk on a raw image file or block device")
-    add_serve_arguments(blk)
-    blk.add_argument("--cpu", type=int, help="pin to this CPU")
-    blk.set_defaults(func=cmd_serve_blk)
+    serve_sub = serve.add_subparsers(dest="device", required=True, metavar="DEVICE")
+    common = serve_arguments()
+    for name, spec in sorted(discover(SPECS).items()):
+        dev = serve_sub.add_parser(name, help=spec.help, parents=[common])
+        spec.add_arguments(dev)
+        dev.set_defaults(func=cmd_serve, spec=spec)
 
     drive = sub.add_parser("drive", help="drive a vhost-user net back-end with pyvhost's front-end")
     drive.add_argument("device", choices=["net"])
@@ -194,15 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile (or load from cache) the datapath kernels ahead of use")
     comp.set_defaults(func=cmd_compile)
 
-    from .bench import add_arguments
     bench = sub.add_parser("bench", help="measure the metadata paths side by side")
-    add_arguments(bench)
+    add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.socket_path is None and args.socket_fd is None and not socket_activated():
+        parser.error("serve: one of --socket-path or --socket-fd is required")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     log.setLevel(logging.INFO if args.verbose <= 1 else logging.DEBUG)

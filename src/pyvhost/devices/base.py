@@ -99,7 +99,11 @@ class Device(abc.ABC):
         """Set device-specific fields of a queue's state before its worker starts."""
 
     def stats(self) -> dict:
+        """Device counters, reported beside the per-queue ones."""
         return {}
+
+    def close(self) -> None:
+        """Release what the device holds (files, threads) once it is served no more."""
 
 
 # ---------------------------------------------------------------------------------------------------------
