@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvhost.bench import PmdConsole, parse_testpmd
+from pyvhost.bench.peers import PmdConsole, parse_testpmd
 from pyvhost.frontend import Frontend
 
 from .conftest import TESTPMD, needs_dpdk

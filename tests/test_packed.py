@@ -406,7 +406,7 @@ def test_testpmd_packed_io_through_pyvhost_loopback(tmp_path, metadata):
 @pytest.mark.dpdk
 @pytest.mark.parametrize("direction", ["tx", "rx"])
 def test_pyvhost_packed_frontend_with_dpdk_vhost_pmd(tmp_path, direction):
-    from pyvhost.bench import parse_testpmd
+    from pyvhost.bench.peers import parse_testpmd
 
     from .test_dpdk import QUEUE, start_testpmd
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BACKEND_CPU, FRONTEND_CPU = 0, 1
+from .peers import BACKEND_CPU, FRONTEND_CPU, PmdConsole, parse_testpmd, pyvhost_cmd, start_testpmd, stop, wait_for
+
 #: Rings' worth of received packets a stopping testpmd front-end may not have counted.
 RX_INFLIGHT_RINGS = 4
 
@@ -62,52 +60,6 @@ class Config:
         return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring}"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["net", "blk"], default="net",
-                   help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench_blk.py)")
-    p.add_argument("--image-mb", type=int, default=256, help="blk: size of the benchmark image")
-    p.add_argument("--peer", choices=["pyvhost", "dpdk"], default="pyvhost",
-                   help="pyvhost: pyvhost's own front-end (default); dpdk: add DPDK's vhost PMD and virtio-user")
-    p.add_argument("--metadata", choices=["copy", "direct", "both"], default="both")
-    p.add_argument("--direction", choices=["tx", "rx", "both"], default="both")
-    p.add_argument("--ring", choices=["split", "packed", "both"], default="split",
-                   help="virtqueue layout the front-ends negotiate (packed: VIRTIO_F_RING_PACKED)")
-    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
-    p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")
-    p.add_argument("--queue-size", type=int, default=256)
-    p.add_argument("--pkt-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64, help="pyvhost front-end batch")
-    p.add_argument("--json", help="write the rows here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
-    p.add_argument("--workdir", help="keep sockets and logs here (default: a temporary directory)")
-
-
-# ---------------------------------------------------------------------------------------------------------
-def _pyvhost(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pyvhost", *args]
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class Runner:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.a = args
@@ -115,27 +67,27 @@ class Runner:
         self.n = 0
 
     # -- pyvhost back-end ---------------------------------------------------------------------------------
-    def start_pyvhost(self, mode: str, metadata: str, sock: Path, count: int = -1):
+    def startpyvhost_cmd(self, mode: str, metadata: str, sock: Path, count: int = -1):
         ready, stats = self.dir / f"ready{self.n}", self.dir / f"stats{self.n}.json"
         log = open(self.dir / f"pyvhost{self.n}.log", "w")
-        cmd = _pyvhost("serve", "net", "--socket-path", str(sock), "--mode", mode, "--metadata", metadata,
+        cmd = pyvhost_cmd("serve", "net", "--socket-path", str(sock), "--mode", mode, "--metadata", metadata,
                        "--pkt-size", str(self.a.pkt_size), "--connections", "1", "--cpu", str(BACKEND_CPU),
                        "--ready-file", str(ready), "--stats-json", str(stats), "--count", str(count))
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _wait_for(ready, proc)
+        wait_for(ready, proc)
         return proc, stats
 
     def pyvhost_counts(self, proc: subprocess.Popen, stats: Path, queue: int) -> dict:
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            stop(proc)
         data = json.loads(stats.read_text())
         return data["ended"][-1][str(queue)]
 
     # -- pyvhost front-end ------------------------------------------------------------------------------
     def drive(self, sock: Path, direction: str, ring: str = "split") -> dict:
-        cmd = _pyvhost("drive", "net", "--socket-path", str(sock), "--direction", direction,
+        cmd = pyvhost_cmd("drive", "net", "--socket-path", str(sock), "--direction", direction,
                        "--seconds", str(self.a.seconds), "--warmup", str(self.a.warmup),
                        "--pkt-size", str(self.a.pkt_size), "--queue-size", str(self.a.queue_size),
                        "--batch", str(self.a.batch), "--cpu", str(FRONTEND_CPU))
@@ -148,20 +100,8 @@ class Runner:
 
     # -- DPDK -------------------------------------------------------------------------------------------
     def testpmd(self, vdev: str, fwd: str, cpu: int, tag: str, interactive: bool = False):
-        testpmd = shutil.which("dpdk-testpmd")
-        if testpmd is None:
-            raise RuntimeError("dpdk-testpmd not found (make deps installs Debian's DPDK)")
-        out = self.dir / f"testpmd-{tag}{self.n}.log"
-        # line-buffered, so that what it prints reaches the log when it is printed
-        cmd = ["stdbuf", "-oL", testpmd, "--no-huge", "-m", "1024", "--no-pci",
-               "--file-prefix", f"pyvhost-{tag}-{os.getpid()}", "--lcores", f"0@{cpu},1@{cpu}",
-               "--vdev", vdev, "--", f"--forward-mode={fwd}", f"--txd={self.a.queue_size}",
-               f"--rxd={self.a.queue_size}", "--no-flush-rx"]  # count every received packet
-        # non-interactive testpmd waits for Enter unless it has a stats period; stdin is /dev/null here
-        cmd += ["-i"] if interactive else ["--auto-start", "--stats-period", "1"]
-        proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT,
-                                stdin=subprocess.PIPE if interactive else subprocess.DEVNULL, text=True)
-        return proc, out
+        return start_testpmd(self.dir / f"testpmd-{tag}{self.n}.log", vdev, fwd, cpu, f"{tag}-{os.getpid()}",
+                             self.a.queue_size, interactive)
 
     def dpdk_backend(self, sock: Path, fwd: str) -> tuple[subprocess.Popen, Path]:
         proc, out = self.testpmd(f"net_vhost0,iface={sock},queues=1", fwd, BACKEND_CPU, "vhost")
@@ -193,52 +133,10 @@ class Runner:
             tp.send("quit")
             proc.wait(30)
         finally:
-            _stop(proc)
+            stop(proc)
         res = parse_testpmd(out.read_text(errors="replace"))
         res["mpps"] = (c2 - c1) / (t2 - t1) / 1e6
         return res
-
-
-class PmdConsole:
-    """Commands to an interactive testpmd whose output goes (line-buffered) to a log file."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
-        self.proc, self.log = proc, log
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait_for(self, needle: str, timeout: float, after: int = 0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            t = self.text()
-            if needle in t[after:]:
-                return t
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"testpmd did not print {needle!r}: {t[-1500:]}")
-            time.sleep(0.01)
-
-    def port_counter(self, key: str) -> int:
-        """``show port stats 0`` and the value of ``key`` (e.g. TX-packets) in its answer."""
-        before = len(self.text())
-        self.send("show port stats 0")
-        t = self.wait_for("Tx-pps", 10, after=before)
-        m = re.search(key + r":\s+(\d+)", t[before:])
-        if not m:
-            raise RuntimeError(f"no {key} in testpmd's port stats")
-        return int(m.group(1))
-
-
-def parse_testpmd(text: str) -> dict:
-    """The final forward statistics of port 0 in a testpmd log."""
-    fwd = text.split("Forward statistics for port 0")[-1] if "Forward statistics for port 0" in text else ""
-    total = lambda key: int(m.group(1)) if (m := re.search(key + r":\s+(\d+)", fwd)) else 0  # noqa: E731
-    return {"rx_packets": total("RX-packets"), "tx_packets": total("TX-packets"), "tx_dropped": total("TX-dropped")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,7 +151,7 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
     fe_fwd = "txonly" if c.direction == "tx" else "rxonly"
     if c.backend == "pyvhost":
-        proc, stats = r.start_pyvhost(mode, c.metadata, sock)
+        proc, stats = r.startpyvhost_cmd(mode, c.metadata, sock)
         try:
             if c.frontend == "pyvhost":
                 res = r.drive(sock, c.direction, c.ring)
@@ -288,7 +186,7 @@ def measure(r: Runner, c: Config, run: int) -> Row:
                 row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
         finally:
             time.sleep(0.2)
-            _stop(proc)
+            stop(proc)
         back = parse_testpmd(log.read_text(errors="replace"))
         back_count = back["rx_packets"] if c.direction == "tx" else back["tx_packets"]
         # DPDK's vhost PMD never dequeues what is still in the TX ring when the front-end quits (up to a ring)
@@ -383,9 +281,6 @@ def plot(cs: list[Config], path: str) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    if a.device == "blk":
-        from .bench_blk import main as blk_main
-        return blk_main(a)
     if os.cpu_count() and os.cpu_count() < 2:
         print("note: fewer than 2 CPUs; back-end and front-end share one", file=sys.stderr)
     cs = configs(a)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
@@ -22,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BACKEND_CPU, FRONTEND_CPU = 0, 1
+from .peers import BACKEND_CPU, FRONTEND_CPU, cpu_seconds, qsd_binary, wait_for
+
 WORKLOADS = [  # name, block size, queue depth, random
     ("randread", 4096, 32, True),
     ("randwrite", 4096, 32, True),
@@ -47,20 +47,6 @@ class BlkRow:
     note: str = ""
 
 
-def qsd_binary() -> str | None:
-    return shutil.which("qemu-storage-daemon")
-
-
-def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"back-end exited with {proc.returncode}: {log.read_text()[-1500:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
-
-
 def start_backend(kind: str, image: Path, sock: Path, logfile: Path) -> subprocess.Popen:
     if sock.exists():
         sock.unlink()
@@ -76,7 +62,7 @@ def start_backend(kind: str, image: Path, sock: Path, logfile: Path) -> subproce
                "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},"
                            "writable=on,num-queues=1"]
     proc = subprocess.Popen(cmd, stdout=open(logfile, "w"), stderr=subprocess.STDOUT)
-    _wait_socket(sock, proc, logfile)
+    wait_for(sock, proc, 60.0, logfile)
     return proc
 
 
@@ -90,16 +76,9 @@ def stop_backend(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup: float, nbytes: int) -> dict:
     """Keep ``depth`` requests in flight for ``warmup + seconds``; count what completes after the warm-up."""
-    from .devices.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+    from ..devices.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 
     rtype = VIRTIO_BLK_T_IN if "read" in name else VIRTIO_BLK_T_OUT
     nblocks = nbytes // bs
@@ -141,7 +120,7 @@ def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup
 
 
 def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRow]:
-    from .frontend_blk import BlkFrontend
+    from ..frontend_blk import BlkFrontend
 
     sock = workdir / f"blk-{backend}-{run}.sock"
     log = workdir / f"blk-{backend}-{run}.log"
