@@ -4,6 +4,10 @@ A Frontend transmits from a background thread (``fe.run`` touches only shared me
 the main thread sends SET_MEM_TABLE, SET_VRING_ADDR and ADD/REM_MEM_REG.  Each change makes the back-end stop
 the ring's worker, drop its views, remap and rebind.  Nothing may crash or be logged as an error, traffic must go
 on after every change, and at the end the frontend's completions must equal the server's count exactly.
+
+Invariant 8 (stale access is observable): the tests below ``Driver`` move the front-end's RAM to a different
+memfd on every SET_MEM_TABLE, RESET_OWNER and reconnection, and poison the old file once the back-end has let
+go of it; a stale read or write then shows as a broken queue or as non-poison bytes in an old file.
 """
 
 from __future__ import annotations
@@ -177,11 +181,11 @@ class Driver:
             time.sleep(0.001)
         return self.done
 
-    def wait_consumed(self) -> None:
+    def wait_consumed(self, why) -> None:
         """Wait (held) until the back-end has completed every chain posted: it has nothing left to write."""
         deadline = time.monotonic() + TIMEOUT
         while int(self.ring.used16[1]) != int(self.ring.d[D_AVAIL_IDX]):
-            assert time.monotonic() < deadline, "the back-end did not complete what was posted"
+            assert time.monotonic() < deadline, f"the back-end did not complete what was posted: {why()}"
             time.sleep(0.001)
 
     def stop(self) -> None:
@@ -234,7 +238,7 @@ def test_set_mem_table_to_new_memory_never_touches_the_old(serve, sock_path, err
         while time.monotonic() < deadline or len(old) < 10:
             before = driver.done
             driver.hold()
-            driver.wait_consumed()
+            driver.wait_consumed(why)
             prev = move_ram(fe)
             driver.release()  # the driver posts into the new file while the back-end still has the old one
             fe.set_mem_table()  # acknowledged: the back-end has let go of the old file
@@ -281,7 +285,7 @@ def test_reset_owner_during_traffic_never_touches_the_old_memory(serve, sock_pat
             driver.wait_progress(before, why)
             assert srv.connection.vrings[TX].q[Q_DIRECT] == (metadata == "direct")
         driver.stop()
-        driver.wait_consumed()
+        driver.wait_consumed(why)
         final = fe.drain("tx")
         fe.close()
         srv.ended()
