@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyvhost.frontend import D_DONE, GPA_BASE, Frontend, GuestRam
+from pyvhost.frontend import D_DONE, GPA_BASE, Frontend, GuestRam, drive_rx
 
 RAM = 4 << 20
 STARTUP = 300.0  # the server compiles (or loads) its kernels first
@@ -82,6 +82,14 @@ class Server:
             raise
 
 
+def receive(fe: Frontend, stop: threading.Event) -> None:
+    """The RX driver loop until ``stop``: it touches ring 0's descriptors, avail and used ring, never a buffer."""
+    ring = fe.rings[0]
+    gpa = ring.buf_gpa(0)
+    while not stop.is_set():
+        drive_rx(*ring.views(), gpa, 16)
+
+
 def wait_done(fe: Frontend, ring: int, more_than: int) -> int:
     deadline = time.monotonic() + DEADLINE
     while int(fe.rings[ring].d[D_DONE]) <= more_than:
@@ -102,17 +110,20 @@ def test_truncated_region_file_ends_the_connection_not_the_process(tmp_path, met
         fe.setup()
         srv.wait_log(f"queues (0,) started ({metadata} path")
         rx = fe.rings[0]
-        # The driver (this thread pair) only touches ring 0's descriptors, avail and used ring; the back-end
-        # writes the frames into ring 0's buffers, which come after them: cut the file there, mid-traffic.
-        result: dict = {}
-        traffic = threading.Thread(target=lambda: result.update(fe.run("rx", seconds=3.0)), daemon=True)
+        # The driver only touches ring 0's descriptors, avail and used ring; the back-end writes the frames into
+        # ring 0's buffers, which come after them: cut the file there, mid-traffic.
+        stop = threading.Event()
+        traffic = threading.Thread(target=receive, args=(fe, stop), daemon=True)
         traffic.start()
-        wait_done(fe, 0, 1000)
-        os.ftruncate(fe.ram.fd, rx.bufs_off)
-        srv.wait_log("region 0 backing file truncated")
-        srv.wait_log("connection closed")
-        assert srv.proc.poll() is None
-        traffic.join(DEADLINE)
+        try:
+            wait_done(fe, 0, 1000)
+            os.ftruncate(fe.ram.fd, rx.bufs_off)
+            srv.wait_log("region 0 backing file truncated")
+            srv.wait_log("connection closed")
+            assert srv.proc.poll() is None
+        finally:
+            stop.set()
+            traffic.join(DEADLINE)
         assert not traffic.is_alive()
         fe.close(stop_rings=False)
         # the server serves the next front-end
