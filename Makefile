@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 .PHONY: bench test deps venv clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py src/pyvhost/_sigbus.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -4,19 +4,26 @@ A Frontend transmits from a background thread (``fe.run`` touches only shared me
 the main thread sends SET_MEM_TABLE, SET_VRING_ADDR and ADD/REM_MEM_REG.  Each change makes the back-end stop
 the ring's worker, drop its views, remap and rebind.  Nothing may crash or be logged as an error, traffic must go
 on after every change, and at the end the frontend's completions must equal the server's count exactly.
+
+Invariant 8 (stale access is observable): the tests below ``Driver`` move the front-end's RAM to a different
+memfd on every SET_MEM_TABLE, RESET_OWNER and reconnection, and poison the old file once the back-end has let
+go of it; a stale read or write then shows as a broken queue or as non-poison bytes in an old file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from pyvhost.frontend import D_AVAIL_IDX, D_DONE, D_POSTED, Frontend
+from pyvhost.frontend import D_AVAIL_IDX, D_DONE, D_POSTED, Frontend, drive_tx
 from pyvhost.protocol import SINGLE_REGION_HDR, U64, VRING_ADDR, MemRegion, ProtocolFeature as PF, Request as R
-from pyvhost.ring.split import VRING_USED_F_NO_NOTIFY
+from pyvhost.ring.split import Q_DIRECT, VRING_USED_F_NO_NOTIFY
 
 PATHS = ["direct", "copy"]
 TX = 1
@@ -115,20 +122,212 @@ def hammer(traffic: Traffic, changes, seconds: float) -> int:
     return n
 
 
+# -- remapping to different memory, with the old pages poisoned (invariant 8) ---------------------------------
+POISON = 0xA5  # a descriptor of it points far past ADDR_LIMIT, an index of it jumps past any queue size
+SWITCH_RAM = 4 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_FIXED = 0x10
+
+
+class Driver:
+    """The TX driver loop in a background thread that the main thread can hold: while held it touches no guest
+    memory, so the main thread may copy the RAM to another file and switch the driver's mapping to it."""
+
+    def __init__(self, fe: Frontend) -> None:
+        self.fe, self.ring = fe, fe.rings[TX]
+        self.length = fe.fill_tx_frames(self.ring, 64)
+        self.cv = threading.Condition()
+        self.want_hold = self.held = self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tx-driver", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        gpa = self.ring.buf_gpa(0)
+        try:
+            while True:
+                with self.cv:
+                    if self.want_hold:
+                        self.held = True
+                        self.cv.notify_all()
+                        self.cv.wait_for(lambda: not self.want_hold or self.stopping)
+                        self.held = False
+                    if self.stopping:
+                        return
+                drive_tx(*self.ring.views(), gpa, self.length, 16)
+        except BaseException as e:  # noqa: BLE001 - reported by stop()
+            self.error = e
+
+    @property
+    def done(self) -> int:
+        return int(self.ring.d[D_DONE])
+
+    def hold(self) -> None:
+        with self.cv:
+            self.want_hold = True
+            assert self.cv.wait_for(lambda: self.held, TIMEOUT), "driver did not stop"
+
+    def release(self) -> None:
+        with self.cv:
+            self.want_hold = False
+            self.cv.notify_all()
+
+    def wait_progress(self, since: int, why) -> int:
+        deadline = time.monotonic() + TIMEOUT
+        while self.done <= since:
+            assert self.error is None and time.monotonic() < deadline, f"no completion after {since}: {why()}"
+            time.sleep(0.001)
+        return self.done
+
+    def wait_consumed(self, why) -> None:
+        """Wait (held) until the back-end has completed every chain posted: it has nothing left to write."""
+        deadline = time.monotonic() + TIMEOUT
+        while int(self.ring.used16[1]) != int(self.ring.d[D_AVAIL_IDX]):
+            assert time.monotonic() < deadline, f"the back-end did not complete what was posted: {why()}"
+            time.sleep(0.001)
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def move_ram(fe: Frontend) -> int:
+    """Copy the front-end's RAM into a new memfd and map that at the same address (the driver must be held and
+    the back-end done writing); return the old file's fd.  From here on the driver uses the new file only."""
+    ram = fe.ram
+    new = os.memfd_create("pyvhost-next", os.MFD_CLOEXEC)
+    os.ftruncate(new, ram.size)
+    os.pwrite(new, bytes(ram.buf), 0)
+    got = _libc.mmap(ram.uva_base, ram.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, new, 0)
+    assert got == ram.uva_base, os.strerror(ctypes.get_errno())
+    old, ram.fd = ram.fd, new
+    return old
+
+
+def poison(fd: int, size: int) -> None:
+    os.pwrite(fd, bytes([POISON]) * size, 0)
+
+
+def unpoisoned(fds: list[int], size: int) -> int:
+    """Bytes of the old files that are no longer poison: writes the back-end made to memory it had given up."""
+    return sum(int(np.count_nonzero(np.frombuffer(os.pread(fd, size, 0), np.uint8) != POISON)) for fd in fds)
+
+
 @pytest.mark.parametrize("metadata", PATHS)
-def test_set_mem_table_hammered(serve, sock_path, errors, metadata):
+def test_set_mem_table_to_new_memory_never_touches_the_old(serve, sock_path, errors, metadata):
+    """SET_MEM_TABLE hammered during traffic, each time onto a different memfd; once the change is
+    acknowledged the old file is overwritten with poison.  A stale read of it (avail index, descriptors) would
+    break the queue (an error, a non-zero error counter); a stale write (a used entry) would show as non-poison
+    bytes in the old file.  Both counts must be 0, and traffic must go on after every change, counts exact."""
     srv = serve("sink", metadata)
-    fe = Frontend(sock_path, ram_size=RAM)
+    fe = Frontend(sock_path, ram_size=SWITCH_RAM)
     fe.setup()
-    traffic = Traffic(fe, seconds=3.0)
-    traffic.wait_progress(0)
-    changes = hammer(traffic, [fe.set_mem_table], seconds=2.0)
-    assert changes >= 10
-    done, stats = finish(fe, traffic, srv)
-    assert errors() == []
-    assert done > changes and stats["error"] == 0 and stats["drops"] == 0
-    assert done == stats["packets"] == stats["chains"]
-    assert stats["bytes"] == 64 * done
+    driver = Driver(fe)
+    old: list[int] = []
+    why = lambda: f"errors {errors()}, {unpoisoned(old, SWITCH_RAM)} stale bytes written"  # noqa: E731
+    try:
+        driver.wait_progress(0, why)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline or len(old) < 10:
+            before = driver.done
+            driver.hold()
+            driver.wait_consumed(why)
+            prev = move_ram(fe)
+            driver.release()  # the driver posts into the new file while the back-end still has the old one
+            fe.set_mem_table()  # acknowledged: the back-end has let go of the old file
+            poison(prev, SWITCH_RAM)
+            old.append(prev)
+            driver.wait_progress(before, why)
+            assert srv.connection.vrings[TX].q[Q_DIRECT] == (metadata == "direct")
+        driver.stop()
+        done = fe.drain("tx")["packets"]
+        fe.close()
+        stats = srv.ended()[-1][TX]
+        assert errors() == []
+        assert unpoisoned(old, SWITCH_RAM) == 0
+        assert stats["error"] == 0 and done == stats["packets"] == stats["chains"] > len(old)
+    finally:
+        for fd in old:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_reset_owner_during_traffic_never_touches_the_old_memory(serve, sock_path, errors, metadata):
+    """RESET_OWNER sent while the driver transmits; once acknowledged the RAM moves to a new memfd, the old one
+    is poisoned and the device is set up again on the same connection, several times: no stale access."""
+    srv = serve("sink", metadata)
+    fe = Frontend(sock_path, ram_size=SWITCH_RAM)
+    fe.setup()
+    tx = fe.rings[TX]
+    driver = Driver(fe)
+    old: list[int] = []
+    why = lambda: f"errors {errors()}, {unpoisoned(old, SWITCH_RAM)} stale bytes written"  # noqa: E731
+    try:
+        for _ in range(5):
+            before = driver.wait_progress(driver.done, why)  # traffic is flowing
+            fe.command(R.RESET_OWNER)  # acknowledged (REPLY_ACK): every worker stopped, memory unmapped
+            driver.hold()
+            prev = move_ram(fe)
+            poison(prev, SWITCH_RAM)
+            old.append(prev)
+            fe.negotiate()
+            fe.set_mem_table()
+            for ring in fe.rings:  # the sink completes each chain it takes: resume where the used index is
+                fe.start_ring(ring, int(ring.used16[1]))
+            driver.release()
+            driver.wait_progress(before, why)
+            assert srv.connection.vrings[TX].q[Q_DIRECT] == (metadata == "direct")
+        driver.stop()
+        driver.wait_consumed(why)
+        final = fe.drain("tx")
+        fe.close()
+        srv.ended()
+        assert errors() == []
+        assert unpoisoned(old, SWITCH_RAM) == 0
+        assert final["packets"] == final["posted"] == int(tx.d[D_POSTED])
+    finally:
+        for fd in old:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_disconnect_during_traffic_never_touches_the_old_memory(serve, sock_path, errors, metadata):
+    """The front-end disconnects while it transmits; once the server has ended the connection its memory file
+    is poisoned and kept open, and the next front-end (another memfd) runs traffic: the old file stays poison."""
+    srv = serve("sink", metadata)
+    old: list[int] = []
+    try:
+        for round_ in range(3):
+            ended = len(srv.server.history)
+            fe = Frontend(sock_path, ram_size=SWITCH_RAM)
+            fe.setup()
+            driver = Driver(fe)
+            driver.wait_progress(0, errors)
+            driver.wait_progress(driver.done, errors)
+            fe.sock.close()  # mid-traffic: the driver keeps posting and kicking
+            srv.ended()
+            assert len(srv.server.history) == ended + 1 and srv.connection is None
+            driver.stop()
+            old.append(os.dup(fe.ram.fd))
+            poison(old[-1], SWITCH_RAM)
+            fe.close(stop_rings=False)
+        with Frontend(sock_path, ram_size=SWITCH_RAM) as fe:
+            fe.setup()
+            fe.run("tx", count=2000, timeout=TIMEOUT)
+        srv.ended()
+        assert errors() == []
+        assert unpoisoned(old, SWITCH_RAM) == 0
+        assert all(h[TX]["error"] == 0 for h in srv.server.history)
+    finally:
+        for fd in old:
+            os.close(fd)
 
 
 @pytest.mark.parametrize("metadata", PATHS)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from pyvhost import memory
 from pyvhost.jit import helper
 from pyvhost.memory import SPACE_GPA, SPACE_UVA, GuestMemory, MemoryError_, translate
 from pyvhost.protocol import ADDR_LIMIT, MemRegion
@@ -334,3 +336,53 @@ def arena_mappings(lo: int, hi: int) -> list[str]:
             if (start < hi and end > lo) or f"memfd:{CLOSE_NAME} " in line:
                 out.append(line.strip())
     return out
+
+
+def test_failed_unmap_keeps_the_placement_reserved(monkeypatch, caplog):
+    """An unmap that fails leaves the region's mapping in place: the placement is kept (and marked stuck, with
+    a logged error), so the next region is never placed over it; once an unmap succeeds it is free again."""
+    caplog.set_level(logging.ERROR, logger="pyvhost")
+    region = MemRegion(0x1000_0000, 64 * KiB, 0x7000_0000, 0)
+    other = MemRegion(0x2000_0000, 64 * KiB, 0x8000_0000, 0)
+    fd, fd2 = make_fd(64 * KiB), make_fd(64 * KiB)
+    os.pwrite(fd, b"\x5a" * 64, 0)
+    mem = GuestMemory(arena_size=1 << 30)
+    try:
+        mem.add_region(region, fd)
+        r = mem.remove_region(region)
+        real = memory._reserve
+        monkeypatch.setattr(memory, "_reserve", lambda addr, length: False)  # the kernel refuses (e.g. ENOMEM)
+        assert mem.unmap(r) is False
+        assert any("failed" in m.getMessage() and "stays" in m.getMessage() for m in caplog.records)
+        assert r.offset in mem.arena.placements and r.offset in mem.arena.stuck
+        assert bytes(mem.arena.view[r.offset:r.offset + 64]) == b"\x5a" * 64  # still the old file, still mapped
+        monkeypatch.setattr(memory, "_reserve", real)
+        mem.add_region(other, fd2)
+        placed = mem.regions[0].offset
+        assert not (r.offset <= placed < r.offset + mem.arena.placements[r.offset])  # not over the stuck one
+        assert mem.arena.release(r.offset) is True  # a later unmap that works frees it
+        assert r.offset not in mem.arena.placements and not mem.arena.stuck
+    finally:
+        mem.close()
+        os.close(fd)
+        os.close(fd2)
+
+
+def test_closing_an_arena_with_live_views_is_reported_and_unmapped_when_they_die(caplog):
+    """Arena.close with a view still alive cannot unmap (BufferError): it logs an error, counts the arena in
+    pending_arenas(), and the reservation goes away when the last view dies -- never silently kept."""
+    caplog.set_level(logging.INFO, logger="pyvhost")
+    gc.collect()
+    pending = memory.pending_arenas()
+    arena = memory.Arena(64 << 20)
+    lo, hi = arena.base, arena.base + arena.size
+    view = arena.view[:16]
+    arena.close()
+    assert memory.pending_arenas() == pending + 1
+    assert any("views still alive" in m.getMessage() and m.levelno == logging.ERROR for m in caplog.records)
+    assert arena_mappings(lo, hi)
+    del view
+    gc.collect()
+    assert memory.pending_arenas() == pending
+    assert arena_mappings(lo, hi) == []
+    assert any("last view was released" in m.getMessage() for m in caplog.records)

@@ -8,6 +8,7 @@ serves a fresh, well-behaved front-end with exact packet counts.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -229,6 +230,43 @@ def test_more_than_max_fds_rejected_and_all_closed(pair):
         P.recv_message(b)
     assert open_fds() == before
     close_all(fds)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("extra", [1, 4, 32])
+def test_truncated_fd_list_refused_and_all_closed(pair, extra):
+    """More fds in one sendmsg than the receiver's ancillary buffer holds: the kernel truncates the list
+    (MSG_CTRUNC).  The message is refused as a whole, every fd that did arrive is closed, and the stream stays
+    in step (the next message parses)."""
+    a, b = pair
+    fds = pipe_fds(P.MAX_FDS + extra)
+    before = fd_count()
+    payload = MEM_TABLE_HDR.pack(1, 0) + bytes(MEM_REGION.size)
+    socket.send_fds(a, [P.pack_message(R.SET_MEM_TABLE, payload)], fds)
+    with pytest.raises(P.ProtocolError, match="fd list truncated") as e:
+        P.recv_message(b)
+    assert e.value.message is not None and e.value.message.request == R.SET_MEM_TABLE
+    assert all(fd == -1 for fd in e.value.message.fds)
+    assert fd_count() == before
+    P.send_message(a, R.GET_FEATURES)
+    assert P.recv_message(b).request == R.GET_FEATURES
+    close_all(fds)
+
+
+def test_received_fds_are_close_on_exec(pair):
+    a, b = pair
+    r, w = os.pipe2(0)  # sent without O_CLOEXEC: the receiver must set it
+    try:
+        P.send_message(a, R.SET_VRING_KICK, U64.pack(0), [r, w])
+        msg = P.recv_message(b)
+        assert len(msg.fds) == 2
+        assert all(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in msg.fds)
+        msg.close_fds()
+    finally:
+        close_all([r, w])
 
 
 @pytest.mark.parametrize("sent", ["nothing", "half a header", "a header", "header and half the payload"])
@@ -624,6 +662,32 @@ def _dropped(s: socket.socket) -> bool:
         return s.recv(1) == b""
     except ConnectionResetError:
         return True
+
+
+@pytest.mark.parametrize("metadata", ["direct", "copy"])
+def test_truncated_fd_list_is_refused_connection_kept(serve, sock_path, errors, metadata):
+    """A SET_MEM_TABLE with more fds than the server's ancillary buffer holds: refused with a failure ack and a
+    logged error, no fd of it kept (the process's fd count comes back), the connection goes on."""
+    srv = serve("sink", metadata)
+    fds_before = baseline_fds(srv, sock_path)
+    fe = connect(sock_path)
+    sent = pipe_fds(P.MAX_FDS + 8)
+    try:
+        payload = mem_table(fe.ram.region())
+        socket.send_fds(fe.sock, [P.pack_message(R.SET_MEM_TABLE, payload, NEED_REPLY)], sent)
+        assert U64.unpack(P.recv_reply(fe.sock, R.SET_MEM_TABLE).payload)[0] != 0
+        assert any("SET_MEM_TABLE: fd list truncated" in e for e in errors()), errors()
+        close_all(sent)
+        sent = []
+        conn = srv.connection
+        assert conn is not None and conn.mem.nregions == 0  # nothing of the refused table was used
+        fe.setup()
+        passes_traffic(fe)
+    finally:
+        fe.close()
+        close_all(sent)
+    fresh_connection_works(srv, sock_path)
+    assert open_fds() == fds_before, "fds leaked"
 
 
 @pytest.mark.parametrize("garbage", ["0xff bytes", "random bytes", "oversized payload"])

@@ -131,7 +131,9 @@ class Session:
             self._expect_close(f"{name} with a header size of {hdr_size}")
             return None
         version_ok = (flags & P.VHOST_USER_VERSION_MASK) == V1
-        if request == R.SET_PROTOCOL_FEATURES and version_ok and len(payload) >= 8 and self.offered_pf is not None:
+        fds_ok = len(fds or ()) <= P.MAX_FDS  # more: the fd list is truncated and the message refused whole
+        if (request == R.SET_PROTOCOL_FEATURES and version_ok and fds_ok and len(payload) >= 8
+                and self.offered_pf is not None):
             value = struct.unpack_from("<Q", payload)[0]
             if not value & ~self.offered_pf:
                 self.reply_ack = bool(value & (1 << PF.REPLY_ACK))

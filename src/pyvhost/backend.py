@@ -26,6 +26,7 @@ import numpy as np
 
 from . import inflight
 from . import protocol as P
+from . import sigbus
 from .access import Metadata, PackedViews, RingViews, bind, bind_packed, check_alignment
 from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                            VIRTIO_RING_F_INDIRECT_DESC, Device, Ring, Step)
@@ -139,13 +140,15 @@ class Connection:
     """One front-end connection: message handlers and device state."""
 
     def __init__(self, sock: socket.socket, device: Device, metadata: Metadata, budget: int = DEFAULT_BUDGET,
-                 batch: int = 256) -> None:
+                 batch: int = 256, fault_fd: int = -1) -> None:
         self.sock = sock
         self.device = device
         self.metadata = metadata
         self.budget = budget
         self.batch = batch
-        self.mem = GuestMemory()
+        #: eventfd the SIGBUS guard writes when a region's file was truncated under us (the server's; -1: none)
+        self.fault_fd = fault_fd
+        self.mem = GuestMemory(notify_fd=fault_fd)
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -266,7 +269,7 @@ class Connection:
 
     def reset_owner(self, msg: P.Message) -> None:
         self.teardown()
-        self.mem = GuestMemory()  # teardown closed the old memory (and its arena) for good
+        self.mem = GuestMemory(notify_fd=self.fault_fd)  # teardown closed the old memory (and its arena) for good
         self.features = 0
         self.owner = False
 
@@ -565,6 +568,10 @@ class Connection:
                     except OSError as e:
                         log.error("vring %d: signalling the err fd failed: %s", vr.index, e)
 
+    def bus_fault(self) -> str | None:
+        """What the SIGBUS guard recovered in this connection's memory (a truncated region file), or None."""
+        return self.mem.bus_fault()
+
     # -- stats and teardown -----------------------------------------------------------------------------
     def record_totals(self, vr: Vring) -> None:
         self.totals[vr.index] = queue_stats(vr.q)
@@ -616,17 +623,21 @@ class Server:
                  batch: int = 256, listener: socket.socket | None = None) -> None:
         """Listen on ``socket_path`` (created, replacing what is there), or on ``listener``, a listening Unix
         socket passed in (socket activation: its path belongs to whoever made it and is left in place)."""
+        if listener is None and socket_path is None:
+            raise ValueError("a socket path or a listening socket is needed")
         self.device = device
         self.metadata = Metadata(metadata)
         self.batch = batch
+        sigbus.install()  # a front-end truncating a region's file under us breaks its connection, not the process
         self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: written by the SIGBUS guard when it recovered a fault in the connection's memory
+        self.fault_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.connection: Connection | None = None
         #: counters of the connections that ended, the most recent last (bounded: a server runs for long)
         self.history: collections.deque[dict[int, dict[str, int]]] = collections.deque(maxlen=HISTORY)
         self.owns_path = listener is None
         if listener is None:
-            if socket_path is None:
-                raise ValueError("a socket path or a listening socket is needed")
+            assert socket_path is not None
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             if os.path.exists(socket_path):
                 os.unlink(socket_path)
@@ -645,6 +656,7 @@ class Server:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, "listen")
         sel.register(self.stop_fd, selectors.EVENT_READ, "stop")
+        sel.register(self.fault_fd, selectors.EVENT_READ, "bus")
         served = 0
         try:
             while connections is None or served < connections:
@@ -657,16 +669,29 @@ class Server:
                     # a message is read only once select() says it has begun; a peer that stalls in the
                     # middle of one is dropped after this long instead of blocking the server
                     sock.settimeout(MESSAGE_TIMEOUT)
-                    self.connection = Connection(sock, self.device, self.metadata, batch=self.batch)
+                    self.connection = Connection(sock, self.device, self.metadata, batch=self.batch,
+                                                 fault_fd=self.fault_fd)
                     sel.unregister(self.listener)
                     sel.register(sock, selectors.EVENT_READ, "conn")
                     log.info("front-end connected")
-                if "conn" in kinds and self.connection is not None:
-                    if not self._read_one(self.connection):
-                        sel.unregister(self.connection.sock)
-                        self._end_connection()
-                        served += 1
-                        sel.register(self.listener, selectors.EVENT_READ, "listen")
+                end = False
+                if "bus" in kinds:
+                    try:
+                        os.eventfd_read(self.fault_fd)
+                    except BlockingIOError:
+                        pass
+                    fault = self.connection.bus_fault() if self.connection is not None else None
+                    if fault is not None:
+                        log.error("%s: closing the connection", fault)
+                        end = True
+                if not end and "conn" in kinds and self.connection is not None:
+                    end = not self._read_one(self.connection)
+                if end:
+                    assert self.connection is not None
+                    sel.unregister(self.connection.sock)
+                    self._end_connection()
+                    served += 1
+                    sel.register(self.listener, selectors.EVENT_READ, "listen")
         finally:
             if self.connection is not None:
                 self._end_connection()
@@ -712,6 +737,7 @@ class Server:
     def close(self) -> None:
         self.listener.close()
         os.close(self.stop_fd)
+        os.close(self.fault_fd)
         if self.owns_path:
             try:
                 os.unlink(self.socket_path)

@@ -16,11 +16,13 @@ import logging
 import mmap
 import os
 import stat
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
-from .jit import helper
 
+from . import sigbus
+from .jit import helper
 from .protocol import ADDR_LIMIT, MAX_MEM_SLOTS, MemRegion
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,26 @@ ARENA_ALIGN = 2 << 20
 #: Virtual address space reserved per connection for its regions (PROT_NONE, not backed, not accounted).
 ARENA_SIZE = 1 << 40
 
+#: Closed arenas whose mapping waits for its last exported view to die (see :meth:`Arena.close`).
+_pending_arenas: set[int] = set()
+
+
+def pending_arenas() -> int:
+    """How many closed arenas are still mapped because views into them are alive."""
+    return len(_pending_arenas)
+
+
+def _arena_released(base: int, size: int) -> None:
+    _pending_arenas.discard(base)
+    log.info("arena at %#x (%d MiB) unmapped: its last view was released", base, size >> 20)
+
+
+def _reserve(addr: int, length: int) -> bool:
+    """Replace [addr, addr+length) by PROT_NONE reserved space (dropping whatever was mapped there)."""
+    got = _libc.mmap(addr, length, _PROT_NONE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1, 0)
+    return got == addr
+
 
 class Arena:
     """One reserved stretch of virtual address space into which every region is mapped (MAP_FIXED).
@@ -56,7 +78,7 @@ class Arena:
     PROT_NONE, so only a translated, bounds-checked offset is ever a valid place to touch.
     """
 
-    def __init__(self, size: int = ARENA_SIZE) -> None:
+    def __init__(self, size: int = ARENA_SIZE, notify_fd: int = -1) -> None:
         self.size = size
         # Created writable (so NumPy views are writable), then made PROT_NONE until regions are placed.
         self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
@@ -66,6 +88,19 @@ class Arena:
         if _libc.mprotect(ctypes.c_void_p(self.base), ctypes.c_size_t(size), _PROT_NONE) != 0:
             raise MemoryError_(f"mprotect of the arena failed: {os.strerror(ctypes.get_errno())}")
         self.placements: dict[int, int] = {}  # offset -> length of each mapped stretch
+        #: placements whose unmap failed: still mapped, kept reserved so that nothing is placed over them
+        self.stuck: set[int] = set()
+        #: the SIGBUS guard's slot for this arena (a truncated region file faults in here, see sigbus.py);
+        #: given back by close(), or when the arena is collected unclosed
+        self.guard = sigbus.guard(self.base, size, notify_fd)
+        self._unguard = weakref.finalize(self, sigbus.unguard, self.guard)
+
+    def bus_faults(self) -> tuple[int, int]:
+        """(SIGBUS faults recovered in this arena, arena offset of the first, or -1)."""
+        if self.guard < 0:
+            return 0, -1
+        n, first = sigbus.faults(self.guard)
+        return n, (first - self.base if n else -1)
 
     def _find(self, length: int, align: int) -> int:
         off = 0
@@ -94,21 +129,41 @@ class Arena:
         self.placements[off] = maplen
         return off + delta
 
-    def release(self, data_off: int) -> None:
-        """Unmap the stretch holding ``data_off``, leaving PROT_NONE reserved space."""
+    def release(self, data_off: int) -> bool:
+        """Unmap the stretch holding ``data_off``, leaving PROT_NONE reserved space; False if that failed, in
+        which case the stretch stays mapped and stays placed (in ``stuck``), so it is never reused."""
         for off, n in self.placements.items():
             if off <= data_off < off + n:
-                _libc.mmap(self.base + off, n, _PROT_NONE,
-                           mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1, 0)
+                if not _reserve(self.base + off, n):
+                    err = ctypes.get_errno()
+                    self.stuck.add(off)
+                    log.error("unmapping %d bytes at arena offset %#x failed (%s): the old mapping stays, "
+                              "reserved, and nothing is placed there again", n, off, os.strerror(err))
+                    return False
                 del self.placements[off]
-                return
+                self.stuck.discard(off)
+                return True
+        return True
 
     def close(self) -> None:
+        """Give the address space back.  If views into it are still alive (a bug elsewhere), it cannot be
+        unmapped now: that is logged, counted in :func:`pending_arenas`, and the mapping goes when the last
+        view dies (the mmap object's own release)."""
+        self._unguard()
+        self.guard = -1
         self.view = None  # type: ignore[assignment]
+        mm, self.mm = self.mm, None  # type: ignore[assignment]
+        if mm is None:
+            return
         try:
-            self.mm.close()
+            mm.close()
         except BufferError:
-            log.error("arena still has views; it stays mapped until they are released")
+            _pending_arenas.add(self.base)
+            weakref.finalize(mm, _arena_released, self.base, self.size)
+            if self.stuck:
+                log.error("arena at %#x: %d placement(s) could not be unmapped", self.base, len(self.stuck))
+            log.error("arena at %#x closed with views still alive: it stays mapped (%d such arena(s)) until the "
+                      "last view is released", self.base, len(_pending_arenas))
 
 
 @dataclass
@@ -141,8 +196,8 @@ def _check_fd(fd: int, need: int) -> int:
 
 def sealed_against_shrinking(fd: int) -> bool:
     """Whether the file behind ``fd`` is a memfd sealed with F_SEAL_SHRINK (as QEMU's memory-backend-memfd
-    seals guest RAM by default).  Any other file can be truncated by the front-end under our mapping, and an
-    access to a truncated page raises SIGBUS, which kills this process: that cannot be prevented, only noted."""
+    seals guest RAM by default).  Any other file can be truncated by the front-end under our mapping; an
+    access to a truncated page then raises SIGBUS, which the guard (sigbus.py) turns into a broken connection."""
     try:
         return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
     except OSError:  # not a memfd/shmem file: no seals
@@ -165,17 +220,18 @@ def map_region(arena: Arena, region: MemRegion, fd: int) -> MappedRegion:
     return MappedRegion(region, start, arena.view[start:start + size])
 
 
-def unmap_region(arena: Arena, r: MappedRegion) -> None:
-    """Release a region's mapping.  Every worker using it must have been stopped first (no stale view)."""
+def unmap_region(arena: Arena, r: MappedRegion) -> bool:
+    """Release a region's mapping (False if the unmap failed: logged, the stretch stays reserved).  Every
+    worker using it must have been stopped first (no stale view)."""
     r.view = None  # type: ignore[assignment]
-    arena.release(r.offset)
+    return arena.release(r.offset)
 
 
 class GuestMemory:
     """The current memory table of one connection, mapped into its own arena."""
 
-    def __init__(self, arena_size: int = ARENA_SIZE) -> None:
-        self.arena = Arena(arena_size)
+    def __init__(self, arena_size: int = ARENA_SIZE, notify_fd: int = -1) -> None:
+        self.arena = Arena(arena_size, notify_fd)
         self.regions: list[MappedRegion] = []
         self.generation = 0
         self.warned_unsealed = False
@@ -187,7 +243,7 @@ class GuestMemory:
         if unsealed and not self.warned_unsealed:
             self.warned_unsealed = True
             log.warning("%d region fd(s) not sealed against shrinking (F_SEAL_SHRINK): a front-end that truncates "
-                        "its memory file makes the next access to it fault (SIGBUS) and end this process",
+                        "its memory file makes the next access to it fault (SIGBUS) and ends its connection",
                         len(unsealed))
 
     # -- changes ---------------------------------------------------------------------------------------
@@ -238,8 +294,22 @@ class GuestMemory:
         self._rebuild()
         return old
 
-    def unmap(self, r: MappedRegion) -> None:
-        unmap_region(self.arena, r)
+    def unmap(self, r: MappedRegion) -> bool:
+        return unmap_region(self.arena, r)
+
+    def bus_fault(self) -> str | None:
+        """What a SIGBUS recovered in this memory's arena hit ("region N backing file truncated ..."), or None."""
+        n, off = self.arena.bus_faults()
+        if not n:
+            return None
+        for i, r in enumerate(self.regions):
+            if r.offset - PAGE < off < r.offset + r.desc.memory_size:
+                where = (f"region {i} backing file truncated (guest-physical {r.desc.guest_phys_addr:#x}, "
+                         f"{r.desc.memory_size} bytes; first fault at byte {off - r.offset} of it")
+                break
+        else:
+            where = f"a region's backing file truncated (first fault at arena offset {off:#x}, no longer mapped"
+        return f"{where}; {n} fault(s) recovered with zero pages)"
 
     @staticmethod
     def _check_overlaps(regions: list[MappedRegion]) -> None:

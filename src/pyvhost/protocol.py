@@ -7,6 +7,7 @@ size and fd count *before* any handler sees the request.  It knows nothing about
 
 from __future__ import annotations
 
+import array
 import enum
 import os
 import socket
@@ -259,19 +260,48 @@ _MIN_PAYLOAD = {
 }
 
 
+#: Room for the ancillary data of one recvmsg(): MAX_FDS descriptors, no more (more sets MSG_CTRUNC).
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def _recv_part(sock: socket.socket, n: int, fds: list[int]) -> tuple[bytes, bool]:
+    """Read up to ``n`` bytes and their fds (close-on-exec, appended to ``fds``); return the bytes and whether
+    the kernel truncated the fd list (MSG_CTRUNC: the fds that did not fit were closed by the kernel)."""
+    data, ancdata, flags, _addr = sock.recvmsg(n, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
+            fds.extend(got)
+    return data, bool(flags & socket.MSG_CTRUNC)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def recv_message(sock: socket.socket) -> Message:
     """Read one whole message and its fds; raise ProtocolError for a malformed one.
 
     The header's size is checked against MAX_PAYLOAD before the payload is read, so a hostile size can
     neither make us allocate nor desynchronise the stream silently: the connection is failed instead.
+    Fds arrive close-on-exec; a message whose fd list was truncated (more than MAX_FDS sent) is read whole,
+    then refused with every fd it brought closed, never half-used.
     """
-    data, fds, _flags, _addr = socket.recv_fds(sock, HEADER_SIZE, MAX_FDS)
-    fds = list(fds)
+    fds: list[int] = []
+    truncated = False
     try:
+        data, cut = _recv_part(sock, HEADER_SIZE, fds)
+        truncated |= cut
         if not data:
             raise ConnectionClosed("peer closed the connection")
         while len(data) < HEADER_SIZE:
-            more = sock.recv(HEADER_SIZE - len(data))
+            more, cut = _recv_part(sock, HEADER_SIZE - len(data), fds)
+            truncated |= cut
             if not more:
                 raise ConnectionClosed("peer closed the connection inside a header")
             data += more
@@ -280,22 +310,27 @@ def recv_message(sock: socket.socket) -> Message:
             raise ConnectionClosed(f"request {request}: payload size {size} over {MAX_PAYLOAD}; stream unusable")
         payload = b""
         while len(payload) < size:
-            chunk, more_fds, _f, _a = socket.recv_fds(sock, size - len(payload), MAX_FDS)
-            fds.extend(more_fds)
+            chunk, cut = _recv_part(sock, size - len(payload), fds)
+            truncated |= cut
             if not chunk:
                 raise ConnectionClosed("peer closed the connection inside a payload")
             payload += chunk
         msg = Message(request, flags, payload, fds)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         raise
+    if truncated:
+        n = len(msg.fds)
+        msg.close_fds()
+        raise ProtocolError(f"{msg.name}: fd list truncated (more than {MAX_FDS} fds sent, {n} received); "
+                            "all closed", msg)
     if (flags & VHOST_USER_VERSION_MASK) != VHOST_USER_VERSION:
         msg.close_fds()
         raise ProtocolError(f"request {request}: unsupported version in flags {flags:#x}", msg)
     if len(msg.fds) > MAX_FDS:
+        n = len(msg.fds)
         msg.close_fds()
-        raise ProtocolError(f"{msg.name}: {len(fds)} fds, at most {MAX_FDS}", msg)
+        raise ProtocolError(f"{msg.name}: {n} fds, at most {MAX_FDS}", msg)
     need = None if flags & VHOST_USER_REPLY_MASK else _MIN_PAYLOAD.get(request)  # type: ignore[call-overload]
     if need is not None and size < need:
         msg.close_fds()
