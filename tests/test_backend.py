@@ -14,6 +14,7 @@ def test_sink_counts_exactly(serve, sock_path, metadata):
     srv = serve("sink", metadata)
     with Frontend(sock_path) as fe:
         fe.setup()
+        srv.assert_path(metadata, [1])
         r = fe.run("tx", count=200_000)
         final = fe.drain("tx")
     assert r["packets"] == final["packets"] == 200_000
@@ -27,6 +28,7 @@ def test_source_counts_exactly(serve, sock_path, metadata):
     srv = serve("source", metadata, count=150_000, pkt_size=128)
     with Frontend(sock_path) as fe:
         fe.setup()
+        srv.assert_path(metadata, [0])
         r = fe.run("rx", count=150_000)
         final = fe.drain("rx")
     assert r["packets"] == final["packets"] == 150_000
@@ -43,9 +45,10 @@ def test_source_mergeable_rx_buffers(serve, sock_path, metadata):
     from pyvhost.devices.net import make_frame
     from pyvhost.frontend import BUF_SIZE
 
-    serve("source", metadata, count=10, pkt_size=3000)
+    srv = serve("source", metadata, count=10, pkt_size=3000)
     with Frontend(sock_path) as fe:
         fe.setup()
+        srv.assert_path(metadata, [0])
         fe.run("rx", count=20)
         ring = fe.rings[0]
         frame = make_frame(3000)
@@ -64,6 +67,7 @@ def test_two_queue_pairs_count_separately(serve, sock_path, metadata):
     srv = serve("sink", metadata, queue_pairs=2)
     with Frontend(sock_path, queue_pairs=2) as fe:
         fe.setup()
+        srv.assert_path(metadata, [1, 3])
         assert fe.protocol_features & (1 << 0)  # VHOST_USER_PROTOCOL_F_MQ
         fe.run("tx", count=30_000, pair=0)
         fe.run("tx", count=50_000, pair=1)

@@ -22,7 +22,6 @@ from pyvhost.errors import QueueError as E
 from pyvhost.frontend import D_DONE, Frontend, FrontendError
 from pyvhost.protocol import ADDR_LIMIT, MEM_TABLE_HDR, U64, VRING_ADDR
 from pyvhost.protocol import Request as R
-from pyvhost.ring.split import Q_DIRECT
 from pyvhost.ring.split import VRING_DESC_F_INDIRECT as INDIRECT
 from pyvhost.ring.split import VRING_DESC_F_NEXT as NEXT
 from pyvhost.ring.split import VRING_DESC_F_WRITE as WRITE
@@ -144,7 +143,7 @@ def check_isolated_break(serve, sock_path, errors, metadata: str, mode: str, bui
             if before:
                 before(g)
             # the path the queue runs on: the one asked for (unless a ring part is unmapped: then copy)
-            assert srv.connection.vrings[index].q[Q_DIRECT] == (metadata == "direct" if direct is None else direct)
+            srv.assert_path(metadata if direct is None else ("direct" if direct else "copy"), [index])
             build(g)
             assert g.wait_err() == 1
             lines = broken_lines(errors, index)
@@ -383,6 +382,7 @@ def test_longest_valid_chains_complete(serve, sock_path, errors, metadata):
     srv = serve("sink", metadata)
     with Frontend(sock_path, queue_size=QSIZE, ram_size=RAM) as fe:
         fe.setup()
+        srv.assert_path(metadata, [1])
         g = Guest(fe, 1)
         # a chain of every descriptor of the table
         for i in range(QSIZE):
@@ -427,6 +427,7 @@ def test_descriptors_changed_after_being_made_available(serve, sock_path, errors
     rng = np.random.default_rng(1234)
     with Frontend(sock_path, queue_pairs=2, queue_size=QSIZE, ram_size=RAM) as fe:
         fe.setup()
+        srv.assert_path(metadata)
         g = Guest(fe, index)
         tables = [g.table(TABLE_ENTRIES) for _ in range(4)]
         # every 8th descriptor is an indirect one, for good: the guest writes a descriptor's two words one
@@ -541,6 +542,7 @@ def test_connect_traffic_disconnect_cycles_leak_nothing(serve, sock_path, errors
     for cycle in range(1, 201):
         fe = Frontend(sock_path, queue_size=QSIZE, ram_size=4 << 20)
         fe.setup()
+        srv.assert_path(metadata, [1])
         fe.run("tx", count=2 * QSIZE, timeout=TIMEOUT)
         if cycle % 10 == 5:
             g = Guest(fe, 1)

@@ -104,12 +104,14 @@ def test_509_memory_regions_and_not_one_more(serve, sock_path, errors, metadata)
     try:
         with MemSlotsFrontend(sock_path, queue_size=QSIZE, ram_size=8 * MiB) as fe:
             fe.setup()
+            srv.assert_path(metadata, [0])
             assert U64.unpack(fe.request(R.GET_MAX_MEM_SLOTS))[0] == P.MAX_MEM_SLOTS == 509
             fe.run("rx", count=500, timeout=TIMEOUT)
             for i in range(P.MAX_MEM_SLOTS - 1):
                 fe.add_region(_slot(i), extra)
             conn = srv.connection
             assert conn.mem.nregions == 509 and mapping_count() >= maps0 + 508
+            srv.assert_path(metadata, [0])  # the ring, rebound 508 times, still runs on its path
             assert ack(fe.sock, R.ADD_MEM_REG, SINGLE_REGION_HDR.pack(0) + _slot(508).pack(), [extra]) != 0
             assert any("already 509 regions, at most 509" in e for e in errors())
             g = Guest(fe, 0)

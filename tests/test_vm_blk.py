@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "guestkit"))
 import guestkit  # noqa: E402
 
+from .conftest import assert_log_path, needs  # noqa: E402
+
 MiB = 1 << 20
 IMAGE = 128 * MiB
 LAST = IMAGE // 512 - 1
@@ -30,8 +32,7 @@ GUEST_TIMEOUT = 300
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.skipif(not guestkit.qemu_available() and not os.environ.get("CI"),
-                       reason="qemu-system-x86_64 missing: run `make deps` (CI installs it and never skips)"),
+    needs(guestkit.qemu_available(), "qemu-system-x86_64 missing: run `make deps`"),
 ]
 
 PRELUDE = f"""

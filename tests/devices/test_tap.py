@@ -19,9 +19,11 @@ import pytest
 from pyvhost.frontend import Frontend
 from pyvhost.ring.split import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
+from ..conftest import needs_root, needs_tun
+
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this machine"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and taps need root"),
+    needs_tun,
+    needs_root,
 ]
 
 TAP = "pvtap0"
