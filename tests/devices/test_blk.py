@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -275,46 +276,130 @@ def _region(size: int) -> INF.QueueRegion:
     return INF.QueueRegion(np.zeros(INF.queue_region_size(size), np.uint8), size)
 
 
+class Crash(Exception):
+    """The back-end died here: no store after this one happened."""
+
+
+class Stores:
+    """Counts the stores the datapath makes into the inflight area (and its used-index publication) and
+    crashes the back-end before the store numbered ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.done = limit, 0
+
+    def store(self) -> None:
+        if self.done == self.limit:
+            raise Crash
+        self.done += 1
+
+
+class RecordingArray(np.ndarray):
+    """A view of an inflight area whose every item store goes through ``Stores``."""
+
+    stores: Stores
+
+    def __setitem__(self, key, value) -> None:
+        self.stores.store()
+        super().__setitem__(key, value)
+
+
+def _recording(a: np.ndarray, stores: Stores) -> RecordingArray:
+    r = a.view(RecordingArray)
+    r.stores = stores
+    return r
+
+
+def _as_run(kernel, stores: Stores):
+    """The kernel's own Python source, run with its inflight stores counted and the used-index publication
+    (flush_used, one store) counted too; fences are no-ops in one thread."""
+    from pyvhost.devices import base
+
+    real_flush = base.flush_used
+
+    def flush_used(*args):
+        stores.store()  # the crash may come before the publication ...
+        return real_flush(*args)  # ... or after it (the next store)
+
+    f = kernel.py_func
+    glb = dict(f.__globals__, fence_full=lambda: None, flush_used=flush_used)
+    return types.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
+
+
 def test_inflight_recovery_after_a_crash_at_every_step():
-    """A model of the back-end's pop and completion stores, cut after each one: recovery resubmits exactly the
-    requests whose completion the driver cannot have seen, in the order they were taken."""
-    size = 8
-    taken = [5, 2, 7, 0]  # heads in avail order
-    batch = [7, 2]        # completed together
-    steps = []
-    for i, h in enumerate(taken):
-        steps += [("counter", h, 100 + i), ("flag", h, 1)]
-    for h in batch:
-        steps += [("next", h, None), ("lbh", h, None)]
-    steps += [("publish", None, None)] + [("flag", h, 0) for h in batch] + [("used_idx", None, None)]
-    for cut in range(len(steps) + 1):
-        r = _region(size)
-        used = 3  # the used ring's index before this batch
-        r.recover(used)  # a fresh region is initialised
-        for kind, h, v in steps[:cut]:
-            if kind == "counter":
-                r.u64[INF.desc_counter(h)] = v
-            elif kind == "flag":
-                r.u8[INF.desc_inflight(h)] = v
-            elif kind == "next":
-                r.u16[INF.desc_next(h)] = r.u16[INF.U16_LAST_BATCH_HEAD]
-            elif kind == "lbh":
-                r.u16[INF.U16_LAST_BATCH_HEAD] = h
-            elif kind == "publish":
-                used += len(batch)
-            else:
-                r.u16[INF.U16_USED_IDX] = used
-        heads, counter = r.recover(used)
-        marked = [h for kind, h, v in steps[:cut] if kind == "flag" and v == 1]
-        published = cut > steps.index(("publish", None, None))
-        expect = [h for h in marked if not (published and h in batch)]
-        assert heads == expect, (cut, steps[cut - 1] if cut else None)
-        assert int(r.u16[INF.U16_USED_IDX]) == used
-        # the next avail entry to take is after every request taken (completed or resubmitted)
-        assert used - 3 + len(heads) == len(marked)
-        assert r.recover(used) == (heads, counter)  # recovery is idempotent
-        if heads:
-            assert counter >= 100 + len(marked)  # new requests are counted after every resubmitted one
+    """The datapath's real pop and completion code (ChainDevice's pop_chains and push_used, their own source,
+    their stores counted) is cut before each of its stores into the inflight area and its used-index
+    publication.  Whatever the cut, recovery makes every chain the driver made available be served exactly
+    once: completed (in the used ring the driver sees), resubmitted (in the order it was taken), or taken anew
+    after the resubmitted ones."""
+    from pyvhost.access import bind
+    from pyvhost.chain import new_sg
+    from pyvhost.devices.base import C_HEAD, IST_COUNTER, IST_TRACK, pop_chains, push_used
+    from pyvhost.frontend import GuestRam
+    from pyvhost.memory import GuestMemory
+    from pyvhost.ring.split import Q_EVENT_IDX, Q_LAST_AVAIL, Q_USED_IDX, new_queue_state
+
+    size, before = 8, 3          # 3 requests completed before this batch
+    taken = [5, 2, 7, 0]         # heads in avail order
+    completing = [7, 2]          # completed together, out of order
+    total = None
+    cut = 0
+    while total is None or cut <= total:
+        ram = GuestRam(1 << 20)
+        mem = GuestMemory(arena_size=1 << 24)
+        try:
+            mem.set_table([ram.region()], [ram.fd])
+            d, a, u = ram.alloc(16 * size, 4096), ram.alloc(6 + 2 * size, 64), ram.alloc(6 + 8 * size, 4096)
+            data = ram.alloc(size * 512, 4096)
+            desc = ram.buf[d:d + 16 * size].view(np.uint64)
+            for i in range(size):
+                desc[2 * i], desc[2 * i + 1] = ram.gpa(data + 512 * i), 512
+            avail = ram.buf[a:a + 6 + 2 * size].view(np.uint16)
+            used16 = ram.buf[u:u + 6 + 8 * size].view(np.uint16)
+            for k, h in enumerate([1, 3, 4] + taken):
+                avail[2 + k % size] = h
+            avail[1] = before + len(taken)
+            used16[1] = before
+            q = new_queue_state(size)
+            q[Q_LAST_AVAIL] = q[Q_USED_IDX] = before
+            q[Q_EVENT_IDX] = 0
+            views = bind(mem, P.VringAddr(0, 0, ram.uva(d), ram.uva(u), ram.uva(a), 0), size, Metadata.DIRECT, q)
+            dv, av, u16v, u32v = views.args()
+            region = _region(size)
+            region.recover(before)  # a fresh area, as SET_INFLIGHT_FD gives it
+            ist = np.zeros(2, dtype=np.int64)
+            ist[IST_COUNTER], ist[IST_TRACK] = 100, 1
+            stores = Stores(cut)
+            i8, i16, i64 = (_recording(x, stores) for x in (region.u8, region.u16, region.u64))
+            sg, chains = new_sg(2 * size), np.zeros((size, 4), dtype=np.int64)
+            try:
+                n = _as_run(pop_chains, stores)(q, dv, av, u16v, mem.arena.view, mem.table, sg, chains, size, 4,
+                                                i8, i64, ist)
+                assert [int(h) for h in chains[:n, C_HEAD]] == taken
+                heads = np.array(completing + [0] * (size - len(completing)), dtype=np.int64)
+                lens = np.zeros(size, dtype=np.int64)
+                assert _as_run(push_used, stores)(q, av, u16v, u32v, mem.arena.view, mem.table, heads, lens,
+                                                  len(completing), i8, i16, 1)
+                total = stores.done  # no crash: every store made
+            except Crash:
+                pass
+            # the restarted back-end: what the driver sees is the used ring; recovery starts from it
+            seen = int(used16[1])
+            completed = [int(u32v[1 + 2 * (k % size)]) for k in range(before, seen)]
+            heads_back, counter = region.recover(seen)
+            next_avail = seen + len(heads_back)  # where ChainDevice.make_step goes on taking new chains
+            served = sorted(completed + heads_back)
+            assert served == sorted(taken[:next_avail - before]), (cut, completed, heads_back)
+            assert heads_back == [h for h in taken[:next_avail - before] if h not in completed], (cut, heads_back)
+            assert int(region.u16[INF.U16_USED_IDX]) == seen
+            assert region.recover(seen) == (heads_back, counter)  # recovery is idempotent
+            if heads_back:
+                assert counter > max(int(region.u64[INF.desc_counter(h)]) for h in heads_back)
+            views = dv = av = u16v = u32v = desc = avail = used16 = None
+        finally:
+            mem.close()
+            ram.close()
+        cut += 1
+    assert total is not None and total >= 2 * len(taken) + 2 * len(completing) + 1 + len(completing) + 1
 
 
 def test_inflight_area_from_a_hostile_frontend_is_bounded():
