@@ -86,6 +86,21 @@ class _CountingHistory(collections.deque):
         super().append(item)
 
 
+def assert_path(server: Server, metadata: str | Metadata, indices: Iterable[int] | None = None) -> None:
+    """The live connection's rings (``indices``, default: every running one) run on ``metadata``'s path:
+    a ``direct`` ring that fell back to copy fails here."""
+    conn = server.connection
+    assert conn is not None, "no live connection"
+    direct = Metadata(metadata) is Metadata.DIRECT
+    rings = [conn.vrings[i] for i in indices] if indices is not None else [
+        vr for vr in conn.vrings if vr.views is not None]
+    assert rings, "no ring is running"
+    for vr in rings:
+        assert vr.views is not None, f"vring {vr.index} is not running"
+        assert bool(vr.q[Q_DIRECT]) == direct == vr.views.direct, (
+            f"vring {vr.index} runs on the {'direct' if vr.q[Q_DIRECT] else 'copy'} path, not {Metadata(metadata).value}")
+
+
 class RunningServer:
     """A pyvhost Server serving in a background thread of the test process."""
 
@@ -119,18 +134,7 @@ class RunningServer:
         return self.history
 
     def assert_path(self, metadata: str | Metadata, indices: Iterable[int] | None = None) -> None:
-        """The live connection's rings (``indices``, default: every running one) run on ``metadata``'s path:
-        a ``direct`` ring that fell back to copy fails here."""
-        conn = self.server.connection
-        assert conn is not None, "no live connection"
-        direct = Metadata(metadata) is Metadata.DIRECT
-        rings = [conn.vrings[i] for i in indices] if indices is not None else [
-            vr for vr in conn.vrings if vr.views is not None]
-        assert rings, "no ring is running"
-        for vr in rings:
-            assert vr.views is not None, f"vring {vr.index} is not running"
-            assert bool(vr.q[Q_DIRECT]) == direct == vr.views.direct, (
-                f"vring {vr.index} runs on the {'direct' if vr.q[Q_DIRECT] else 'copy'} path, not {metadata}")
+        assert_path(self.server, metadata, indices)
 
     def stop(self) -> None:
         self.server.stop()

@@ -35,6 +35,8 @@ from pyvhost.frontend import FrontendError
 from pyvhost.frontend_blk import BlkFrontend
 from pyvhost.protocol import ProtocolFeature as PF, Request as R
 
+from ..conftest import assert_log_path, assert_path
+
 PATHS = ["direct", "copy"]
 MiB = 1 << 20
 BLOCK = 4096
@@ -85,8 +87,9 @@ def file_hash(path: str) -> str:
 @pytest.mark.parametrize("metadata", PATHS)
 def test_config_and_features(image, sock_path, metadata):
     dev = BlkDevice(image, num_queues=2)
-    with server(dev, sock_path, metadata), BlkFrontend(sock_path, num_queues=2) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, num_queues=2) as fe:
         fe.setup()
+        assert_path(srv, metadata, [0, 1])
         assert fe.config["capacity"] == 32 * MiB // 512
         assert fe.config["blk_size"] == 512 and fe.config["num_queues"] == 2
         assert fe.config["seg_max"] > 0 and fe.config["size_max"] > 0
@@ -115,8 +118,9 @@ def test_config_and_features(image, sock_path, metadata):
 def test_checksummed_data_survives_backend_restart(image, sock_path, metadata):
     blocks = random.Random(1).sample(range(32 * MiB // BLOCK), 300)
     dev = BlkDevice(image)
-    with server(dev, sock_path, metadata), BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
         fe.setup()
+        assert_path(srv, metadata, [0])
         tags = {}
         for seq, b in enumerate(blocks):  # a stream of writes, many in flight at once
             while not fe.free_slots():
@@ -133,8 +137,9 @@ def test_checksummed_data_survives_backend_restart(image, sock_path, metadata):
         assert fe.anomalies == []
     dev.close()
     dev = BlkDevice(image)  # a new back-end on the same image
-    with server(dev, sock_path, metadata), BlkFrontend(sock_path, max_io=64 * BLOCK) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, max_io=64 * BLOCK) as fe:
         fe.setup()
+        assert_path(srv, metadata, [0])
         for seq, b in enumerate(blocks):
             status, data = fe.read(b * 8, BLOCK)
             assert status == VIRTIO_BLK_S_OK and parse(data) == (seq, b)
@@ -157,8 +162,9 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
     before = file_hash(image)
     dev = BlkDevice(image)
     cap = dev.capacity
-    with server(dev, sock_path, metadata), BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
         fe.setup()
+        assert_path(srv, metadata, [0])
         # out of range: past the end, straddling the end, a sector number near 2^64
         assert fe.read(cap, 512)[0] == VIRTIO_BLK_S_IOERR
         assert fe.write(cap - 1, bytes(1024)) == VIRTIO_BLK_S_IOERR
@@ -204,8 +210,9 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
     # a read-only image: writes, discards and write-zeroes fail, reads work, the file is unchanged
     ro_before = file_hash(ro_image)
     dev = BlkDevice(ro_image, readonly=True)
-    with server(dev, sock_path, metadata), BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
         fe.setup()
+        assert_path(srv, metadata, [0])
         assert fe.features & (1 << VIRTIO_BLK_F_RO)
         assert fe.write(0, bytes(512)) == VIRTIO_BLK_S_IOERR
         assert fe.discard(VIRTIO_BLK_T_WRITE_ZEROES, [(0, 8, 0)]) == VIRTIO_BLK_S_IOERR
@@ -219,8 +226,9 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
 @pytest.mark.parametrize("metadata", PATHS)
 def test_discard_and_write_zeroes(image, sock_path, metadata):
     dev = BlkDevice(image)
-    with server(dev, sock_path, metadata), BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
         fe.setup()
+        assert_path(srv, metadata, [0])
         for b in range(4):
             assert fe.write(b * 8, payload(b, b)) == VIRTIO_BLK_S_OK
         assert fe.discard(VIRTIO_BLK_T_WRITE_ZEROES, [(0, 8, 0), (16, 8, 1)]) == VIRTIO_BLK_S_OK
@@ -235,24 +243,39 @@ def test_discard_and_write_zeroes(image, sock_path, metadata):
 
 class SlowSector(BlkDevice):
     """Requests for sector 0 take a while (like data that is not in the page cache: RWF_NOWAIT declines it
-    and an I/O thread waits for it)."""
+    and an I/O thread waits for it); ``started``/``finished`` say when the last of them began and ended."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.started, self.finished = threading.Event(), threading.Event()
 
     def _try_nowait(self, req, kind, offset, what):
         return offset != 0 and super()._try_nowait(req, kind, offset, what)
 
     def _run(self, req, kind, offset, what):
-        if offset == 0 and kind in ("read", "write"):
+        slow = offset == 0 and kind in ("read", "write")
+        if slow:
+            self.finished.clear()
+            self.started.set()
             time.sleep(0.5)
         super()._run(req, kind, offset, what)
+        if slow:
+            self.finished.set()
+
+
+def _taken(ev: threading.Event) -> None:
+    assert ev.wait(30), "the device never took the slow request"
+    ev.clear()
 
 
 @pytest.mark.parametrize("metadata", PATHS)
 def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata):
     dev = SlowSector(image, io_threads=4)
-    with server(dev, sock_path, metadata), BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
         fe.setup()
+        assert_path(srv, metadata, [0])
         fe.post(VIRTIO_BLK_T_IN, 0, BLOCK, tag="slow")
-        time.sleep(0.05)
+        _taken(dev.started)  # an I/O thread is on it: everything after is posted behind it
         for i in range(1, 30):
             fe.post(VIRTIO_BLK_T_IN, 8 * i, BLOCK, tag=i)
         order = []
@@ -261,10 +284,9 @@ def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata):
         assert order[-1] == "slow" and sorted(order[:-1]) == list(range(1, 30))  # completed out of order
         # stopping a ring waits for what is in flight: GET_VRING_BASE returns once the slow one is done
         fe.post(VIRTIO_BLK_T_IN, 0, BLOCK, tag="slow2")
-        time.sleep(0.05)
-        t0 = time.monotonic()
+        _taken(dev.started)
         base = fe.stop_ring(fe.rings[0])
-        assert time.monotonic() - t0 > 0.3
+        assert dev.finished.is_set(), "GET_VRING_BASE returned while a request was in flight"
         assert base == fe.rings[0].used16[1] == fe.queues[0].avail_idx
         assert [c.tag for c in fe.reap()] == ["slow2"]
     dev.close()
@@ -488,8 +510,9 @@ def test_restart_resubmits_in_counter_order_and_repeats_nothing(image, sock_path
         ring.used16[1] = used0 + 4
         del region
         dev = Recorder(image)
-        with server(dev, sock_path, metadata):
+        with server(dev, sock_path, metadata) as srv:
             fe.reconnect()
+            assert_path(srv, metadata, [0])  # the new back-end's memory table, on the path asked for
             done = []
             while len(done) < 6:
                 done += [c.tag for c in fe.wait()]
@@ -561,8 +584,11 @@ def test_kill9_during_writes_loses_and_repeats_nothing(tmp_path, image, metadata
     nblocks, total, kills_at = 192, 1500, (300, 700, 1100)
     be.start()
     fe = BlkFrontend(sock, queue_size=128, max_io=BLOCK)
+    mm = region = None
     try:
         fe.setup()
+        assert_log_path(be.log.read_text(), metadata)
+        mm, region = _map_region(fe)
         latest: dict[int, int] = {}   # block -> newest seq posted
         busy: set[int] = set()        # blocks with a write in flight
         completed: set[int] = set()
@@ -593,14 +619,19 @@ def test_kill9_during_writes_loses_and_repeats_nothing(tmp_path, image, metadata
                 posted += 1
             fe.publish()
             if kills < len(kills_at) and len(completed) >= kills_at[kills]:
-                # kill while writes are in flight (the back-end takes them faster than it finishes them)
-                assert fe.outstanding()
+                # kill while the back-end holds writes it took and has not completed: its inflight area
+                # (shared with this front-end) says so (the back-end takes them faster than it finishes them)
+                deadline = time.monotonic() + 30
+                while not len(region.inflight_heads()):
+                    assert fe.outstanding() and time.monotonic() < deadline, "no write in flight in the back-end"
+                    time.sleep(0.0005)
                 be.kill()
                 kills += 1
                 take(fe.reap())  # completions it published before dying
                 outstanding = {3 * s for s in fe.outstanding()}
                 be.start()
                 fe.reconnect()
+                assert_log_path(be.log.read_text(), metadata)
                 while fe.outstanding():
                     take(fe.wait(timeout=30))
                 redone = be.resubmitted()
@@ -616,6 +647,9 @@ def test_kill9_during_writes_loses_and_repeats_nothing(tmp_path, image, metadata
         verify_all()
         assert fe.anomalies == []
     finally:
+        region = None
+        if mm is not None:
+            mm.close()
         fe.close(stop_rings=False)
         be.stop()
 
