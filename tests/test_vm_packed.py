@@ -79,6 +79,7 @@ def test_guest_driver_on_a_packed_ring(kit, tmp_path, mode, metadata):
         proc.wait(30)
     log = (tmp_path / "backend.log").read_text()
     assert "packed rings" in log, log[-2000:]
+    assert_log_path(log, metadata)  # every ring start, on the path asked for
     assert res.get("done") == "1", g.tail()
     assert res["features"][34] == "1"  # VIRTIO_F_RING_PACKED negotiated by the guest driver
     tx, rx = int(res["tx"]), int(res["rx"])
