@@ -202,13 +202,13 @@ def test_one_pass_does_bounded_work(metadata, indirect):
             assert dt < 1.0  # 32 chains of 256 (or 1024) descriptors: milliseconds of CPU
             # a stop asked for is seen before the next pass, with the ring still full of work
             q[Q_STOP] = 1
-            assert tx_sink(q, *views.args(), mem.arena.view, mem.table, sg, 4, 1) == Step.STOPPED
-            assert q[Q_CHAINS] == calls * batch
+            ret = tx_sink(q, *views.args(), mem.arena.view, mem.table, sg, 4, 1)
+            assert ret == Step.STOPPED and q[Q_CHAINS] == calls * batch, (ret, int(q[Q_CHAINS]))
             q[Q_STOP] = 0
         ret = tx_sink(q, *views.args(), mem.arena.view, mem.table, sg, 4, 1)
         assert q[Q_CHAINS] == size and ret in (0, 1)  # nothing left: the next passes find it empty
-        views = None
     finally:
+        views = None  # (before the unmap: a failure's report must not read unmapped views)
         mem.close()
         ram.close()
 
