@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import select
+import time
+
+import numpy as np
 import pytest
 
-from pyvhost.frontend import Frontend
+from pyvhost.devices.net import make_frame
+from pyvhost.frontend import BUF_SIZE, Frontend
+from pyvhost.ring.split import VRING_DESC_F_WRITE as WRITE
+
+from .test_hostile import QSIZE, RAM, Guest
 
 PATHS = ["direct", "copy"]
 
@@ -14,6 +22,7 @@ def test_sink_counts_exactly(serve, sock_path, metadata):
     srv = serve("sink", metadata)
     with Frontend(sock_path) as fe:
         fe.setup()
+        srv.assert_path(metadata, [1])
         r = fe.run("tx", count=200_000)
         final = fe.drain("tx")
     assert r["packets"] == final["packets"] == 200_000
@@ -27,6 +36,7 @@ def test_source_counts_exactly(serve, sock_path, metadata):
     srv = serve("source", metadata, count=150_000, pkt_size=128)
     with Frontend(sock_path) as fe:
         fe.setup()
+        srv.assert_path(metadata, [0])
         r = fe.run("rx", count=150_000)
         final = fe.drain("rx")
     assert r["packets"] == final["packets"] == 150_000
@@ -38,14 +48,10 @@ def test_source_counts_exactly(serve, sock_path, metadata):
 @pytest.mark.parametrize("metadata", PATHS)
 def test_source_mergeable_rx_buffers(serve, sock_path, metadata):
     """A 3000-byte frame does not fit one 2048-byte buffer: with MRG_RXBUF it spans two, num_buffers = 2."""
-    import numpy as np
-
-    from pyvhost.devices.net import make_frame
-    from pyvhost.frontend import BUF_SIZE
-
-    serve("source", metadata, count=10, pkt_size=3000)
+    srv = serve("source", metadata, count=10, pkt_size=3000)
     with Frontend(sock_path) as fe:
         fe.setup()
+        srv.assert_path(metadata, [0])
         fe.run("rx", count=20)
         ring = fe.rings[0]
         frame = make_frame(3000)
@@ -64,6 +70,7 @@ def test_two_queue_pairs_count_separately(serve, sock_path, metadata):
     srv = serve("sink", metadata, queue_pairs=2)
     with Frontend(sock_path, queue_pairs=2) as fe:
         fe.setup()
+        srv.assert_path(metadata, [1, 3])
         assert fe.protocol_features & (1 << 0)  # VHOST_USER_PROTOCOL_F_MQ
         fe.run("tx", count=30_000, pair=0)
         fe.run("tx", count=50_000, pair=1)
@@ -72,3 +79,91 @@ def test_two_queue_pairs_count_separately(serve, sock_path, metadata):
     stats = srv.ended()[-1]
     assert stats[1]["packets"] == 30_000 and stats[3]["packets"] == 50_000
     assert stats[0]["packets"] == stats[2]["packets"] == 0
+
+
+def _numbered(seq: int) -> bytes:
+    """TX buffer contents for frame ``seq``: the 12-byte header, then a frame of a length and body that name it."""
+    return bytes(12) + make_frame(60 + seq % 451, seq).tobytes()
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_loopback_delivers_numbered_frames_exactly(serve, sock_path, metadata):
+    """Loopback, frame by frame: 2000 frames, each of its own length and sequence number, posted on TX;
+    each must arrive on RX once, in order, with its own length and bytes (a frame taken twice, skipped, torn
+    or mixed up with another shows here, unlike with identical frames)."""
+    srv = serve("loopback", metadata)
+    total = 2000
+    with Frontend(sock_path, queue_size=QSIZE, ram_size=RAM) as fe:
+        fe.setup()
+        srv.assert_path(metadata, [0, 1])
+        rx, tx = Guest(fe, 0), Guest(fe, 1)
+        try:
+            for i in range(QSIZE):
+                rx.desc(i, rx.ring.buf_gpa(i), 2048, WRITE)
+            rx.post(*range(QSIZE))
+            sent = received = 0
+            deadline = time.monotonic() + 60
+            while received < total:
+                assert time.monotonic() < deadline, f"{received} of {total} frames received"
+                while sent < total and sent - tx.used < QSIZE:  # post on TX what the ring has room for
+                    slot = sent % QSIZE
+                    data = _numbered(sent)
+                    off = tx.ring.bufs_off + slot * 2048
+                    fe.ram.buf[off:off + len(data)] = np.frombuffer(data, np.uint8)
+                    tx.desc(slot, tx.ring.buf_gpa(slot), len(data))
+                    tx.post(slot)
+                    sent += 1
+                heads = []
+                while (rx.used - received) & 0xFFFF:
+                    slot = received % QSIZE
+                    head, length = int(rx.ring.used32[1 + 2 * slot]), int(rx.ring.used32[2 + 2 * slot])
+                    got = bytes(fe.ram.buf[rx.ring.bufs_off + head * 2048:][:length])
+                    want = _numbered(received)
+                    assert length == len(want) and got[12:] == want[12:], (
+                        f"frame {received}: {length} bytes, expected {len(want)}")
+                    heads.append(head)
+                    received += 1
+                if heads:
+                    rx.post(*heads)
+                else:
+                    time.sleep(0.0005)
+            assert not select.select([rx.err_fd, tx.err_fd], [], [], 0)[0]
+        finally:
+            rx.close()
+            tx.close()
+    stats = srv.ended()[-1]
+    lengths = sum(len(_numbered(s)) - 12 for s in range(total))
+    assert stats[1]["packets"] == stats[0]["packets"] == total
+    assert stats[1]["bytes"] == stats[0]["bytes"] == lengths, stats
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_sink_counts_numbered_frames_exactly(serve, sock_path, metadata):
+    """Sink, frame by frame: 3000 frames of their own lengths; the byte count names exactly which were
+    counted (the sink reads no payload, so lengths are what it can get wrong)."""
+    srv = serve("sink", metadata)
+    total = 3000
+    with Frontend(sock_path, queue_size=QSIZE, ram_size=RAM) as fe:
+        fe.setup()
+        srv.assert_path(metadata, [1])
+        tx = Guest(fe, 1)
+        try:
+            sent = 0
+            while sent < total:
+                while sent < total and sent - tx.used < QSIZE:
+                    slot = sent % QSIZE
+                    data = _numbered(sent)
+                    off = tx.ring.bufs_off + slot * 2048
+                    fe.ram.buf[off:off + len(data)] = np.frombuffer(data, np.uint8)
+                    tx.desc(slot, tx.ring.buf_gpa(slot), len(data))
+                    tx.post(slot)
+                    sent += 1
+                time.sleep(0.0005)
+            tx.wait_used(total & 0xFFFF)
+            ids = tx.used_ids()[-QSIZE:]
+            assert ids == [s % QSIZE for s in range(total - QSIZE, total)]  # completed in order, each once
+        finally:
+            tx.close()
+    stats = srv.ended()[-1][1]
+    assert stats["packets"] == total and stats["error"] == stats["drops"] == 0
+    assert stats["bytes"] == sum(len(_numbered(s)) - 12 for s in range(total)), stats

@@ -16,7 +16,7 @@ import pytest
 from pyvhost.bench.peers import PmdConsole, parse_testpmd
 from pyvhost.frontend import Frontend
 
-from .conftest import TESTPMD, needs_dpdk
+from .conftest import TESTPMD, assert_log_path, needs_dpdk
 
 pytestmark = [needs_dpdk, pytest.mark.dpdk]
 PATHS = ["direct", "copy"]
@@ -49,27 +49,38 @@ def serve(tmp: Path, mode: str, metadata: str, *extra: str) -> tuple[subprocess.
     return proc, sock, stats
 
 
-def finish(proc: subprocess.Popen, stats: Path) -> dict:
+def finish(proc: subprocess.Popen, stats: Path, metadata: str | None = None) -> dict:
+    """The one connection's per-queue counters, once ``pyvhost serve`` has ended; every ring it started ran on
+    the ``metadata`` path (if given)."""
     proc.wait(30)
+    if metadata is not None:
+        assert_log_path((stats.parent / "pyvhost.log").read_text(), metadata)
     data = json.loads(stats.read_text())
     assert len(data["ended"]) == 1
     return data["ended"][0]
 
 
-def run_virtio_user(tmp: Path, sock: Path, fwd: str, seconds: float, extra: list[str] | None = None,
-                    until_rx: int | None = None, vdev_args: str = "") -> dict:
-    """Interactive testpmd on ``sock``: start, run ``seconds`` (or until it has received ``until_rx``
-    packets, within 60 s), stop, quit; its final forward statistics.  ``vdev_args`` are appended to the
-    virtio-user vdev (e.g. ",packed_vq=1")."""
+def run_virtio_user(tmp: Path, sock: Path, fwd: str, until: tuple[str, int] | float,
+                    extra: list[str] | None = None, until_rx: int | None = None, vdev_args: str = "") -> dict:
+    """Interactive testpmd on ``sock``: start, run until its port counter ``until[0]`` (e.g. "RX-packets")
+    reaches ``until[1]`` (within a generous deadline: no rate is assumed), stop, quit; its final forward
+    statistics.  ``vdev_args`` are appended to the virtio-user vdev (e.g. ",packed_vq=1").
+    (Older callers: ``until`` in seconds to run, or ``until_rx`` packets to receive.)"""
+    if until_rx is not None:
+        until = ("RX-packets", until_rx)
     proc, log = start_testpmd(tmp, f"net_virtio_user0,path={sock},queues=1,queue_size={QUEUE}{vdev_args}", fwd, 1,
                               "virtio", extra, interactive=True)
     try:
         con = PmdConsole(proc, log)
         con.wait_for("testpmd> ", 60)
         con.send("start tx_first" if fwd in ("io", "macswap") else "start")
-        time.sleep(seconds)
-        deadline = time.monotonic() + 60
-        while until_rx is not None and con.port_counter("RX-packets") < until_rx and time.monotonic() < deadline:
+        if not isinstance(until, tuple):
+            time.sleep(until)
+            until = ("RX-packets", 0)
+        counter, target = until
+        deadline = time.monotonic() + 120
+        while (got := con.port_counter(counter)) < target:
+            assert time.monotonic() < deadline, f"testpmd: {counter} {got} of {target} after 120 s"
             time.sleep(0.2)
         con.send("stop")
         con.wait_for("Done.", 30)
@@ -86,9 +97,9 @@ def run_virtio_user(tmp: Path, sock: Path, fwd: str, seconds: float, extra: list
 @pytest.mark.parametrize("metadata", PATHS)
 def test_testpmd_txonly_to_pyvhost_sink(tmp_path, metadata):
     proc, sock, stats = serve(tmp_path, "sink", metadata)
-    res = run_virtio_user(tmp_path, sock, "txonly", 2.0)
-    counts = finish(proc, stats)["1"]
-    assert res["tx_packets"] > 100_000
+    res = run_virtio_user(tmp_path, sock, "txonly", ("TX-packets", 100_000))
+    counts = finish(proc, stats, metadata)["1"]
+    assert res["tx_packets"] >= 100_000
     assert counts["packets"] == res["tx_packets"], (counts, res)
     assert counts["bytes"] == 64 * res["tx_packets"]
     assert counts["error"] == 0 and counts["drops"] == 0
@@ -98,8 +109,8 @@ def test_testpmd_txonly_to_pyvhost_sink(tmp_path, metadata):
 def test_pyvhost_source_to_testpmd_rxonly(tmp_path, metadata):
     n = 500_000
     proc, sock, stats = serve(tmp_path, "source", metadata, "--count", str(n))
-    res = run_virtio_user(tmp_path, sock, "rxonly", 0.5, until_rx=n)
-    counts = finish(proc, stats)["0"]
+    res = run_virtio_user(tmp_path, sock, "rxonly", ("RX-packets", n))
+    counts = finish(proc, stats, metadata)["0"]
     assert counts["packets"] == n and counts["error"] == 0
     assert res["rx_packets"] == n, res
 
@@ -108,10 +119,10 @@ def test_pyvhost_source_to_testpmd_rxonly(tmp_path, metadata):
 @pytest.mark.parametrize("fwd", ["io", "macswap"])
 def test_testpmd_forwarding_through_pyvhost_loopback(tmp_path, metadata, fwd):
     proc, sock, stats = serve(tmp_path, "loopback", metadata)
-    res = run_virtio_user(tmp_path, sock, fwd, 2.0)
-    counts = finish(proc, stats)
+    res = run_virtio_user(tmp_path, sock, fwd, ("RX-packets", 10_000))  # forwarded through pyvhost and back
+    counts = finish(proc, stats, metadata)
     tx, rx = counts["1"], counts["0"]
-    assert res["tx_packets"] > 10_000
+    assert res["tx_packets"] >= 10_000 and res["rx_packets"] >= 10_000
     # what pyvhost took from TX it returned on RX; a TX chain waits (back-pressure) while RX is full, so when
     # testpmd stops receiving, at most a ring's worth of its last frames may still sit in its TX ring
     assert rx["packets"] == tx["packets"]
@@ -132,13 +143,12 @@ def test_pyvhost_frontend_with_dpdk_vhost_pmd(tmp_path, direction):
             time.sleep(0.05)
         with Frontend(str(sock), queue_size=QUEUE) as fe:
             fe.setup()
-            r = fe.run(direction, seconds=1.0)
+            r = fe.run(direction, count=10_000, timeout=120)
             final = fe.drain(direction)
-        assert r["packets"] > 10_000 and final["packets"] >= r["packets"]
+        assert r["packets"] >= 10_000 and final["packets"] >= r["packets"]
         if direction == "rx":
             assert final["bytes"] == 64 * final["packets"]  # DPDK txonly frames are 64 bytes
     finally:
-        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
     stats = parse_testpmd(log.read_text(errors="replace"))

@@ -17,11 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pyvhost import inflight as INF
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "guestkit"))
 import guestkit  # noqa: E402
+
+from .conftest import assert_log_path, needs  # noqa: E402
 
 MiB = 1 << 20
 IMAGE = 128 * MiB
@@ -30,8 +35,7 @@ GUEST_TIMEOUT = 300
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.skipif(not guestkit.qemu_available() and not os.environ.get("CI"),
-                       reason="qemu-system-x86_64 missing: run `make deps` (CI installs it and never skips)"),
+    needs(guestkit.qemu_available(), "qemu-system-x86_64 missing: run `make deps`"),
 ]
 
 PRELUDE = f"""
@@ -111,6 +115,29 @@ class Disk:
             assert time.monotonic() < deadline, f"no {text!r} in the back-end's log:\n{self.logs[-1].read_text()}"
             time.sleep(0.05)
 
+    def in_flight(self) -> int:
+        """Requests the running back-end has taken and not completed, read from its inflight area (QEMU's
+        SET_INFLIGHT_FD memfd, found in the back-end's mappings); 0 before QEMU gave one."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/maps") as f:
+            ranges = [line.split()[0] for line in f if "memfd:pyvhost-inflight" in line]
+        if not ranges:
+            return 0
+        with open(f"/proc/{self.proc.pid}/map_files/{ranges[0]}", "rb") as f:
+            buf = np.frombuffer(bytearray(f.read()), np.uint8)
+        size = int(buf.view(np.uint16)[INF.U16_DESC_NUM])  # the queue size the back-end recorded
+        return len(INF.QueueRegion(buf, size).inflight_heads()) if size else 0
+
+    def kill9_in_flight(self, timeout: float = GUEST_TIMEOUT) -> int:
+        """SIGKILL the back-end as soon as it holds requests in flight; how many it held just before."""
+        deadline = time.monotonic() + timeout
+        while not (n := self.in_flight()):
+            assert self.proc is not None and self.proc.poll() is None, self.logs[-1].read_text()
+            assert time.monotonic() < deadline, "the back-end never held a request in flight"
+            time.sleep(0.01)
+        self.kill9()
+        return n
+
     def mark(self, word: str) -> None:
         with open(self.image, "r+b") as f:  # through the page cache the back-end reads from
             f.seek(LAST * 512)
@@ -146,13 +173,16 @@ def disk(tmp_path: Path):
 
 
 def test_guest_data_reads_back_after_backend_kill9(kit, disk, tmp_path):
-    """The guest writes 16 MiB of random data and syncs; the back-end is killed (-9) and restarted, QEMU
-    reconnects; the guest drops its cache and reads the data back: same checksum, in the guest and in the file."""
-    d = disk()
+    """The guest writes 16 MiB of random data with fsync; the back-end (one I/O thread, 20 ms per request)
+    is killed (-9) while its inflight area shows requests taken and not completed, and restarted; QEMU
+    reconnects and the restarted back-end resubmits them; the guest drops its cache and reads the data back:
+    same checksum, in the guest and in the file."""
+    d = disk("--io-threads", "1", "--io-delay-ms", "20")
     script = PRELUDE + """
 echo "RESULT size=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/ro) serial=$(cat /sys/block/vda/serial)"
 dd if=/dev/urandom of=/tmp/a bs=1M count=16 2>/dev/null
 echo "RESULT a_md5=$(md5sum /tmp/a | cut -d' ' -f1)"
+echo "RESULT writing=1"
 dd if=/tmp/a of=/dev/vda bs=1M conv=fsync 2>/dev/null
 echo "RESULT written=1"
 go GO1
@@ -160,18 +190,23 @@ echo "RESULT b_md5=$(dd if=/dev/vda bs=1M count=16 2>/dev/null | md5sum | cut -d
 ioerrs
 """
     with BlkGuest(kit, d.sock, script, reconnect=True, workdir=str(tmp_path)) as g:
-        g.expect("written", GUEST_TIMEOUT)
+        g.expect("writing", GUEST_TIMEOUT)
         assert g.results["size"] == str(IMAGE // 512) and g.results["ro"] == "0"
         assert g.results["serial"] == "disk.img"
-        d.kill9()
+        assert_log_path(d.logs[-1].read_text(), "direct")
+        held = d.kill9_in_flight()
+        assert "written" not in g.results, "the write finished before the kill"
         d.start()
         d.wait_log("queues (0,) started")  # QEMU reconnected and restarted the ring
+        assert_log_path(d.logs[-1].read_text(), "direct")
+        g.expect("written", GUEST_TIMEOUT)
         d.mark("GO1")
         g.wait(GUEST_TIMEOUT)
     r = g.results
     assert r.get("exit") == "0", g.tail()
     assert r["b_md5"] == r["a_md5"] == d.md5(16 * MiB)
     assert r["ioerr"] == "0", g.tail()
+    assert held > 0 and "resubmitting" in d.logs[-1].read_text(), "the restart found no request in flight"
 
 
 def test_guest_write_stream_survives_three_backend_kill9(kit, disk, tmp_path):
@@ -194,13 +229,13 @@ ioerrs
         g.expect("writing", GUEST_TIMEOUT)
         kills = 0
         for _ in range(3):
-            time.sleep(0.6)  # the stream needs more than 3 s of the back-end's time (>= 50 requests)
             if "written" in g.results:
                 break
-            d.kill9()
+            d.kill9_in_flight()  # the stream needs more than 3 s of the back-end's time (>= 50 requests)
             kills += 1
             d.start()
             d.wait_log("queues (0,) started")
+            assert_log_path(d.logs[-1].read_text(), "direct")
         g.wait(GUEST_TIMEOUT)
     r = g.results
     assert r.get("exit") == "0", g.tail()
@@ -208,4 +243,4 @@ ioerrs
     assert r["b_md5"] == r["a_md5"] == d.md5(64 * MiB)
     assert r["ioerr"] == "0", g.tail()
     resubmitted = [log.read_text().count("resubmitting") for log in d.logs[1:]]
-    assert sum(resubmitted) > 0, "no restart found requests in flight"
+    assert all(resubmitted), f"a restart found no request in flight: {resubmitted}"

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "guestkit"))
 import guestkit  # noqa: E402
 
+from .conftest import assert_log_path, needs, needs_root, needs_tun  # noqa: E402
+
 NETPEER = str(ROOT / "tools" / "guestkit" / "netpeer.py")
 HOST_IP, GUEST_IP = "10.200.0.1", "10.200.0.2"
 TAP = "pvtap0"
@@ -33,10 +35,9 @@ GUEST_TIMEOUT = 300
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this machine"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and taps need root"),
-    pytest.mark.skipif(not guestkit.qemu_available() and not os.environ.get("CI"),
-                       reason="qemu-system-x86_64 missing: run `make deps` (CI installs it and never skips)"),
+    needs_tun,
+    needs_root,
+    needs(guestkit.qemu_available(), "qemu-system-x86_64 missing: run `make deps`"),
 ]
 
 _names = itertools.count()
@@ -154,6 +155,23 @@ else:
 s.sendall(b"{word}\\n"); s.close()
 """, timeout=60)
 
+    def sniffer(self) -> subprocess.Popen:
+        """Count the frames crossing the tap (netpeer.py sniff) until :meth:`sniffed`."""
+        p = self.ns.popen(sys.executable, NETPEER, "sniff", TAP, stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        assert json.loads(p.stdout.readline()) == {"sniffing": TAP}
+        return p
+
+    @staticmethod
+    def sniffed(p: subprocess.Popen) -> dict:
+        """What the sniffer counted: per direction ("out" = to the guest, "in" = from it) frames, frames over
+        the MTU (GSO frames, handed over unsegmented), the longest."""
+        p.send_signal(signal.SIGTERM)
+        return json.loads(p.communicate(timeout=30)[0].splitlines()[-1])
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
     def receiver(self, port: int) -> subprocess.Popen:
         p = self.ns.popen(sys.executable, NETPEER, "recv", str(port), "--timeout", str(GUEST_TIMEOUT),
                           stdout=subprocess.PIPE, text=True)
@@ -226,16 +244,23 @@ def test_ping_and_bulk_tcp(net: Net, metadata: str, record_property) -> None:
         feats = g.results["features"]
         assert feats[0] == "1" and feats[7] == "1" and feats[11] == "1", f"offloads not negotiated: {feats}"
         assert feats[15] == "1", "MRG_RXBUF not negotiated"
+        assert_log_path(net.log_text(), metadata, at_least=2)  # both queues, on the path asked for
+        sniff = net.sniffer()
         recv = net.receiver(5001)
         net.go()
         rates = bulk_both_ways(net, g, recv, BULK)
+        seen = net.sniffed(sniff)
         assert g.wait(60)["exit"] == "0"
     stats = net.stop_backend()
     check_queues(stats)
+    assert_log_path(net.log_text(), metadata, at_least=2)
     rx, tx = stats["ended"][-1]["0"], stats["ended"][-1]["1"]
-    # segmentation offloaded both ways: frames larger than the MTU, spread over several RX buffers
-    assert tx["bytes"] / tx["packets"] > 1514 and rx["bytes"] / rx["packets"] > 1514, stats
+    # segmentation offloaded both ways: frames longer than the MTU allows crossed the tap in each direction
+    # (counted frame by frame on the tap, whatever else -- ACKs, retransmissions -- crossed it too) ...
+    assert seen["in"]["over_mtu"] > 0 and seen["out"]["over_mtu"] > 0, seen
+    # ... each of those the guest took spanned several RX buffers, and every byte went through the queues
     assert rx["chains"] > rx["packets"], stats
+    assert tx["bytes"] > BULK and rx["bytes"] > BULK, stats
     print(f"\n{metadata}, offloads on, {BULK >> 20} MiB: {rates}")
     for k, v in rates.items():
         record_property(k, v)
@@ -251,14 +276,21 @@ def test_bulk_tcp_without_offloads(net: Net, record_property) -> None:
         feats = g.results["features"]
         for bit in (0, 1, 7, 8, 11, 12, 14):
             assert feats[bit] == "0", f"offload bit {bit} negotiated with --no-offloads: {feats}"
+        assert_log_path(net.log_text(), "direct", at_least=2)
+        sniff = net.sniffer()
         recv = net.receiver(5001)
         net.go()
         rates = bulk_both_ways(net, g, recv, BULK)
+        seen = net.sniffed(sniff)
         assert g.wait(60)["exit"] == "0"
     stats = net.stop_backend()
     check_queues(stats)
-    rx = stats["ended"][-1]["0"]
+    rx, tx = stats["ended"][-1]["0"], stats["ended"][-1]["1"]
+    # no segmentation offload: not one frame over the MTU either way (the tap saw the whole transfer)
+    assert seen["in"]["over_mtu"] == seen["out"]["over_mtu"] == 0, seen
+    assert seen["in"]["frames"] > 1000 and seen["out"]["frames"] > 1000, seen
     assert rx["chains"] == rx["packets"], "without GSO every frame fits one buffer"
+    assert tx["bytes"] > BULK and rx["bytes"] > BULK, stats
     print(f"\ndirect, offloads off, {BULK >> 20} MiB: {rates}")
     for k, v in rates.items():
         record_property(k, v)
@@ -291,6 +323,7 @@ recv_bulk 5002
         bulk_both_ways(net, g, recv, 4 << 20)
         assert g.wait(60)["exit"] == "0"
     check_queues(net.stop_backend())
+    assert_log_path(net.log_text(), "copy", at_least=4)  # both queues, before the rmmod and after the insmod
 
 
 def test_qemu_restart(net: Net) -> None:
@@ -318,6 +351,7 @@ wait_go go
     stats = net.stop_backend()
     assert len(stats["ended"]) == 2
     check_queues(stats)
+    assert_log_path(net.log_text(), "direct", at_least=4)  # both queues, for each QEMU
 
 
 def test_backend_restart_qemu_reconnects(net: Net) -> None:
@@ -338,6 +372,7 @@ recv_bulk 5002
         g.expect("ready", 30)
         first = net.stop_backend()
         check_queues(first)
+        assert_log_path(net.log_text(), "direct", at_least=2)
         net.start_backend()
         recv = net.receiver(5001)
         net.go()
@@ -345,3 +380,4 @@ recv_bulk 5002
         bulk_both_ways(net, g, recv, 4 << 20)
         assert g.wait(60)["exit"] == "0"
     check_queues(net.stop_backend())
+    assert_log_path(net.log_text(), "direct", at_least=2)  # the restarted back-end, on the path asked for

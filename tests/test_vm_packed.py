@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "guestkit"))
 import guestkit  # noqa: E402
 
+from .conftest import assert_log_path, needs  # noqa: E402
+
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.skipif(not guestkit.qemu_available() and not os.environ.get("CI"),
-                       reason="qemu-system-x86_64 missing: run `make deps` (CI installs it and never skips)"),
+    needs(guestkit.qemu_available(), "qemu-system-x86_64 missing: run `make deps`"),
 ]
 MAC = "02:00:00:00:00:02"  # the destination of pyvhost's generated frames
 N = 200
@@ -78,6 +79,7 @@ def test_guest_driver_on_a_packed_ring(kit, tmp_path, mode, metadata):
         proc.wait(30)
     log = (tmp_path / "backend.log").read_text()
     assert "packed rings" in log, log[-2000:]
+    assert_log_path(log, metadata)  # every ring start, on the path asked for
     assert res.get("done") == "1", g.tail()
     assert res["features"][34] == "1"  # VIRTIO_F_RING_PACKED negotiated by the guest driver
     tx, rx = int(res["tx"]), int(res["rx"])

@@ -16,6 +16,7 @@ def test_rng_fills_every_buffer(serve, sock_path, metadata):
     srv = serve(metadata=metadata, device=dev)
     with Frontend(sock_path, num_queues=1) as fe:
         fe.setup()
+        srv.assert_path(metadata, [0])
         r = fe.run("rx", count=5000)
         ring = fe.rings[0]
         assert r["packets"] == 5000

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 
 from pyvhost.frontend import Frontend
-from pyvhost.ring.split import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from pyvhost.ring.split import Q_LAST_AVAIL, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+from ..conftest import needs_root, needs_tun
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this machine"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and taps need root"),
+    needs_tun,
+    needs_root,
 ]
 
 TAP = "pvtap0"
@@ -184,6 +186,7 @@ def tap(ns, sock_path):
         fe = Frontend(sock_path, mrg_rxbuf=mrg)
         made.append((fe, wire, dev, srv))
         fe.setup()
+        srv.assert_path(metadata, [0, 1])
         return fe, Driver(fe, 0), Driver(fe, 1), wire, dev, srv
 
     yield start
@@ -192,6 +195,14 @@ def tap(ns, sock_path):
         wire.close()
         srv.stop()  # workers stopped before the tap's fd closes
         dev.close()
+
+
+def wait_for(cond, timeout: float = 30.0) -> None:
+    """Poll ``cond()`` until it holds (failing the test after a generous ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "the awaited event did not happen"
+        time.sleep(0.005)
 
 
 def vnet_hdr(num_buffers: int = 0) -> bytes:
@@ -255,9 +266,8 @@ def test_frame_larger_than_the_posted_buffers_waits_for_more(tap):
         rx.post([b], write=True)
     f = frame(1400, 6)
     wire.send(f)
-    time.sleep(0.5)
+    wait_for(lambda: dev.counters["rx_bounced"] == 1)  # the device read it: its tail waits in the bounce buffer
     assert rx.pending() == 0  # not completed: the frame needs 1412 bytes, 1024 are posted
-    assert dev.counters["rx_bounced"] == 1
     more = [rx.buffer(512) for _ in range(2)]
     for b in more:
         rx.post([b], write=True)
@@ -274,7 +284,8 @@ def test_full_rx_ring_stops_reading_the_tap_and_drops_nothing(tap):
     frames = [frame(200 + i, 20 + i) for i in range(20)]
     for f in frames:
         wire.send(f)
-    time.sleep(0.3)
+    # the frames wait in the tap (no buffers, nothing read); a device that read them anyway would have to
+    # drop or bounce them, which the counters below show whenever it happened
     assert rx.pending() == 0 and dev.counters["rx_frames"] == 0
     bufs = [rx.buffer(2048) for _ in range(32)]
     for b in bufs[:5]:
@@ -285,7 +296,7 @@ def test_full_rx_ring_stops_reading_the_tap_and_drops_nothing(tap):
     used += rx.used(15)
     got = [rx.read(off + HDR, ln - HDR) for (off, _), (_, ln) in zip(bufs, used)]
     assert got == frames
-    assert dev.counters["rx_drops"] == 0
+    assert dev.counters["rx_drops"] == dev.counters["rx_bounced"] == 0 and dev.counters["rx_frames"] == 20
     assert srv.connection.stats()[0]["drops"] == 0
 
 
@@ -298,7 +309,7 @@ def test_stopping_the_ring_gives_held_buffers_back(tap):
         rx.post([b], write=True)
     wire.send(frame(100, 1))
     assert len(rx.used(1)) == 1
-    time.sleep(0.2)
+    wait_for(lambda: srv.connection.vrings[0].q[Q_LAST_AVAIL] == 6)  # the device holds the other five
     base = fe.stop_ring(rx.ring)
     assert base == 1  # one completed; the five held were given back
     fe.start_ring(rx.ring, base)
@@ -352,10 +363,7 @@ def test_broken_rx_ring_stops_only_that_queue(tap, errors):
     rx.post([rx.buffer(2048)], write=True, bad_next=True)
     wire.send(frame(100, 1))  # wakes the worker, which takes both chains
     rx.post([rx.buffer(2048)], write=True)
-    deadline = time.monotonic() + 10
-    while not srv.connection.vrings[0].broken and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert srv.connection.vrings[0].broken
+    wait_for(lambda: srv.connection.vrings[0].broken)
     assert any("vring 0 broken: NEXT_OUT_OF_RANGE" in m for m in errors())
     tx.post([tx.buffer(vnet_hdr() + frame(300, 2))], write=False)
     assert wire.recv(1) == [frame(300, 2)]
@@ -365,10 +373,7 @@ def test_broken_tx_ring_stops_only_that_queue(tap, errors):
     fe, rx, tx, wire, dev, srv = tap()
     tx.post([tx.buffer(vnet_hdr() + frame(100, 1))], write=False, bad_next=True)
     tx.post([tx.buffer(vnet_hdr() + frame(100, 2))], write=False)
-    deadline = time.monotonic() + 10
-    while not srv.connection.vrings[1].broken and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert srv.connection.vrings[1].broken
+    wait_for(lambda: srv.connection.vrings[1].broken)
     assert any("vring 1 broken: NEXT_OUT_OF_RANGE" in m for m in errors())
     buf = rx.buffer(2048)
     rx.post([buf], write=True)

@@ -2,8 +2,13 @@
 
     netpeer.py recv PORT [--timeout S]          accept one connection on PORT, read to EOF
     netpeer.py send HOST PORT BYTES [--seed N]  connect, send BYTES pseudo-random bytes, close
+    netpeer.py sniff IFACE                      count the frames crossing IFACE until SIGTERM
 
-Each prints one JSON line: bytes, md5, seconds (first byte to EOF, or connect to close), mbit_s.
+recv and send print one JSON line: bytes, md5, seconds (first byte to EOF, or connect to close), mbit_s.
+sniff prints {"sniffing": IFACE} once its packet socket is bound, then on SIGTERM, per direction ("out": the
+namespace transmits on IFACE, "in": IFACE receives), the frames seen, those longer than the interface's MTU
+allows (Ethernet header included: only a GSO frame is), and the longest.  The kernel hands a packet socket a
+GSO frame whole, before segmentation, so frames over the MTU show that segmentation was offloaded.
 """
 
 from __future__ import annotations
@@ -12,11 +17,17 @@ import argparse
 import hashlib
 import json
 import random
+import select
+import signal
 import socket
 import sys
 import time
 
 CHUNK = 1 << 20
+ETH_P_ALL = 0x0003
+ETH_HLEN = 14
+PACKET_OUTGOING = 4
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h (not in Python's socket module)
 
 
 def recv(port: int, timeout: float) -> dict:
@@ -76,6 +87,32 @@ def send(host: str, port: int, size: int, seed: int, timeout: float) -> dict:
             "mbit_s": round(size * 8 / secs / 1e6, 1) if secs > 0 else 0}
 
 
+def sniff(iface: str) -> dict:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)  # (root: past rmem_max) lose few frames
+    s.bind((iface, 0))
+    with open(f"/sys/class/net/{iface}/mtu") as f:
+        limit = int(f.read()) + ETH_HLEN
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    counts = {d: {"frames": 0, "over_mtu": 0, "longest": 0} for d in ("in", "out")}
+    head = bytearray(64)  # MSG_TRUNC: the frame's whole length is returned, only its head copied
+    print(json.dumps({"sniffing": iface}), flush=True)
+    while not stop:
+        try:
+            if not select.select([s], [], [], 0.2)[0]:
+                continue
+            n, addr = s.recvfrom_into(head, len(head), socket.MSG_TRUNC)
+        except InterruptedError:
+            continue
+        c = counts["out" if addr[2] == PACKET_OUTGOING else "in"]
+        c["frames"] += 1
+        c["over_mtu"] += n > limit
+        c["longest"] = max(c["longest"], n)
+    s.close()
+    return {"mtu_frame": limit, **counts}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -88,9 +125,13 @@ def main(argv: list[str]) -> int:
     s.add_argument("bytes", type=int)
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--timeout", type=float, default=300)
+    f = sub.add_parser("sniff")
+    f.add_argument("iface")
     a = p.parse_args(argv)
     if a.cmd == "recv":
         out = recv(a.port, a.timeout)
+    elif a.cmd == "sniff":
+        out = sniff(a.iface)
     else:
         out = send(a.host, a.port, a.bytes, a.seed, a.timeout)
     print(json.dumps(out), flush=True)
