@@ -946,8 +946,8 @@ def _pcheck_counts(q, g, n, budget, lead0):
         return 5
     m = 2 * n
     lead = (_lin(q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP], n) - _lin(q[Q_USED_IDX], q[Q_USED_WRAP], n) + m) % m
-    if q[Q_ERROR] == 0 and lead != lead0:
-        return 3  # every chain taken in a pass is completed in that pass
+    if lead != lead0:
+        return 3  # every chain taken in a pass is completed in that pass, whatever breaks
     if g[9] == 0 and q[Q_CHAINS] > budget * g[8]:
         return 4
     return 0

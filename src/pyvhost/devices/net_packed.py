@@ -5,7 +5,10 @@ A pass takes chains while the descriptor at the avail cursor is available -- at 
 most the descriptors the ring can have in flight -- collecting their used descriptors in ``shadow``, then
 writes them all at once (the first one's flags last) and advances the cursors.  Every chain taken in a pass is
 completed in that pass, so a stopped worker leaves nothing in flight and GET_VRING_BASE's used cursor equals
-the avail one.
+the avail one.  The avail cursor moves (and the chains are counted) only once their used descriptors are
+published: if the batch cannot be written (part of the ring unmapped) the queue breaks with its chains still
+available, never taken without being completed.  A pass takes nothing once the ring holds as many descriptors
+in flight as it can (a driver that makes more available is not followed).
 """
 
 from __future__ import annotations
@@ -36,6 +39,28 @@ def _idle(q, desc, dev, mem, table):
         return np.int64(-1)
     fence_full()
     return _head(q, desc, mem, table)
+
+
+@helper
+def _counters(q):
+    """The counters a pass changes, to restore if its chains are not completed."""
+    return q[Q_PACKETS], q[Q_BYTES], q[Q_DROPS]
+
+
+@helper
+def _end_pass(q, drv, desc, mem, table, shadow, n, pos, wrap, counters):
+    """Complete the ``n`` chains a pass took (their used descriptors in ``shadow``), the avail cursor then at
+    ``pos``/``wrap``: publish them, then move the avail cursor and count them.  If they cannot be published
+    the cursor and the counters (``counters``, from ``_counters`` at the start of the pass) stay as the pass
+    found them.  Returns (published, ok) as flush_used does."""
+    published, ok = flush_used(q, drv, desc, mem, table, shadow, n)
+    if published:
+        q[Q_LAST_AVAIL] = pos
+        q[Q_AVAIL_WRAP] = wrap
+        q[Q_CHAINS] += n
+    else:
+        q[Q_PACKETS], q[Q_BYTES], q[Q_DROPS] = counters
+    return published, ok
 
 
 @helper
@@ -71,10 +96,11 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
         q[Q_WAKEUPS] += 1
         room, nmax = _room(q, shadow)
         pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
+        counters = _counters(q)
         taken = 0
         done = 0
         status = _MORE
-        while True:
+        while done < nmax and taken < room:
             nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(q, desc, mem, table, pos, wrap, f, sg, READ_ONLY,
                                                                   room - taken)
             if nread < 0:
@@ -83,7 +109,7 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
             shadow[done, SH_ID] = bid
             shadow[done, SH_LEN] = 0
             shadow[done, SH_NDESC] = ndesc
-            # counted once completed (a chain left behind by a fault is not counted)
+            # counted as taken; _end_pass takes the count back if the chain is not completed
             if rbytes < hdr:
                 q[Q_DROPS] += 1  # too short for the virtio-net header: dropped, still completed
             else:
@@ -100,12 +126,8 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
                     status = _BROKEN
                 break
         # chains handled before a fault are still completed: no completion is lost
-        q[Q_LAST_AVAIL] = pos
-        q[Q_AVAIL_WRAP] = wrap
-        q[Q_CHAINS] += done
-        if not flush_used(q, drv, desc, mem, table, shadow, done):
-            return _BROKEN
-        if status == _BROKEN:
+        _published, ok = _end_pass(q, drv, desc, mem, table, shadow, done, pos, wrap, counters)
+        if not ok or status == _BROKEN:
             return _BROKEN
     return _MORE
 
@@ -208,6 +230,7 @@ def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget,
         q[Q_WAKEUPS] += 1
         room, nmax = _room(q, shadow)
         pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
+        counters = _counters(q)
         taken = 0
         k = 0
         status = _MORE
@@ -220,12 +243,8 @@ def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget,
             if c == 0:
                 break
             k += c
-        q[Q_LAST_AVAIL] = pos
-        q[Q_AVAIL_WRAP] = wrap
-        q[Q_CHAINS] += k
-        if not flush_used(q, drv, desc, mem, table, shadow, k):
-            return _BROKEN
-        if status == _BROKEN:
+        _published, ok = _end_pass(q, drv, desc, mem, table, shadow, k, pos, wrap, counters)
+        if not ok or status == _BROKEN:
             return _BROKEN
     return _MORE
 
@@ -262,12 +281,16 @@ def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs
         rroom, rmax = _room(rq, rshadow)
         tpos, twrap = tq[Q_LAST_AVAIL], tq[Q_AVAIL_WRAP]
         rpos, rwrap = rq[Q_LAST_AVAIL], rq[Q_AVAIL_WRAP]
+        tcounters = _counters(tq)
+        rcounters = _counters(rq)
         ttaken = 0
         rtaken = 0
         t = 0
         r = 0
+        moved = 0  # frames of this pass delivered to RX chains, and their bytes
+        moved_bytes = 0
         status = _MORE
-        while True:
+        while t < tmax and ttaken < troom:
             nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(tq, tdesc, mem, table, tpos, twrap, ft, tsg,
                                                                   READ_ONLY, troom - ttaken)
             if nread < 0:
@@ -285,6 +308,8 @@ def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs
                 if c == 0:
                     break  # RX full: leave this TX chain for the next pass
                 r += c
+                moved += 1
+                moved_bytes += length
                 tq[Q_PACKETS] += 1
                 tq[Q_BYTES] += length
             tshadow[t, SH_ID] = bid
@@ -300,17 +325,20 @@ def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs
                 if ft == -1:
                     status = _BROKEN
                 break
-        tq[Q_LAST_AVAIL] = tpos
-        tq[Q_AVAIL_WRAP] = twrap
-        rq[Q_LAST_AVAIL] = rpos
-        rq[Q_AVAIL_WRAP] = rwrap
-        tq[Q_CHAINS] += t
-        rq[Q_CHAINS] += r
-        # both, even if RX fails: the TX chains taken are completed (no completion is lost)
-        rok = flush_used(rq, rdrv, rdesc, mem, table, rshadow, r)
-        if not flush_used(tq, tdrv, tdesc, mem, table, tshadow, t) or not rok:
-            return _BROKEN
-        if status == _BROKEN:
+        # TX first, then RX even if TX broke after publishing: the chains taken are completed (no completion is
+        # lost).  RX publishes only frames whose TX chains were completed; frames whose RX batch could not be
+        # published are TX drops.
+        tpub, tok = _end_pass(tq, tdrv, tdesc, mem, table, tshadow, t, tpos, twrap, tcounters)
+        if tpub:
+            rpub, rok = _end_pass(rq, rdrv, rdesc, mem, table, rshadow, r, rpos, rwrap, rcounters)
+            if not rpub:
+                tq[Q_PACKETS] -= moved
+                tq[Q_BYTES] -= moved_bytes
+                tq[Q_DROPS] += moved
+        else:
+            rok = True
+            rq[Q_PACKETS], rq[Q_BYTES], rq[Q_DROPS] = rcounters
+        if not tok or not rok or status == _BROKEN:
             return _BROKEN
     return _MORE
 

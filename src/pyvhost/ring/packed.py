@@ -14,7 +14,9 @@ The device keeps two cursors, each a position in ``[0, size)`` and a wrap counte
 * used (``Q_USED_IDX``, ``Q_USED_WRAP``): where the next used descriptor goes.  It advances by the number of
   descriptors of the chain completed (whatever its position was), so completion may be in or out of order.
 
-The queue size need not be a power of two (≤ 32768): positions never get masked, they wrap explicitly.
+The queue size need not be a power of two (≤ 32768): positions wrap explicitly, and every position used to
+index the ring is bounded to ``[0, size)`` at its point of use (``slot``, the split ring's mask for any size), so
+a cursor out of range -- the control plane refuses one, this is the second line -- cannot reach past the ring.
 
 Every guest value is read once and bounded: a head's flags by one acquire load (then its other fields by one
 64-bit load each), a chained descriptor's len/id/flags by one 64-bit load; a chain may not be longer than the
@@ -24,9 +26,10 @@ region, nothing nested; within a table only WRITE counts, entries are sequential
 
 Used descriptors of one pass are collected in a ``shadow`` array and written together at its end: every one
 but the first (id, len, then flags by a release store), then the first one's flags last (publish after fill),
-so the driver, which polls the first, never sees part of a batch.  Both metadata paths go through the same
-functions: ``direct`` uses the ring's validated views, ``copy`` translates the ring address and checks the
-bounds on every access (see ring/split.py).
+so the driver, which polls the first, never sees part of a batch; ``flush_used`` says whether it was published
+(a device that completes chains in the pass that takes them moves its avail cursor only then).  Both metadata
+paths go through the same functions: ``direct`` uses the ring's validated views, ``copy`` translates the ring
+address and checks the bounds on every access (see ring/split.py).
 """
 
 from __future__ import annotations
@@ -106,6 +109,14 @@ def advance(pos, wrap, n, size):
 
 
 @helper
+def slot(pos, size):
+    """``pos`` bounded to ``[0, size)`` where it indexes the ring (any size; ``pos`` itself is normally there)."""
+    if pos < 0 or pos >= size:
+        return pos % size
+    return pos
+
+
+@helper
 def linear(pos, wrap, size):
     """A cursor as one number modulo 2*size (wrap 1 is the first lap): distances between cursors are
     differences of these modulo 2*size."""
@@ -138,6 +149,7 @@ def used_flags(wrap, written):
 def read_head(q, desc, mem, table, pos, wrap):
     """The flags of the descriptor at ``pos`` (one acquire load) if it is available, NOT_AVAIL if it is not,
     or -1 with the queue broken (ring unmapped, or a used descriptor of this lap: PACKED_BAD_WRAP)."""
+    pos = slot(pos, q[Q_SIZE])
     if q[Q_DIRECT]:
         f = np.int64(ld16_acquire(desc, DESC_SIZE * pos + 14))
     else:
@@ -156,6 +168,7 @@ def read_head(q, desc, mem, table, pos, wrap):
 @helper
 def read_desc(q, desc, mem, table, pos):
     """Descriptor at ``pos`` as two words, addr and len | id << 32 | flags << 48 (one load each), and ok."""
+    pos = slot(pos, q[Q_SIZE])
     if q[Q_DIRECT]:
         return np.uint64(desc[2 * pos]), np.uint64(desc[2 * pos + 1]), True
     off, _room = translate(table, SPACE_UVA, q[Q_DESC] + DESC_SIZE * pos, DESC_SIZE)
@@ -264,6 +277,7 @@ def walk_packed(q, desc, mem, table, pos, wrap, head_flags, sg, want, room):
 @helper
 def write_used_desc(q, desc, mem, table, pos, bid, length, flags):
     """Used descriptor at ``pos``: len and id, then flags by a release store.  False if the ring is unmapped."""
+    pos = slot(pos, q[Q_SIZE])
     if q[Q_DIRECT]:
         o = DESC_SIZE * pos
         st32(desc, o + 8, np.uint32(length))
@@ -319,7 +333,7 @@ def set_notify(q, dev, mem, table, enable):
     if not enable:
         return write_device_event(q, dev, mem, table, 0, RING_EVENT_FLAGS_DISABLE, False)
     if q[Q_EVENT_IDX]:
-        return write_device_event(q, dev, mem, table, q[Q_LAST_AVAIL] | (q[Q_AVAIL_WRAP] << 15),
+        return write_device_event(q, dev, mem, table, slot(q[Q_LAST_AVAIL], q[Q_SIZE]) | (q[Q_AVAIL_WRAP] << 15),
                                   RING_EVENT_FLAGS_DESC, True)
     return write_device_event(q, dev, mem, table, 0, RING_EVENT_FLAGS_ENABLE, False)
 
@@ -334,10 +348,13 @@ def need_event(event, new, old, m):
 @helper
 def flush_used(q, drv, desc, mem, table, shadow, n):
     """Write the ``n`` used descriptors of ``shadow`` from the used cursor -- the first one's flags last --
-    advance the cursor, and signal the driver if it asked to be (flags, or EVENT_IDX's off_wrap).  If one cannot
-    be written (the ring is partly unmapped: the queue breaks) the batch is not published and the cursor stays."""
+    advance the cursor, and signal the driver if it asked to be (flags, or EVENT_IDX's off_wrap).
+
+    Returns (published, ok).  If one cannot be written (the ring is partly unmapped: the queue breaks) the batch
+    is not published and the cursor stays: (False, False).  If the driver's area cannot be read after
+    publishing, the queue breaks with the batch published: (True, False)."""
     if n == 0:
-        return True
+        return True, True
     size = q[Q_SIZE]
     pos0 = q[Q_USED_IDX]
     w0 = q[Q_USED_WRAP]
@@ -345,17 +362,17 @@ def flush_used(q, drv, desc, mem, table, shadow, n):
     for k in range(1, n):
         if not write_used_desc(q, desc, mem, table, p, shadow[k, SH_ID], shadow[k, SH_LEN],
                                used_flags(w, shadow[k, SH_LEN] > 0)):
-            return False
+            return False, False
         p, w = advance(p, w, shadow[k, SH_NDESC], size)
     if not write_used_desc(q, desc, mem, table, pos0, shadow[0, SH_ID], shadow[0, SH_LEN],
                            used_flags(w0, shadow[0, SH_LEN] > 0)):
-        return False
+        return False, False
     q[Q_USED_IDX] = p
     q[Q_USED_WRAP] = w
     fence_full()  # the driver's event area must be read after our flags store is visible
     ev = read_driver_event(q, drv, mem, table)
     if ev < 0:
-        return False
+        return True, False
     flags = (ev >> 16) & 0x3
     if q[Q_EVENT_IDX]:
         new = linear(p, w, size)
@@ -373,4 +390,4 @@ def flush_used(q, drv, desc, mem, table, shadow, n):
     if signal and q[Q_CALLFD] >= 0:
         q[Q_CALLS] += 1
         eventfd_write(q[Q_CALLFD], 1)
-    return True
+    return True, True
