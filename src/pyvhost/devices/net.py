@@ -358,19 +358,42 @@ class NetDevice(Device):
             return [(2 * p,) for p in pairs]
         return [(2 * p, 2 * p + 1) for p in pairs]
 
+    def warm_up(self) -> None:
+        warm_up()
+
+    def discards_when_disabled(self, index: int) -> bool:
+        return index % 2 == 1  # a disabled TX queue is processed and its frames discarded; RX gets nothing
+
+    def discard_step(self, ring: Ring) -> StepFn:
+        """The sink over a disabled TX queue, its frames counted as drops (discarded, not transmitted)."""
+        sink = self._step(Mode.SINK, [ring])
+        q = ring.q
+
+        def step(budget: int) -> int:
+            packets, nbytes = int(q[Q_PACKETS]), int(q[Q_BYTES])
+            status = sink(budget)
+            q[Q_DROPS] += int(q[Q_PACKETS]) - packets
+            q[Q_PACKETS], q[Q_BYTES] = packets, nbytes
+            return status
+
+        return step
+
     def make_step(self, rings: list[Ring]) -> StepFn:
+        return self._step(self.mode, rings)
+
+    def _step(self, mode: Mode, rings: list[Ring]) -> StepFn:
         spins = self.spins
         if self.negotiated & (1 << VIRTIO_F_RING_PACKED):
             from . import net_packed
-            return net_packed.make_step(self.mode.value, rings, spins, self.frame, MAX_FRAME)
+            return net_packed.make_step(mode.value, rings, spins, self.frame, MAX_FRAME)
         mem = rings[0].mem
         views, table = mem.arena.view, mem.table
-        if self.mode is Mode.SINK:
+        if mode is Mode.SINK:
             (tx,) = rings
             sg = new_sg(int(tx.q[0]))
             args = (tx.q, *tx.views.args(), views, table, sg)
             return lambda budget: tx_sink(*args, budget, spins)
-        if self.mode is Mode.SOURCE:
+        if mode is Mode.SOURCE:
             (rx,) = rings
             sgs = np.stack([new_sg(int(rx.q[0]))] * 2)
             args = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame)
