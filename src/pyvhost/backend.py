@@ -3,11 +3,16 @@
 Ring lifecycle (docs/interop/vhost-user.rst "Ring states"): a ring is *started* by SET_VRING_KICK and
 *stopped* by GET_VRING_BASE; it is *enabled* from the start when VHOST_USER_F_PROTOCOL_FEATURES is not
 negotiated, otherwise by SET_VRING_ENABLE.  A worker runs over a group of rings while all of them are started,
-enabled and have a size and addresses.
+enabled and have a size and addresses.  A ring that is started but disabled "must be processed without causing
+any side effects": the device says whether and how (``Device.discard_step``: a net TX queue's frames are taken
+and discarded; an RX queue is given nothing).
 
 Invariant 1 (no stale view): anything that changes memory or ring addresses first stops the affected workers
-(each acknowledges by leaving its compiled loop and being joined), then drops their views, then unmaps, then
-bumps the generation; workers restart with views built for the new generation.
+(each acknowledges by leaving its compiled loop, draining what it handed out and being joined), then drops
+their views, then unmaps, then bumps the generation; workers restart with views built for the new generation.
+Stopping is bounded (STOP_TIMEOUT): a worker that does not end in time, or whose requests are still with the
+device, breaks its queue, and guest memory then stays mapped until those requests complete -- a deliberate,
+logged leak rather than an unmap under a view in use.
 """
 
 from __future__ import annotations
