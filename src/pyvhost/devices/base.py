@@ -533,9 +533,9 @@ def discard_split(ring: Ring, spins: int = 64) -> StepFn:
             if n == POP_IDLE:  # (a fault at the first chain takes none)
                 return Step.BROKEN if q[Q_ERROR] else Step.IDLE
             heads[:n] = chains[:n, C_HEAD]
+            q[Q_DROPS] += n  # counted before the driver sees them completed
             if not push_used(q, avail, used16, used32, arena, table, heads, lens, n, _NO_U8, _NO_U16, 0):
                 return Step.BROKEN
-            q[Q_DROPS] += n
             if q[Q_ERROR]:
                 return Step.BROKEN
         return Step.MORE
