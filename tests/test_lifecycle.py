@@ -26,7 +26,7 @@ from pyvhost.ring.split import Q_HDR_LEN, VRING_DESC_F_WRITE
 from tests.devices.test_tap import frame, ns, tap, vnet_hdr  # noqa: F401 (ns and tap are fixtures)
 
 #: a short stop timeout keeps the tests quick (the default is STOP_TIMEOUT)
-STOP = 1.5
+STOP = 3.0
 RAM = 16 << 20
 TIMEOUT = 20.0
 PATTERN = 0xAB
