@@ -3,11 +3,16 @@
 Ring lifecycle (docs/interop/vhost-user.rst "Ring states"): a ring is *started* by SET_VRING_KICK and
 *stopped* by GET_VRING_BASE; it is *enabled* from the start when VHOST_USER_F_PROTOCOL_FEATURES is not
 negotiated, otherwise by SET_VRING_ENABLE.  A worker runs over a group of rings while all of them are started,
-enabled and have a size and addresses.
+enabled and have a size and addresses.  A ring that is started but disabled "must be processed without causing
+any side effects": the device says whether and how (``Device.discard_step``: a net TX queue's frames are taken
+and discarded; an RX queue is given nothing).
 
 Invariant 1 (no stale view): anything that changes memory or ring addresses first stops the affected workers
-(each acknowledges by leaving its compiled loop and being joined), then drops their views, then unmaps, then
-bumps the generation; workers restart with views built for the new generation.
+(each acknowledges by leaving its compiled loop, draining what it handed out and being joined), then drops
+their views, then unmaps, then bumps the generation; workers restart with views built for the new generation.
+Stopping is bounded (STOP_TIMEOUT): a worker that does not end in time, or whose requests are still with the
+device, breaks its queue, and guest memory then stays mapped until those requests complete -- a deliberate,
+logged leak rather than an unmap under a view in use.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import select
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +37,7 @@ from .access import Metadata, PackedViews, RingViews, bind, bind_packed, check_a
 from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                            VIRTIO_RING_F_INDIRECT_DESC, Device, Ring, Step)
 from .errors import describe
-from .memory import SPACE_UVA, GuestMemory, MemoryError_
+from .memory import SPACE_UVA, GuestMemory, MappedRegion, MemoryError_
 from .protocol import ProtocolError, ProtocolFeature as PF, Request as R
 from .ring import packed as PK
 from .ring.split import (MAX_QUEUE_SIZE, Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DROPS, Q_ERROR,
@@ -51,6 +57,12 @@ DEFAULT_BUDGET = 4096
 MESSAGE_TIMEOUT = 5.0
 #: Ended connections whose counters the server keeps.
 HISTORY = 64
+#: Seconds a worker gets to leave its loop and finish (or give up) the requests it handed out, when the control
+#: plane stops it or when it ends on its own.  Past it, the queue is broken, the requests still out are logged,
+#: and the memory they may touch stays mapped until they complete (never unmapped under them).
+STOP_TIMEOUT = 5.0
+#: Seconds more the control plane waits for a worker that gave up on its requests to leave.
+STOP_GRACE = 1.0
 
 
 class VringError(ProtocolError):
@@ -89,72 +101,145 @@ class Vring:
 
 
 class Worker(threading.Thread):
-    """Runs a device's step function over a group of rings until stopped or a ring breaks."""
+    """Runs a device's step function over a group of rings until stopped or a ring breaks.
 
-    def __init__(self, conn: "Connection", rings: list[Vring], step, budget: int) -> None:
+    Every exit -- stopped, a broken ring, an fd error, an exception in the step -- ends with the step's
+    ``drain`` (if it has one, see devices/base.py), bounded in time: the worker is quiet only once nothing it
+    handed out may still use the rings' memory.  ``held`` then says what is still out."""
+
+    def __init__(self, conn: "Connection", rings: list[Vring], step, budget: int,
+                 timeout: float = STOP_TIMEOUT) -> None:
         super().__init__(name=f"pyvhost-q{'-'.join(str(r.index) for r in rings)}", daemon=True)
         self.conn, self.rings, self.step, self.budget = conn, rings, step, budget
+        self.timeout = timeout
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_lock = threading.Lock()  # the fd is closed by whichever of run() and stop() ends last
         self.fault: str | None = None
+        self.deadline: float | None = None  # set by stop(): when the drain gives up
+        #: heads of chains whose buffers may still be in use after the drain ([] none; None unknown)
+        self.held: list[int] | None = None
 
     def run(self) -> None:
+        reason: str | None = None
         try:
-            while True:
-                status = self.step(self.budget)
-                if status == Step.MORE:
-                    continue
-                if status == Step.STOPPED:
-                    return
-                if status == Step.BROKEN:
-                    self.conn.ring_broken([r for r in self.rings if r.q[Q_ERROR]])
-                    return
-                fds = [r.kick_fd for r in self.rings if r.kick_fd >= 0] + [self.wake_fd]
-                # a step may also sleep on fds of its own (``step.wait_fds``: a tap, a socket); those wake the
-                # worker when readable and are left for the step to read
-                extra = list(getattr(self.step, "wait_fds", ()))
-                ready, _, _ = select.select(fds + extra, [], [], 1.0)
-                for fd in ready:
-                    if fd in extra:
-                        continue
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass
-                    except OSError:
-                        return
-        except Exception:  # a bug, not the guest's fault: say so, keep the process
+            reason = self._loop()
+        except Exception as e:  # a bug, not the guest's fault: say so, break the queue, keep the process
             log.exception("worker %s failed", self.name)
             self.fault = "exception"
+            reason = f"its worker failed ({type(e).__name__}: {e})"
+        finally:
+            self._drain()
+        if reason is not None:
+            self.conn.ring_broken(self.rings, reason or None)
 
-    def stop(self) -> None:
+    def _loop(self) -> str | None:
+        """Call the step until it stops (None) or a ring breaks ("": the queue state says why, else the reason)."""
+        while True:
+            status = self.step(self.budget)
+            if status == Step.MORE:
+                continue
+            if status == Step.STOPPED:
+                return None
+            if status == Step.BROKEN:
+                return ""
+            fds = [r.kick_fd for r in self.rings if r.kick_fd >= 0] + [self.wake_fd]
+            # a step may also sleep on fds of its own (``step.wait_fds``: a tap, a socket); those wake the
+            # worker when readable and are left for the step to read
+            extra = list(getattr(self.step, "wait_fds", ()))
+            ready, _, _ = select.select(fds + extra, [], [], 1.0)
+            for fd in ready:
+                if fd in extra:
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    return f"reading its kick fd failed ({e})"
+
+    def _drain(self) -> None:
+        """Let the step finish or drop what it took, for at most the time left (see ``stop``)."""
+        drain = getattr(self.step, "drain", None)
+        timeout = self.timeout if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        try:
+            self.held = list(drain(timeout)) if drain is not None else []
+        except Exception:
+            log.exception("worker %s: draining its queues failed; their memory stays mapped", self.name)
+            self.held = None
+        if self.held:
+            log.error("queues %s: requests still in flight after %.1f s (heads %s); their buffers stay mapped "
+                      "until they complete", "/".join(str(r.index) for r in self.rings), timeout,
+                      " ".join(map(str, self.held)))
+        with self.wake_lock:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+
+    def request_stop(self, deadline: float) -> None:
+        """Ask the worker to leave its loop; its drain gives up at ``deadline`` (time.monotonic())."""
+        self.deadline = deadline
         for r in self.rings:
             r.q[Q_STOP] = 1
-        os.eventfd_write(self.wake_fd, 1)
-        self.join()
-        os.close(self.wake_fd)
+        with self.wake_lock:
+            if self.wake_fd >= 0:
+                os.eventfd_write(self.wake_fd, 1)
+
+    def wait_stopped(self, deadline: float) -> bool:
+        """Wait (until ``deadline`` plus STOP_GRACE) for the worker to end; True if it ended and holds nothing."""
+        self.join(max(0.0, deadline - time.monotonic()) + STOP_GRACE)
+        if self.is_alive():
+            return False
         for r in self.rings:
             r.q[Q_STOP] = 0
+        return self.holding() == []
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop and join, within ``timeout`` (default: the worker's) plus STOP_GRACE; see ``wait_stopped``."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self.request_stop(deadline)
+        return self.wait_stopped(deadline)
+
+    def holding(self) -> list[int] | None:
+        """What the worker's requests still hold, asked again: [] nothing; None unknown (still running, or the
+        drain failed).  Only once the worker has ended (the step's ``held`` is not thread-safe)."""
+        if self.is_alive():
+            return None
+        held_fn = getattr(self.step, "held", None)
+        if self.held and held_fn is not None:
+            try:
+                self.held = list(held_fn())
+            except Exception:
+                log.exception("worker %s: asking what its requests hold failed", self.name)
+                self.held = None
+        return self.held
 
 
 class Connection:
     """One front-end connection: message handlers and device state."""
 
     def __init__(self, sock: socket.socket, device: Device, metadata: Metadata, budget: int = DEFAULT_BUDGET,
-                 batch: int = 256, fault_fd: int = -1) -> None:
+                 batch: int = 256, fault_fd: int = -1, stop_timeout: float = STOP_TIMEOUT) -> None:
         self.sock = sock
         self.device = device
         self.metadata = metadata
         self.budget = budget
         self.batch = batch
+        self.stop_timeout = stop_timeout
         #: eventfd the SIGBUS guard writes when a region's file was truncated under us (the server's; -1: none)
         self.fault_fd = fault_fd
         self.mem = GuestMemory(notify_fd=fault_fd)
+        #: workers that ended (or not) with requests still holding guest memory: while any is left, no region
+        #: is unmapped -- regions replaced meanwhile wait in ``kept`` (and whole memories in ``kept_memory``)
+        self.stuck: list[Worker] = []
+        self.kept: list[tuple[GuestMemory, MappedRegion]] = []
+        self.kept_memory: list[GuestMemory] = []
         self.features = 0
         self.protocol_features = 0
         self.owner = False
         self.status = 0
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.workers: dict[tuple[int, ...], Worker] = {}
+        #: workers of rings that are started but disabled, by ring index (``Device.discard_step``)
+        self.discarding: dict[int, Worker] = {}
         self.lock = threading.Lock()
         self.handlers = {
             R.GET_FEATURES: self.get_features, R.SET_FEATURES: self.set_features,
@@ -176,6 +261,8 @@ class Connection:
                         R.GET_MAX_MEM_SLOTS: 8, R.GET_STATUS: 8, R.GET_CONFIG: None,
                         R.GET_INFLIGHT_FD: inflight.PAYLOAD_SIZE}
         self.inflight: inflight.InflightArea | None = None
+        #: counters of queue states that were replaced (a ring set up again, the connection reset): stats()
+        #: adds the live ones, so counters are cumulative over ring restarts
         self.totals: dict[int, dict[str, int]] = {}
 
     # -- dispatch ---------------------------------------------------------------------------------------
@@ -237,8 +324,12 @@ class Connection:
         extra = features & ~self.offered_features
         if extra:
             raise ProtocolError(f"SET_FEATURES asks for features not offered: {extra:#x}")
+        if features != self.features:
+            # workers run with what the old features implied (a header size, the ring layout...): stop them,
+            # apply the new features at this quiescent point, then restart them
+            self.stop_workers()
         if (features ^ self.features) & (1 << VIRTIO_F_RING_PACKED):
-            self.stop_workers()  # the ring layout changes: no worker, view or state of the other one survives
+            # the ring layout changes: no view or state of the other one survives
             self.features = features
             for vr in self.vrings:
                 vr.views = None
@@ -248,11 +339,13 @@ class Connection:
                 if vr.size:
                     self._new_state(vr)
         self.features = features
-        self.device.set_features(features)
-        if not features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
-            for vr in self.vrings:  # without protocol features, rings are enabled from the start
-                vr.enabled = True
-        self.refresh()
+        try:
+            self.device.set_features(features)
+        finally:
+            if not features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
+                for vr in self.vrings:  # without protocol features, rings are enabled from the start
+                    vr.enabled = True
+            self.refresh()
 
     def get_protocol_features(self, msg: P.Message) -> bytes:
         return P.U64.pack(self.offered_protocol_features)
@@ -309,9 +402,32 @@ class Connection:
         except BaseException:
             self.refresh()  # the change was refused and memory is unchanged: restart the stopped workers
             raise
-        for r in old:
-            self.mem.unmap(r)
+        self._unmap(old)
         self.refresh()
+
+    def _unmap(self, old: list[MappedRegion]) -> None:
+        """Unmap regions no queue uses any more -- unless requests of a stuck worker may still touch guest
+        memory: then every region stays mapped (deliberately leaked, logged) until they have all completed, and
+        the next memory change after that unmaps them.  Never an unmap under a view in use."""
+        self.kept.extend((self.mem, r) for r in old)
+        if self.settled():
+            for mem, r in self.kept:
+                mem.unmap(r)
+            self.kept.clear()
+            for mem in self.kept_memory:
+                mem.close()
+            self.kept_memory.clear()
+        elif old:
+            log.error("%d replaced region(s) left mapped: requests in flight on queue(s) %s may still use them",
+                      len(old), self._stuck_queues())
+
+    def settled(self) -> bool:
+        """No worker's requests hold guest memory any more (workers that were stuck are forgotten once quiet)."""
+        self.stuck = [w for w in self.stuck if w.holding() != []]
+        return not self.stuck
+
+    def _stuck_queues(self) -> str:
+        return ",".join(str(vr.index) for w in self.stuck for vr in w.rings)
 
     def set_mem_table(self, msg: P.Message) -> None:
         regions = msg.mem_table()
@@ -354,6 +470,8 @@ class Connection:
     def _new_state(self, vr: Vring) -> None:
         """Fresh queue state for ``vr.size`` starting from ``vr.base``; the call fd stays."""
         callfd = vr.q[Q_CALLFD]
+        if any(queue_stats(vr.q).values()):
+            self.record_totals(vr)
         if self.packed:
             vr.q = PK.new_packed_state(vr.size)
             if vr.base_given:
@@ -422,7 +540,6 @@ class Connection:
         else:
             base = int(vr.q[Q_LAST_AVAIL])
         vr.base = base
-        self.record_totals(vr)
         vr.close_fds()
         self.refresh()
         return P.VRING_STATE.pack(index, base)
@@ -479,7 +596,7 @@ class Connection:
             log.warning("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES negotiated")
         if num not in (0, 1):
             raise VringError(f"SET_VRING_ENABLE {index}: value {num} is not 0 or 1")
-        if not num:
+        if bool(num) != vr.enabled:  # a disabled ring's worker (if any) is not an enabled one's
             self.stop_workers([index])
         vr.enabled = bool(num)
         self.refresh()
@@ -504,47 +621,89 @@ class Connection:
 
     # -- workers ----------------------------------------------------------------------------------------
     def stop_workers(self, indices: list[int] | None = None) -> list[Worker]:
-        """Stop (and join) the workers serving any of ``indices`` (all if None)."""
-        stopped = []
-        for group, w in list(self.workers.items()):
-            if indices is None or any(i in group for i in indices):
-                w.stop()
-                del self.workers[group]
-                stopped.append(w)
-        return stopped
+        """Stop (and join) the workers serving any of ``indices`` (all if None), all within one
+        ``stop_timeout``.  A worker that does not end in time, or whose requests still hold guest memory,
+        breaks its queues (logged, ERR signalled) and pins guest memory until it is quiet (see ``_unmap``)."""
+        chosen: list[Worker] = []
+        for table in (self.workers, self.discarding):
+            for key, w in list(table.items()):
+                group = key if isinstance(key, tuple) else (key,)
+                if indices is None or any(i in group for i in indices):
+                    del table[key]
+                    chosen.append(w)
+        deadline = time.monotonic() + self.stop_timeout
+        for w in chosen:
+            w.request_stop(deadline)
+        for w in chosen:
+            if not w.wait_stopped(deadline):
+                self._stuck(w)
+        return chosen
+
+    def _stuck(self, w: Worker) -> None:
+        queues = "/".join(str(vr.index) for vr in w.rings)
+        if w.is_alive():
+            why = f"its worker did not stop within {self.stop_timeout:.1f} s"
+        elif w.held is None:
+            why = "its worker could not drain its requests"
+        else:
+            why = (f"request(s) still in flight after {self.stop_timeout:.1f} s (queue {queues}, head(s) "
+                   f"{' '.join(map(str, w.held))})")
+        log.error("queues %s: %s; the queue is broken and guest memory stays mapped until it is quiet", queues, why)
+        self.ring_broken([vr for vr in w.rings if not vr.broken], why)
+        self.stuck.append(w)
+
+    def _ring(self, vr: Vring) -> Ring:
+        """Views for the current memory (bound again after a change) and a fresh start of ``vr``'s state."""
+        assert vr.addr is not None
+        if vr.views is None or vr.views.generation != self.mem.generation:
+            if self.packed:  # both cursors come from SET_VRING_BASE: nothing to load from the ring
+                vr.views = bind_packed(self.mem, vr.addr, vr.size, self.metadata, vr.q)
+            else:
+                vr.views = bind(self.mem, vr.addr, vr.size, self.metadata, vr.q)
+                self._load_used_idx(vr)
+        self.device.prepare_queue(vr.index, vr.q)
+        vr.q[Q_EVENT_IDX] = 1 if self.features & (1 << VIRTIO_RING_F_EVENT_IDX) else 0
+        vr.q[Q_BATCH] = self.batch
+        # unknown: the ring may hold NO_NOTIFY or a stale avail_event (left by a worker stopped while
+        # polling, or by a previous back-end), so the first set_notify() must write it either way
+        vr.q[Q_NOTIFY_ON] = -1
+        vr.q[Q_SIGNALLED_VALID] = 0
+        vr.q[Q_STOP] = 0
+        region = self.inflight.queue(vr.index, vr.size) if self.inflight is not None else None
+        return Ring(vr.index, vr.q, vr.views, self.mem, kick_fd=vr.kick_fd, inflight=region)
+
+    def _start(self, rings: list[Vring], step) -> Worker:
+        w = Worker(self, rings, step, self.budget, self.stop_timeout)
+        w.start()
+        return w
 
     def refresh(self) -> None:
-        """Start a worker for every group whose rings are all ready and that has none."""
+        """Start a worker for every group whose rings are all ready and that has none, and one for every ring
+        that is started but disabled and that the device processes then (``Device.discard_step``)."""
+        if self.mem.nregions == 0:
+            return
         for group in self.device.workers():
             if group in self.workers:
                 continue
             rings = [self.vrings[i] for i in group]
-            if not all(vr.ready for vr in rings) or self.mem.nregions == 0:
+            if not all(vr.ready for vr in rings):
                 continue
-            handles = []
-            for vr in rings:
-                assert vr.addr is not None
-                if vr.views is None or vr.views.generation != self.mem.generation:
-                    if self.packed:  # both cursors come from SET_VRING_BASE: nothing to load from the ring
-                        vr.views = bind_packed(self.mem, vr.addr, vr.size, self.metadata, vr.q)
-                    else:
-                        vr.views = bind(self.mem, vr.addr, vr.size, self.metadata, vr.q)
-                        self._load_used_idx(vr)
-                self.device.prepare_queue(vr.index, vr.q)
-                vr.q[Q_EVENT_IDX] = 1 if self.features & (1 << VIRTIO_RING_F_EVENT_IDX) else 0
-                vr.q[Q_BATCH] = self.batch
-                # unknown: the ring may hold NO_NOTIFY or a stale avail_event (left by a worker stopped while
-                # polling, or by a previous back-end), so the first set_notify() must write it either way
-                vr.q[Q_NOTIFY_ON] = -1
-                vr.q[Q_SIGNALLED_VALID] = 0
-                vr.q[Q_STOP] = 0
-                region = self.inflight.queue(vr.index, vr.size) if self.inflight is not None else None
-                handles.append(Ring(vr.index, vr.q, vr.views, self.mem, kick_fd=vr.kick_fd, inflight=region))
-            w = Worker(self, rings, self.device.make_step(handles), self.budget)
-            self.workers[group] = w
-            w.start()
+            discarding = [vr.index for vr in rings if vr.index in self.discarding]
+            if discarding:  # never two workers on one ring
+                self.stop_workers(discarding)
+            handles = [self._ring(vr) for vr in rings]
+            self.workers[group] = self._start(rings, self.device.make_step(handles))
             log.info("queues %s started (%s path, %s rings)", group,
                      "/".join("direct" if vr.q[2] else "copy" for vr in rings), "packed" if self.packed else "split")
+        for vr in self.vrings:
+            if vr.index in self.discarding or not vr.started or vr.enabled or vr.broken or not vr.size \
+                    or vr.addr is None:
+                continue
+            if not self.device.discards_when_disabled(vr.index):
+                continue
+            step = self.device.discard_step(self._ring(vr))
+            self.discarding[vr.index] = self._start([vr], step)
+            log.info("queue %d started but disabled: its buffers are processed and discarded", vr.index)
 
     def _load_used_idx(self, vr: Vring) -> None:
         """The used index lives in the ring; start from it, as vhost does."""
@@ -556,11 +715,15 @@ class Connection:
                 log.info("vring %d: used index %d, last avail %d", vr.index, used, vr.q[Q_LAST_AVAIL])
             vr.q[Q_USED_IDX] = used
 
-    def ring_broken(self, rings: list[Vring]) -> None:
-        """Called by a worker whose ring broke: log why, signal ERR, leave the other queues running."""
+    def ring_broken(self, rings: list[Vring], reason: str | None = None) -> None:
+        """A ring broke (its queue state says why, or ``reason``): log it, signal ERR, leave the other queues
+        running.  Called by the worker, or by the control plane for a worker that did not stop."""
         for vr in rings:
+            if reason is None and not vr.q[Q_ERROR]:
+                continue  # a ring of the group that is not the broken one
             vr.broken = True
-            log.error("vring %d broken: %s", vr.index, describe(int(vr.q[Q_ERROR]), int(vr.q[Q_ERROR_VALUE])))
+            why = reason if reason is not None else describe(int(vr.q[Q_ERROR]), int(vr.q[Q_ERROR_VALUE]))
+            log.error("vring %d broken: %s", vr.index, why)
             with self.lock:  # SET_VRING_ERR may replace (and close) the fd meanwhile
                 if vr.err_fd >= 0:
                     try:
@@ -574,24 +737,31 @@ class Connection:
 
     # -- stats and teardown -----------------------------------------------------------------------------
     def record_totals(self, vr: Vring) -> None:
-        self.totals[vr.index] = queue_stats(vr.q)
+        """Fold the counters of ``vr``'s queue state, about to be replaced, into the totals."""
+        self.totals[vr.index] = add_stats(self.totals.get(vr.index), queue_stats(vr.q))
 
     def stats(self) -> dict[int, dict[str, int]]:
+        """Per-queue counters since the connection began (over ring restarts and RESET_OWNER)."""
         out = dict(self.totals)
         for vr in self.vrings:
             if vr.size:
-                out[vr.index] = queue_stats(vr.q)
+                out[vr.index] = add_stats(out.get(vr.index), queue_stats(vr.q))
         return out
 
     def teardown(self) -> None:
-        """Stop everything, drop views, unmap memory, close every fd."""
+        """Stop everything, drop views, unmap memory (unless requests of a stuck worker may still use it: then
+        it stays mapped, logged, and is freed only when the last view of it goes), close every fd."""
         self.stop_workers()
         for vr in self.vrings:
             if vr.size:
                 self.record_totals(vr)
             vr.views = None
             vr.close_fds()
-        self.mem.close()
+        self.kept_memory.append(self.mem)
+        self._unmap(self.mem.clear())
+        if self.kept_memory:
+            log.error("guest memory left mapped: requests in flight on queue(s) %s may still use it",
+                      self._stuck_queues())
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
@@ -609,6 +779,15 @@ def fd_kind(fd: int) -> str:
         return f"unreadable ({e.strerror})"
 
 
+def add_stats(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
+    """Counters of two successive queue states of one ring: summed, except ``error``: the last one seen."""
+    if old is None:
+        return new
+    out = {k: v + old.get(k, 0) for k, v in new.items()}
+    out["error"] = new["error"] or old.get("error", 0)
+    return out
+
+
 def queue_stats(q: np.ndarray) -> dict[str, int]:
     return {"packets": int(q[Q_PACKETS]), "bytes": int(q[Q_BYTES]), "drops": int(q[Q_DROPS]),
             "chains": int(q[Q_CHAINS]), "calls": int(q[Q_CALLS]), "wakeups": int(q[Q_WAKEUPS]),
@@ -620,7 +799,8 @@ class Server:
     next connection gets a fresh one."""
 
     def __init__(self, device: Device, socket_path: str | None, metadata: Metadata = Metadata.DIRECT,
-                 batch: int = 256, listener: socket.socket | None = None) -> None:
+                 batch: int = 256, listener: socket.socket | None = None,
+                 stop_timeout: float = STOP_TIMEOUT) -> None:
         """Listen on ``socket_path`` (created, replacing what is there), or on ``listener``, a listening Unix
         socket passed in (socket activation: its path belongs to whoever made it and is left in place)."""
         if listener is None and socket_path is None:
@@ -628,6 +808,9 @@ class Server:
         self.device = device
         self.metadata = Metadata(metadata)
         self.batch = batch
+        #: how long stopping a connection's workers may take (STOP_TIMEOUT)
+        self.stop_timeout = stop_timeout
+        device.warm_up()  # a worker's first call then loads no code: stopping it is never slowed by the compiler
         sigbus.install()  # a front-end truncating a region's file under us breaks its connection, not the process
         self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         #: written by the SIGBUS guard when it recovered a fault in the connection's memory
@@ -670,7 +853,7 @@ class Server:
                     # middle of one is dropped after this long instead of blocking the server
                     sock.settimeout(MESSAGE_TIMEOUT)
                     self.connection = Connection(sock, self.device, self.metadata, batch=self.batch,
-                                                 fault_fd=self.fault_fd)
+                                                 fault_fd=self.fault_fd, stop_timeout=self.stop_timeout)
                     sel.unregister(self.listener)
                     sel.register(sock, selectors.EVENT_READ, "conn")
                     log.info("front-end connected")

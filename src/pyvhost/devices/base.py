@@ -4,6 +4,13 @@ A device says which virtio features it offers, what its config space holds, how 
 its queues are served: ``workers()`` groups queue indices, and ``make_step()`` returns, for one group, the
 function a worker thread calls in a loop.  The step runs one bounded pass over its rings (normally a compiled
 kernel that releases the GIL) and returns a :class:`Step` status.
+
+A step that keeps views of guest memory between calls, or hands them to other threads, also has
+``drain(timeout) -> list[int]``: the worker calls it once when it leaves its loop, whatever the reason (stopped,
+a broken ring, an error, an exception in the step); it completes (or drops) what the step took and lets go of
+every view, waiting at most ``timeout`` seconds, and returns the heads of the chains whose buffers may still be
+in use (empty: none).  While that list is not empty the backend keeps guest memory mapped; ``held()`` asks
+again later (once the worker has ended).
 """
 
 from __future__ import annotations
@@ -98,6 +105,21 @@ class Device(abc.ABC):
     def prepare_queue(self, index: int, q: np.ndarray) -> None:
         """Set device-specific fields of a queue's state before its worker starts."""
 
+    def warm_up(self) -> None:
+        """Compile (or load from the on-disk cache) the device's kernels.  The server calls it before it
+        serves, so that no worker is still loading code when the control plane waits (bounded) for it to stop."""
+
+    def discards_when_disabled(self, index: int) -> bool:
+        """Whether queue ``index`` is processed while started but disabled (vhost-user "Ring states": "the
+        back-end must process the ring without causing any side effects", e.g. a net device discards TX
+        buffers and supplies no RX ones).  Default: not processed."""
+        return False
+
+    def discard_step(self, ring: Ring) -> StepFn:
+        """The step of a started but disabled ring that :meth:`discards_when_disabled`: it takes the driver's
+        buffers and completes them without acting on them (counted in Q_DROPS)."""
+        raise NotImplementedError(f"{type(self).__name__} processes no disabled ring")
+
     def stats(self) -> dict:
         """Device counters, reported beside the per-queue ones."""
         return {}
@@ -113,12 +135,13 @@ import collections  # noqa: E402
 import os  # noqa: E402
 import select  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 
 from ..atomic import fence_full  # noqa: E402
 from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain  # noqa: E402
 from ..jit import helper, kernel  # noqa: E402
-from ..ring.split import (Q_CHAINS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_SIZE, Q_STOP, Q_USED_IDX, Q_WAKEUPS,  # noqa: E402
-                          avail_pending, flush_used, read_avail_entry, set_notify, write_used)
+from ..ring.split import (Q_CHAINS, Q_DROPS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_SIZE, Q_STOP,  # noqa: E402
+                          Q_USED_IDX, Q_WAKEUPS, avail_pending, flush_used, read_avail_entry, set_notify, write_used)
 
 #: pop_chains results besides a chain count
 POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
@@ -322,7 +345,9 @@ class ChainDevice(Device):
     ``req.complete(written)`` when done: requests complete in any order and the queue goes on meanwhile.
     Chains are taken in batches of ``batch`` by compiled code (bounded and checked like every datapath) and
     completions are published in batches.  A ring is stopped (for a memory change, GET_VRING_BASE, a
-    disconnect) only once every request taken from it is complete.
+    disconnect) once every request taken from it is complete -- or, if some do not complete within the
+    backend's stop timeout, the queue is broken, those requests are logged (queue, head) and guest memory stays
+    mapped until they complete; their completions are then dropped.
 
     Chains in flight are recorded in the inflight area when the front-end provides one
     (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a back-end restarted after a crash resubmits the chains the
@@ -338,6 +363,9 @@ class ChainDevice(Device):
     #: the datapath is split-ring only
     transport_features_off = 1 << VIRTIO_F_RING_PACKED
     inflight_tracking = True
+
+    def warm_up(self) -> None:
+        warm_up()
 
     def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
         """Process one chain; return how many bytes were written into ``writable``."""
@@ -380,12 +408,15 @@ class ChainDevice(Device):
         done = _Completions()
         kick_fd = ring.kick_fd
         outstanding = 0
+        taken: collections.Counter[int] = collections.Counter()  # heads handed to the device, not yet reaped
+        publish = True  # completions go to the used ring (until writing it fails)
 
         def start(head: int, rows: list[list[int]], nread: int) -> None:
             nonlocal outstanding
             segs = [memoryview(arena[o:o + ln]) for o, ln in rows]
             req = Request(index, head, segs[:nread], segs[nread:], done, sum(ln for _, ln in rows[nread:]))
             outstanding += 1
+            taken[head] += 1
             try:
                 submit(req)
             except Exception:
@@ -393,45 +424,54 @@ class ChainDevice(Device):
                 if not req.done:
                     req.complete(0)
 
-        def reap() -> bool:
+        def forget(head: int) -> None:
             nonlocal outstanding
+            outstanding -= 1
+            taken[head] -= 1
+            if not taken[head]:
+                del taken[head]
+
+        def reap() -> bool:
+            nonlocal publish
             items = done.items
             k = 0
             while items and k < size:
                 heads[k], lens[k] = items.popleft()
+                forget(int(heads[k]))
                 k += 1
             if not k:
                 return True
-            outstanding -= k
-            return push_used(q, avail, used16, used32, arena, table, heads, lens, k, i8, i16, track)
+            if not push_used(q, avail, used16, used32, arena, table, heads, lens, k, i8, i16, track):
+                publish = False
+            return publish
 
-        def finish(status: Step) -> Step:
-            """Leave the ring: every request taken must be complete first (their views die with the ring).
-            Their completions are published while the used ring can be written, else dropped."""
-            nonlocal outstanding
-            publish = True
+        def held() -> list[int]:
+            """Heads still with the device (completions that came since are dropped: the ring is gone)."""
+            while done.items:
+                forget(done.items.popleft()[0])
+            return sorted(taken.elements())
+
+        def drain(timeout: float) -> list[int]:
+            """Leave the ring: wait up to ``timeout`` s for the requests taken, publishing their completions
+            while the used ring can be written (else dropping them); return the heads still out."""
+            deadline = time.monotonic() + timeout
             while outstanding:
-                if publish and not reap():
-                    publish, status = False, Step.BROKEN
-                if not publish:
-                    while done.items:
-                        done.items.popleft()
-                        outstanding -= 1
-                if outstanding:
-                    done.sleep([], 0.1)
+                if not (publish and reap()):
+                    held()
+                left = deadline - time.monotonic()
+                if not outstanding or left <= 0:
+                    break
+                done.sleep([], min(0.1, left))
             done.close()
-            return status
+            return held()
 
         def step(budget: int) -> int:
             done.owner = threading.get_ident()
             for _ in range(max(1, budget // 256)):
                 if not reap():
-                    return finish(Step.BROKEN)
+                    return Step.BROKEN
                 if q[Q_STOP]:
-                    if not outstanding:
-                        return finish(Step.STOPPED)
-                    done.sleep([], 0.1)
-                    continue
+                    return Step.STOPPED  # the requests still out are waited for (bounded) by drain()
                 if resubmit:  # one at a time, in the order they were first taken, before anything new
                     if outstanding:
                         done.sleep([], 0.1)
@@ -439,7 +479,7 @@ class ChainDevice(Device):
                     head = resubmit.popleft()
                     nread, nseg = walk_one(q, desc, arena, table, head, sg)
                     if nread < 0:
-                        return finish(Step.BROKEN)
+                        return Step.BROKEN
                     start(head, sg[:nseg].tolist(), int(nread))
                     continue
                 room = min(batch, size - outstanding)
@@ -451,7 +491,7 @@ class ChainDevice(Device):
                 if n == POP_STOPPED:
                     continue
                 if n == POP_BROKEN:
-                    return finish(Step.BROKEN)
+                    return Step.BROKEN
                 if n == POP_IDLE:
                     if not outstanding:
                         return Step.IDLE
@@ -463,12 +503,48 @@ class ChainDevice(Device):
                     start(head, rows[first:end], nread)
                     if len(done.items) >= publish_every:  # keep the driver busy while the batch goes on
                         if not reap():
-                            return finish(Step.BROKEN)
+                            return Step.BROKEN
                 if q[Q_ERROR]:
-                    return finish(Step.BROKEN)  # the fault that ended the batch; the chains before it complete
+                    return Step.BROKEN  # the fault that ended the batch; drain() completes the chains before it
             return Step.MORE
 
+        step.drain = drain  # type: ignore[attr-defined]
+        step.held = held  # type: ignore[attr-defined]
         return step
+
+
+def discard_split(ring: Ring, spins: int = 64) -> StepFn:
+    """The step of a started but disabled split ring whose buffers are processed and discarded (a net TX
+    queue): take chains (walked and bounded as always), complete each with length 0, count them in Q_DROPS."""
+    q = ring.q
+    arena, table = ring.mem.arena.view, ring.mem.table
+    desc, avail, used16, used32 = ring.views.args()
+    size = int(q[Q_SIZE])
+    batch = max(1, min(64, size))
+    sg = new_sg(size * 2)
+    chains = np.zeros((batch, 4), dtype=np.int64)
+    heads = np.zeros(batch, dtype=np.int64)
+    lens = np.zeros(batch, dtype=np.int64)
+    ist = np.zeros(2, dtype=np.int64)
+
+    def step(budget: int) -> int:
+        for _ in range(max(1, budget // 256)):
+            n = pop_chains(q, desc, avail, used16, arena, table, sg, chains, batch, spins, _NO_U8, _NO_U64, ist)
+            if n == POP_STOPPED:
+                return Step.STOPPED
+            if n == POP_BROKEN:
+                return Step.BROKEN
+            if n == POP_IDLE:  # (a fault at the first chain takes none)
+                return Step.BROKEN if q[Q_ERROR] else Step.IDLE
+            heads[:n] = chains[:n, C_HEAD]
+            q[Q_DROPS] += n  # counted before the driver sees them completed
+            if not push_used(q, avail, used16, used32, arena, table, heads, lens, n, _NO_U8, _NO_U16, 0):
+                return Step.BROKEN
+            if q[Q_ERROR]:
+                return Step.BROKEN
+        return Step.MORE
+
+    return step
 
 
 def warm_up() -> None:

@@ -36,6 +36,8 @@ NET_HDR_LEN = 12
 NET_HDR_LEN_LEGACY = 10
 #: Largest frame the loopback carries (64 KiB GSO frames and their header).
 MAX_FRAME = 65536 + 64
+#: Header length of a disabled TX queue's sink: longer than any chain, so every frame counts as a drop.
+DISCARD_HDR_LEN = 1 << 62
 
 _IDLE, _MORE, _STOPPED, _BROKEN = int(Step.IDLE), int(Step.MORE), int(Step.STOPPED), int(Step.BROKEN)
 
@@ -358,19 +360,34 @@ class NetDevice(Device):
             return [(2 * p,) for p in pairs]
         return [(2 * p, 2 * p + 1) for p in pairs]
 
+    def warm_up(self) -> None:
+        warm_up()
+
+    def discards_when_disabled(self, index: int) -> bool:
+        return index % 2 == 1  # a disabled TX queue is processed and its frames discarded; RX gets nothing
+
+    def discard_step(self, ring: Ring) -> StepFn:
+        """The sink over a disabled TX queue, with a header length no chain reaches: every frame is completed
+        and counted as a drop (discarded, not transmitted), before its completion is published."""
+        ring.q[Q_HDR_LEN] = DISCARD_HDR_LEN  # (prepare_queue sets the real one when the ring is enabled again)
+        return self._step(Mode.SINK, [ring])
+
     def make_step(self, rings: list[Ring]) -> StepFn:
+        return self._step(self.mode, rings)
+
+    def _step(self, mode: Mode, rings: list[Ring]) -> StepFn:
         spins = self.spins
         if self.negotiated & (1 << VIRTIO_F_RING_PACKED):
             from . import net_packed
-            return net_packed.make_step(self.mode.value, rings, spins, self.frame, MAX_FRAME)
+            return net_packed.make_step(mode.value, rings, spins, self.frame, MAX_FRAME)
         mem = rings[0].mem
         views, table = mem.arena.view, mem.table
-        if self.mode is Mode.SINK:
+        if mode is Mode.SINK:
             (tx,) = rings
             sg = new_sg(int(tx.q[0]))
             args = (tx.q, *tx.views.args(), views, table, sg)
             return lambda budget: tx_sink(*args, budget, spins)
-        if self.mode is Mode.SOURCE:
+        if mode is Mode.SOURCE:
             (rx,) = rings
             sgs = np.stack([new_sg(int(rx.q[0]))] * 2)
             args = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame)

@@ -40,8 +40,9 @@ from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain
 from ..jit import kernel
 from ..ring.split import (Q_BYTES, Q_CHAINS, Q_DROPS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_PACKETS, Q_SIZE, Q_STOP,
                           Q_USED_IDX, flush_used, read_avail_entry, write_used)
-from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn, wait_pending
+from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn, discard_split, wait_pending
 from .base import POP_BROKEN, POP_IDLE, POP_STOPPED  # wait_pending's results
+from .base import warm_up as warm_up_base
 from .net import (NET_HDR_LEN, NET_HDR_LEN_LEGACY, VIRTIO_ID_NET, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
                   VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
                   VIRTIO_NET_S_LINK_UP)
@@ -249,6 +250,16 @@ class TapDevice(Device):
         if ring.index % 2 == 0:
             return _RxStep(self, ring)
         return _TxStep(self, ring)
+
+    def warm_up(self) -> None:
+        warm_up()
+        warm_up_base()  # discard_split's kernels
+
+    def discards_when_disabled(self, index: int) -> bool:
+        return index % 2 == 1  # a disabled TX queue: frames taken and dropped, never written to the tap
+
+    def discard_step(self, ring: Ring) -> StepFn:
+        return discard_split(ring)
 
 
 class _RingIO:
@@ -538,9 +549,15 @@ class _RxStep(_RingIO):
     def __call__(self, budget: int) -> int:
         status = self._run()
         if status == Step.BROKEN:  # the worker ends here: let go of the guest's buffers (no view outlives it)
-            self.pending = self.pending_chains = 0
-            self._release(len(self.heads))
+            self.drain(0.0)
         return status
+
+    def drain(self, timeout: float) -> list[int]:
+        """The worker leaves (on any path, an exception included): let go of the held chains' views.  They
+        are used by this worker's thread only, so nothing is left in use."""
+        self.pending = self.pending_chains = 0
+        self._release(len(self.heads))
+        return []
 
     def _run(self) -> int:
         q = self.q
