@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: bench test deps venv clean
+.PHONY: bench test lint deps venv clean
 
 $(VENV)/.installed: pyproject.toml setup.py src/pyvhost/_sigbus.c
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ deps:
 bench: venv
 	$(VENV)/bin/pyvhost bench
 
-test: venv deps
+## The habits that keep the tree readable: lint, format and types (configured in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/mypy
+
+test: lint deps
 	$(PY) -m pytest -q tests
 
 clean:

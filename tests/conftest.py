@@ -21,7 +21,7 @@ from hypothesis import settings as hypothesis_settings
 from pyvhost.access import Metadata
 from pyvhost.backend import Server
 from pyvhost.devices.net import Mode, NetDevice
-from pyvhost.ring.split import Q_DIRECT
+from pyvhost.ring.state import Q_DIRECT
 
 #: set by .ci/run: a missing requirement fails the test instead of skipping it
 CI = bool(os.environ.get("CI"))
@@ -92,13 +92,16 @@ def assert_path(server: Server, metadata: str | Metadata, indices: Iterable[int]
     conn = server.connection
     assert conn is not None, "no live connection"
     direct = Metadata(metadata) is Metadata.DIRECT
-    rings = [conn.vrings[i] for i in indices] if indices is not None else [
-        vr for vr in conn.vrings if vr.views is not None]
+    rings = (
+        [conn.vrings[i] for i in indices] if indices is not None else [vr for vr in conn.vrings if vr.views is not None]
+    )
     assert rings, "no ring is running"
     for vr in rings:
         assert vr.views is not None, f"vring {vr.index} is not running"
         assert bool(vr.q[Q_DIRECT]) == direct == vr.views.direct, (
-            f"vring {vr.index} runs on the {'direct' if vr.q[Q_DIRECT] else 'copy'} path, not {Metadata(metadata).value}")
+            f"vring {vr.index} runs on the {'direct' if vr.q[Q_DIRECT] else 'copy'} path, "
+            f"not {Metadata(metadata).value}"
+        )
 
 
 class RunningServer:
@@ -124,11 +127,15 @@ class RunningServer:
         made since the previous call: a connection that never ends, or that the server never took, cannot hand
         the test the previous connection's stats."""
         deadline = time.monotonic() + timeout
-        while (self.server.connection is not None or self.listener.pending()
-               or self.history.appended != self.listener.accepted):
+        while (
+            self.server.connection is not None
+            or self.listener.pending()
+            or self.history.appended != self.listener.accepted
+        ):
             assert time.monotonic() < deadline, (
                 f"the connection did not end within {timeout} s ({self.listener.accepted} accepted, "
-                f"{self.history.appended} ended)")
+                f"{self.history.appended} ended)"
+            )
             time.sleep(0.01)
         assert len(self.history) > 0, "no connection has ended"
         return self.history
@@ -169,8 +176,9 @@ def serve(sock_path: str) -> Iterator:
     (a NetDevice in ``mode`` unless ``device`` is given)."""
     started: list[RunningServer] = []
 
-    def start(mode: str | Mode = Mode.SINK, metadata: str | Metadata = Metadata.DIRECT, device=None,
-              **kw) -> RunningServer:
+    def start(
+        mode: str | Mode = Mode.SINK, metadata: str | Metadata = Metadata.DIRECT, device=None, **kw
+    ) -> RunningServer:
         s = RunningServer(sock_path, Mode(mode), Metadata(metadata), device, **kw)
         started.append(s)
         return s
@@ -181,8 +189,11 @@ def serve(sock_path: str) -> Iterator:
 
 
 def open_fds() -> set[str]:
-    return {f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in os.listdir("/proc/self/fd")
-            if os.path.exists(f"/proc/self/fd/{fd}")}
+    return {
+        f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}"
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
 
 
 def mapping_count() -> int:
@@ -194,8 +205,9 @@ def mapping_count() -> int:
 def errors(caplog: pytest.LogCaptureFixture):
     """The pyvhost ERROR log lines seen so far (a function)."""
     caplog.set_level(logging.INFO, logger="pyvhost")
-    return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR
-                    and r.name.startswith("pyvhost")]
+    return lambda: [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("pyvhost")
+    ]
 
 
 # -- DPDK --------------------------------------------------------------------------------------------------

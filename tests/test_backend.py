@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pyvhost.devices.net import make_frame
-from pyvhost.frontend import BUF_SIZE, Frontend
+from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.ram import BUF_SIZE
 from pyvhost.ring.split import VRING_DESC_F_WRITE as WRITE
 
 from .test_hostile import QSIZE, RAM, Guest
@@ -56,10 +57,10 @@ def test_source_mergeable_rx_buffers(serve, sock_path, metadata):
         ring = fe.rings[0]
         frame = make_frame(3000)
         for k in range(10):
-            (id1, len1), (id2, len2) = (ring.used32[1 + 2 * i:3 + 2 * i] for i in (2 * k, 2 * k + 1))
+            (id1, len1), (id2, len2) = (ring.used32[1 + 2 * i : 3 + 2 * i] for i in (2 * k, 2 * k + 1))
             assert (len1, len2) == (BUF_SIZE, 3000 + 12 - BUF_SIZE)
-            b1 = fe.ram.buf[ring.bufs_off + id1 * BUF_SIZE:][:len1]
-            b2 = fe.ram.buf[ring.bufs_off + id2 * BUF_SIZE:][:len2]
+            b1 = fe.ram.buf[ring.bufs_off + id1 * BUF_SIZE :][:len1]
+            b2 = fe.ram.buf[ring.bufs_off + id2 * BUF_SIZE :][:len2]
             assert int(b1[10]) | int(b1[11]) << 8 == 2  # num_buffers
             assert np.array_equal(np.concatenate([b1[12:], b2]), frame)
 
@@ -109,7 +110,7 @@ def test_loopback_delivers_numbered_frames_exactly(serve, sock_path, metadata):
                     slot = sent % QSIZE
                     data = _numbered(sent)
                     off = tx.ring.bufs_off + slot * 2048
-                    fe.ram.buf[off:off + len(data)] = np.frombuffer(data, np.uint8)
+                    fe.ram.buf[off : off + len(data)] = np.frombuffer(data, np.uint8)
                     tx.desc(slot, tx.ring.buf_gpa(slot), len(data))
                     tx.post(slot)
                     sent += 1
@@ -117,10 +118,11 @@ def test_loopback_delivers_numbered_frames_exactly(serve, sock_path, metadata):
                 while (rx.used - received) & 0xFFFF:
                     slot = received % QSIZE
                     head, length = int(rx.ring.used32[1 + 2 * slot]), int(rx.ring.used32[2 + 2 * slot])
-                    got = bytes(fe.ram.buf[rx.ring.bufs_off + head * 2048:][:length])
+                    got = bytes(fe.ram.buf[rx.ring.bufs_off + head * 2048 :][:length])
                     want = _numbered(received)
                     assert length == len(want) and got[12:] == want[12:], (
-                        f"frame {received}: {length} bytes, expected {len(want)}")
+                        f"frame {received}: {length} bytes, expected {len(want)}"
+                    )
                     heads.append(head)
                     received += 1
                 if heads:
@@ -154,7 +156,7 @@ def test_sink_counts_numbered_frames_exactly(serve, sock_path, metadata):
                     slot = sent % QSIZE
                     data = _numbered(sent)
                     off = tx.ring.bufs_off + slot * 2048
-                    fe.ram.buf[off:off + len(data)] = np.frombuffer(data, np.uint8)
+                    fe.ram.buf[off : off + len(data)] = np.frombuffer(data, np.uint8)
                     tx.desc(slot, tx.ring.buf_gpa(slot), len(data))
                     tx.post(slot)
                     sent += 1

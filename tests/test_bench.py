@@ -16,9 +16,28 @@ FIELDS = {"backend", "frontend", "direction", "metadata", "pkt_size", "queue_siz
 def bench(tmp_path, *args: str) -> tuple[list[dict], str]:
     out = tmp_path / "rows.json"
     plot = tmp_path / "bench.png"
-    p = subprocess.run([sys.executable, "-m", "pyvhost", "bench", "--seconds", "0.5", "--warmup", "0.3",
-                        "--runs", "1", "--json", str(out), "--plot", str(plot), *args],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "bench",
+            "--seconds",
+            "0.5",
+            "--warmup",
+            "0.3",
+            "--runs",
+            "1",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert plot.stat().st_size > 1000
     return json.loads(out.read_text()), p.stdout
@@ -44,7 +63,11 @@ def test_bench_peer_dpdk(tmp_path):
     rows, table = bench(tmp_path, "--peer", "dpdk")
     check(rows)
     assert {(r["backend"], r["frontend"]) for r in rows} == {
-        ("dpdk", "dpdk"), ("pyvhost", "dpdk"), ("dpdk", "pyvhost"), ("pyvhost", "pyvhost")}
+        ("dpdk", "dpdk"),
+        ("pyvhost", "dpdk"),
+        ("dpdk", "pyvhost"),
+        ("pyvhost", "pyvhost"),
+    }
     assert "pyvhost/DPDK" in table
 
 
@@ -62,5 +85,9 @@ def test_bench_peer_dpdk_packed(tmp_path):
     check(rows)
     assert all(r["ring"] == "packed" for r in rows)
     assert {(r["backend"], r["frontend"]) for r in rows} == {
-        ("dpdk", "dpdk"), ("pyvhost", "dpdk"), ("dpdk", "pyvhost"), ("pyvhost", "pyvhost")}
+        ("dpdk", "dpdk"),
+        ("pyvhost", "dpdk"),
+        ("dpdk", "pyvhost"),
+        ("pyvhost", "pyvhost"),
+    }
     assert "pyvhost/DPDK" in table

@@ -17,7 +17,8 @@ import pytest
 from pyvhost import cli
 from pyvhost.access import Metadata
 from pyvhost.devices.builtin import SPECS
-from pyvhost.frontend import BUF_SIZE, Frontend
+from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.ram import BUF_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +27,19 @@ def test_metadata_choices_match_the_access_module():
     assert set(cli.METADATA_PATHS) == {m.value for m in Metadata}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["serve", "net", "--help"],
-                                  ["serve", "blk", "--help"], ["bench", "--help"], ["serve", "net"],
-                                  ["serve", "nosuch"], ["serve", "blk", "--socket-path", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["serve", "net", "--help"],
+        ["serve", "blk", "--help"],
+        ["bench", "--help"],
+        ["serve", "net"],
+        ["serve", "nosuch"],
+        ["serve", "blk", "--socket-path", "x"],
+    ],
+)
 def test_help_and_argument_errors_load_no_datapath(argv):
     """The parser answers from argparse alone: no NumPy, no Numba, no compiled kernels imported."""
     code = textwrap.dedent(f"""
@@ -59,7 +70,7 @@ def _drive_rx(path: str, count: int) -> np.ndarray:
         r = fe.run("rx", count=count)
         assert r["packets"] == count
         ring = fe.rings[0]
-        return fe.ram.buf[ring.bufs_off:ring.bufs_off + ring.size * BUF_SIZE].copy()
+        return fe.ram.buf[ring.bufs_off : ring.bufs_off + ring.size * BUF_SIZE].copy()
 
 
 def _finish(proc: subprocess.Popen) -> dict:
@@ -71,7 +82,7 @@ def _finish(proc: subprocess.Popen) -> dict:
 # -- a third-party device, installed the way pip installs one: a distribution with an entry point --------------
 PLUGIN = '''
 """A device from outside pyvhost: fills every writable buffer with one byte value."""
-from pyvhost.devices.base import ChainDevice
+from pyvhost.devices.chain_device import ChainDevice
 from pyvhost.devices.registry import DeviceSpec
 
 
@@ -121,29 +132,49 @@ def plugin_path(tmp_path: Path) -> Path:
 
 def test_a_third_party_device_is_served_by_name(plugin_path, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
-    helptext = subprocess.run([sys.executable, "-m", "pyvhost", "serve", "--help"], env=env, capture_output=True,
-                              text=True, timeout=60).stdout
+    helptext = subprocess.run(
+        [sys.executable, "-m", "pyvhost", "serve", "--help"], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
     assert "pattern" in helptext and "a test plug-in" in helptext
     sock, ready = str(tmp_path / "p.sock"), tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "pyvhost", "serve", "pattern", "--socket-path", sock, "--byte",
-                             "0x5a", "--connections", "1", "--ready-file", str(ready)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "serve",
+            "pattern",
+            "--socket-path",
+            sock,
+            "--byte",
+            "0x5a",
+            "--connections",
+            "1",
+            "--ready-file",
+            str(ready),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_ready(ready, proc)
-        bufs = _drive_rx(sock, 300)
+        bufs = _drive_rx(sock, 256)  # the ring's size: each buffer posted once, and filled
         assert (bufs == 0x5A).all()
         out = _finish(proc)
     finally:
         proc.kill()
-    assert out["pattern"] == {"filled": 300}
-    assert out["stats"]["ended"][0]["0"]["chains"] == 300
+    assert out["pattern"] == {"filled": 256}
+    assert out["stats"]["ended"][0]["0"]["chains"] == 256
 
 
 def test_a_broken_plugin_leaves_the_builtin_devices(plugin_path, tmp_path):
     (plugin_path / "pyvhost_pattern" / "__init__.py").write_text("raise ImportError('half installed')\n")
     env = dict(os.environ, PYTHONPATH=str(plugin_path))
-    p = subprocess.run([sys.executable, "-m", "pyvhost", "serve", "--help"], env=env, capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "pyvhost", "serve", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0 and "rng" in p.stdout and "pattern" not in p.stdout
     assert "half installed" in p.stderr
 
@@ -171,10 +202,16 @@ def test_systemd_socket_activation(tmp_path):
     path, ready = str(tmp_path / "act.sock"), tmp_path / "ready"
     lst = _listener(path)
     env = dict(os.environ, LISTEN_FDS="1")
-    script = f'LISTEN_PID=$$ exec {sys.executable} -m pyvhost serve rng --connections 2 --ready-file {ready}'
-    proc = subprocess.Popen(["sh", "-c", script], env=env, pass_fds=(3,),
-                            preexec_fn=lambda: os.dup2(lst.fileno(), 3),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = f"LISTEN_PID=$$ exec {sys.executable} -m pyvhost serve rng --connections 2 --ready-file {ready}"
+    proc = subprocess.Popen(
+        ["sh", "-c", script],
+        env=env,
+        pass_fds=(3,),
+        preexec_fn=lambda: os.dup2(lst.fileno(), 3),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lst.close()  # the server holds the only copy now
     try:
         _wait_ready(ready, proc)
@@ -191,9 +228,27 @@ def test_socket_fd(tmp_path):
     path, ready = str(tmp_path / "fd.sock"), tmp_path / "ready"
     lst = _listener(path)
     fd = lst.fileno()
-    proc = subprocess.Popen([sys.executable, "-m", "pyvhost", "serve", "rng", "--socket-fd", str(fd),
-                             "--connections", "1", "--ready-file", str(ready), "--metadata", "copy"],
-                            pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "serve",
+            "rng",
+            "--socket-fd",
+            str(fd),
+            "--connections",
+            "1",
+            "--ready-file",
+            str(ready),
+            "--metadata",
+            "copy",
+        ],
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lst.close()
     try:
         _wait_ready(ready, proc)
@@ -216,8 +271,13 @@ def test_socket_fd_of_the_wrong_kind_is_refused(kind):
     else:
         fd = 200
     try:
-        p = subprocess.run([sys.executable, "-m", "pyvhost", "serve", "rng", "--socket-fd", str(fd)],
-                           pass_fds=(fd,) if kind != "closed" else (), capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", "pyvhost", "serve", "rng", "--socket-fd", str(fd)],
+            pass_fds=(fd,) if kind != "closed" else (),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         for k in keep:
             k.close() if isinstance(k, socket.socket) else os.close(k)

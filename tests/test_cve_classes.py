@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from pyvhost import protocol as P
-from pyvhost.devices.net import (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, make_frame)
+from pyvhost.devices.net import VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, make_frame
 from pyvhost.errors import QueueError as E
-from pyvhost.frontend import Frontend
+from pyvhost.frontend.net import Frontend
 from pyvhost.protocol import INFLIGHT, LOG_HDR, MEM_TABLE_HDR, U64, VRING_ADDR, VRING_STATE, MemRegion
 from pyvhost.protocol import ProtocolFeature as PF
 from pyvhost.protocol import Request as R
@@ -69,8 +69,10 @@ class GuardedFrontend(Frontend):
 
     def regions(self) -> list[MemRegion]:
         r = self.ram
-        return [MemRegion(r.gpa(A_OFF), A_END - A_OFF, r.uva(A_OFF), A_OFF),
-                MemRegion(r.gpa(B_OFF), B_END - B_OFF, r.uva(B_OFF), B_OFF)]
+        return [
+            MemRegion(r.gpa(A_OFF), A_END - A_OFF, r.uva(A_OFF), A_OFF),
+            MemRegion(r.gpa(B_OFF), B_END - B_OFF, r.uva(B_OFF), B_OFF),
+        ]
 
     def set_mem_table(self) -> None:
         payload = MEM_TABLE_HDR.pack(2, 0) + b"".join(x.pack() for x in self.regions())
@@ -92,8 +94,18 @@ def process_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def hostile(serve, sock_path, errors, metadata: str, mode: str, build, expect: E | None, good: int = GOOD,
-            before=None, check=None) -> None:
+def hostile(
+    serve,
+    sock_path,
+    errors,
+    metadata: str,
+    mode: str,
+    build,
+    expect: E | None,
+    good: int = GOOD,
+    before=None,
+    check=None,
+) -> None:
     """2 queue pairs; ``build(g)`` makes ring 1 (sink) or 0 (source) meet the hostile value after ``good``
     valid chains.  ``expect``: the QueueError (one log line, ERR signalled, queue marked broken), or None for
     a value that must be harmless (every chain completes, nothing broken).  Then: the other pair passes exact
@@ -136,11 +148,13 @@ def hostile(serve, sock_path, errors, metadata: str, mode: str, build, expect: E
 def post_bad(*descs, head: int = 8, raw: bool = False):
     """GOOD good chains, then a chain from ``head``: descs are (index, addr(g) or int, length, flags, next);
     the ring's direction (WRITE on RX) is added to the flags unless ``raw``."""
+
     def build(g: Guest) -> None:
         for i, addr, length, flags, nxt in descs:
             a = addr(g) if callable(addr) else addr
             g.desc(i, a, length, flags | (0 if raw else g.dir), nxt)
         g.post(*g.good_chains(), head)
+
     return build
 
 
@@ -156,9 +170,11 @@ GPA_CASES = {
     "lies in the hole between A and B": ([(8, lambda g: gpa(g, A_END) + 64, FRAME_LEN, 0, 0)], E.BAD_ADDRESS),
     "starts in the hole, ends in B": ([(8, lambda g: gpa(g, B_OFF) - 16, FRAME_LEN, 0, 0)], E.BAD_ADDRESS),
     "4 GiB from the last byte of B": ([(8, lambda g: gpa(g, B_END) - 1, 0xFFFFFFFF, 0, 0)], E.BAD_ADDRESS),
-    "addr + len wraps around 2**64": ([(8, 2 ** 64 - 16, FRAME_LEN, 0, 0)], E.BAD_ADDRESS),
-    "second buffer of a chain past A": ([(8, None, 16, NEXT, 9), (9, lambda g: gpa(g, A_END) - 8, 64, 0, 0)],
-                                        E.BAD_ADDRESS),
+    "addr + len wraps around 2**64": ([(8, 2**64 - 16, FRAME_LEN, 0, 0)], E.BAD_ADDRESS),
+    "second buffer of a chain past A": (
+        [(8, None, 16, NEXT, 9), (9, lambda g: gpa(g, A_END) - 8, 64, 0, 0)],
+        E.BAD_ADDRESS,
+    ),
     "ends exactly at the end of A (valid)": ([(8, lambda g: gpa(g, A_END) - FRAME_LEN, FRAME_LEN, 0, 0)], None),
     "lies in region B (valid)": ([(8, lambda g: gpa(g, B_OFF), FRAME_LEN, 0, 0)], None),
 }
@@ -171,7 +187,7 @@ def _gpa_build(descs):
 
 def _frame_in_b(g: Guest) -> None:
     if g.dir:  # RX: the frame landed in region B, behind its 12-byte header
-        got = g.ram.buf[B_OFF:B_OFF + FRAME_LEN]
+        got = g.ram.buf[B_OFF : B_OFF + FRAME_LEN]
         assert got[10] == 1 and bytes(got[12:]) == make_frame(64).tobytes()
 
 
@@ -180,8 +196,17 @@ def _frame_in_b(g: Guest) -> None:
 @pytest.mark.parametrize("case", list(GPA_CASES))
 def test_cve_2018_1059_unchecked_gpa_range(serve, sock_path, errors, metadata, mode, case):
     descs, expect = GPA_CASES[case]
-    hostile(serve, sock_path, errors, metadata, mode, _gpa_build(descs), expect,
-            good=GOOD if expect else GOOD + 1, check=_frame_in_b if "region B" in case else None)
+    hostile(
+        serve,
+        sock_path,
+        errors,
+        metadata,
+        mode,
+        _gpa_build(descs),
+        expect,
+        good=GOOD if expect else GOOD + 1,
+        check=_frame_in_b if "region B" in case else None,
+    )
 
 
 # =========================================================================================================
@@ -193,12 +218,13 @@ def _readdress(part: str, where):
         addrs = {"desc": a.desc, "used": a.used, "avail": a.avail}
         addrs[part] = where(g)
         g.fe.command(R.SET_VRING_ADDR, VRING_ADDR.pack(g.index, 0, addrs["desc"], addrs["used"], addrs["avail"], 0))
+
     return before
 
 
 def _desc_across_end(g: Guest) -> None:
     # the first half of the table is the last 512 bytes of A; descriptor 40 lies in the guard
-    t = g.ram.buf[A_END - 16 * QSIZE // 2:A_END].view(np.uint64)
+    t = g.ram.buf[A_END - 16 * QSIZE // 2 : A_END].view(np.uint64)
     g.good(0, 1, 2, table=t)
     g.post(0, 1, 2, 40)
 
@@ -206,25 +232,48 @@ def _desc_across_end(g: Guest) -> None:
 def _post_good_then():
     def build(g: Guest) -> None:
         g.post(*g.good_chains())
+
     return build
 
 
 RING_TABLE_CASES = {
     # name: (before, build, error, completions before the error)
     "descriptor table straddles the end of A": (
-        _readdress("desc", lambda g: g.ram.uva(A_END) - 16 * QSIZE // 2), _desc_across_end, E.RING_UNMAPPED, GOOD),
+        _readdress("desc", lambda g: g.ram.uva(A_END) - 16 * QSIZE // 2),
+        _desc_across_end,
+        E.RING_UNMAPPED,
+        GOOD,
+    ),
     "used ring straddles the end of A": (
-        _readdress("used", lambda g: g.ram.uva(A_END) - 8), _post_good_then(), E.RING_UNMAPPED, 0),
+        _readdress("used", lambda g: g.ram.uva(A_END) - 8),
+        _post_good_then(),
+        E.RING_UNMAPPED,
+        0,
+    ),
     "avail ring straddles the end of A": (
-        _readdress("avail", lambda g: g.ram.uva(A_END) - 4), lambda g: (g.ram.buf[A_END - 2:A_END].view(np.uint16)
-                                                                       .__setitem__(0, 1), g.kick()),
-        E.RING_UNMAPPED, 0),
+        _readdress("avail", lambda g: g.ram.uva(A_END) - 4),
+        lambda g: (g.ram.buf[A_END - 2 : A_END].view(np.uint16).__setitem__(0, 1), g.kick()),
+        E.RING_UNMAPPED,
+        0,
+    ),
     "used ring in the hole between A and B": (
-        _readdress("used", lambda g: g.ram.uva(A_END) + 256), _post_good_then(), E.RING_UNMAPPED, 0),
+        _readdress("used", lambda g: g.ram.uva(A_END) + 256),
+        _post_good_then(),
+        E.RING_UNMAPPED,
+        0,
+    ),
     "indirect table straddles the end of A": (
-        None, post_bad((8, lambda g: gpa(g, A_END) - 16, 32, INDIRECT, 0), raw=True), E.INDIRECT_UNMAPPED, GOOD),
+        None,
+        post_bad((8, lambda g: gpa(g, A_END) - 16, 32, INDIRECT, 0), raw=True),
+        E.INDIRECT_UNMAPPED,
+        GOOD,
+    ),
     "indirect table in the hole between A and B": (
-        None, post_bad((8, lambda g: gpa(g, A_END) + 4096, 64, INDIRECT, 0), raw=True), E.INDIRECT_UNMAPPED, GOOD),
+        None,
+        post_bad((8, lambda g: gpa(g, A_END) + 4096, 64, INDIRECT, 0), raw=True),
+        E.INDIRECT_UNMAPPED,
+        GOOD,
+    ),
 }
 
 
@@ -256,24 +305,33 @@ def test_cve_2019_14818_no_leak_on_repeated_malformed_setups(serve, sock_path, e
         efd = os.eventfd(0, os.EFD_CLOEXEC)
         good = ram.region()
         bad_tables = [
-            (MEM_TABLE_HDR.pack(1, 0) + MemRegion(good.guest_phys_addr, 4 * MiB, good.userspace_addr, 0).pack(),
-             [ram.fd]),                                           # region larger than its file
+            (
+                MEM_TABLE_HDR.pack(1, 0) + MemRegion(good.guest_phys_addr, 4 * MiB, good.userspace_addr, 0).pack(),
+                [ram.fd],
+            ),  # region larger than its file
             (MEM_TABLE_HDR.pack(2, 0) + good.pack() * 2, [ram.fd]),  # 2 regions, 1 fd
-            (MEM_TABLE_HDR.pack(1, 0) + good.pack(), [r]),           # a pipe
+            (MEM_TABLE_HDR.pack(1, 0) + good.pack(), [r]),  # a pipe
             (MEM_TABLE_HDR.pack(2, 0) + good.pack() * 2, [ram.fd, ram.fd]),  # overlapping
-            (MEM_TABLE_HDR.pack(9, 0) + good.pack() * 9, [ram.fd] * 8),      # too many regions
+            (MEM_TABLE_HDR.pack(9, 0) + good.pack() * 9, [ram.fd] * 8),  # too many regions
         ]
         for payload, fds in bad_tables:
             refused += ack(fe, R.SET_MEM_TABLE, payload, fds) != 0
         for rid in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR):
-            refused += ack(fe, rid, U64.pack(1), [efd, efd]) != 0                        # two fds
+            refused += ack(fe, rid, U64.pack(1), [efd, efd]) != 0  # two fds
             refused += ack(fe, rid, U64.pack(1 | P.VHOST_USER_VRING_NOFD_MASK), [efd]) != 0  # NOFD and an fd
-            refused += ack(fe, rid, U64.pack(7), [efd]) != 0                             # no such ring
-            refused += ack(fe, rid, U64.pack(1), [w]) != 0                               # not an eventfd
+            refused += ack(fe, rid, U64.pack(7), [efd]) != 0  # no such ring
+            refused += ack(fe, rid, U64.pack(1), [w]) != 0  # not an eventfd
         refused += ack(fe, R.SET_LOG_BASE, LOG_HDR.pack(1 << 20, 0), [ram.fd]) != 0
-        refused += ack(fe, R.SET_INFLIGHT_FD, INFLIGHT.pack(2 ** 63, 0, 2, 64) + bytes(4), [ram.fd]) != 0
-        refused += ack(fe, R.ADD_MEM_REG, P.SINGLE_REGION_HDR.pack(0) + MemRegion(
-            good.guest_phys_addr, 8 * MiB, good.userspace_addr, 0).pack(), [ram.fd]) != 0
+        refused += ack(fe, R.SET_INFLIGHT_FD, INFLIGHT.pack(2**63, 0, 2, 64) + bytes(4), [ram.fd]) != 0
+        refused += (
+            ack(
+                fe,
+                R.ADD_MEM_REG,
+                P.SINGLE_REGION_HDR.pack(0) + MemRegion(good.guest_phys_addr, 8 * MiB, good.userspace_addr, 0).pack(),
+                [ram.fd],
+            )
+            != 0
+        )
         os.close(r)
         os.close(w)
         os.close(efd)
@@ -311,13 +369,13 @@ def test_cve_2020_10722_log_size_overflow_log_base_refused(serve, sock_path, err
         assert ack(fe, R.SET_FEATURES, U64.pack(fe.features | 1 << VHOST_F_LOG_ALL)) != 0
         assert ack(fe, R.SET_PROTOCOL_FEATURES, U64.pack(fe.protocol_features | 1 << PF.LOG_SHMFD)) != 0
         efd = os.eventfd(0, os.EFD_CLOEXEC)
-        for size, offset in ((2 ** 64 - 1, 0), (2 ** 64 - 4096, 2 ** 64 - 4096), (1 << 62, 1 << 63), (4096, 0)):
+        for size, offset in ((2**64 - 1, 0), (2**64 - 4096, 2**64 - 4096), (1 << 62, 1 << 63), (4096, 0)):
             assert ack(fe, R.SET_LOG_BASE, LOG_HDR.pack(size, offset), [fe.ram.fd]) != 0
         assert ack(fe, R.SET_LOG_BASE, U64.pack(0)) != 0
         assert ack(fe, R.SET_LOG_FD, b"", [efd]) != 0
         # the old (pre-LOG_SHMFD) form of SET_VRING_ADDR with logging asked for: the log address is ignored
         a = fe.rings[1].addr()
-        assert ack(fe, R.SET_VRING_ADDR, VRING_ADDR.pack(1, 1, a.desc, a.used, a.avail, 2 ** 64 - 1)) == 0
+        assert ack(fe, R.SET_VRING_ADDR, VRING_ADDR.pack(1, 1, a.desc, a.used, a.avail, 2**64 - 1)) == 0
         os.close(efd)
         new = errors()[n:]
         assert sum("unsupported request SET_LOG" in e for e in new) == 6
@@ -366,7 +424,7 @@ def test_cve_2020_10723_vring_index_truncation(serve, sock_path, errors, metadat
 # CVE-2020-10726 (DPDK vhost): GET_INFLIGHT_FD computed an area size from unchecked queue counts and sizes
 @pytest.mark.parametrize("metadata", PATHS)
 def test_cve_2020_10726_get_inflight_fd(serve, sock_path, errors, metadata):
-    from pyvhost import inflight
+    from pyvhost.ring import inflight
 
     srv = serve("sink", metadata)
     with GuardedFrontend(sock_path, queue_size=QSIZE) as fe:
@@ -392,13 +450,15 @@ def test_cve_2020_10726_get_inflight_fd(serve, sock_path, errors, metadata):
         r, w = os.pipe()
         small = os.memfd_create("small", os.MFD_CLOEXEC)
         os.ftruncate(small, 4096)
-        for desc, fds in ((INFLIGHT.pack(2 ** 64 - 1, 0, 2, QSIZE), [small]),
-                          (INFLIGHT.pack(4096, 2 ** 64 - 4096, 1, 8), [small]),
-                          (INFLIGHT.pack(4096, 1, 1, 8), [small]),
-                          (INFLIGHT.pack(1 << 30, 0, 0xFFFF, 0xFFFF), [small]),
-                          (INFLIGHT.pack(1 << 20, 0, 2, QSIZE), [small]),  # larger than the file
-                          (INFLIGHT.pack(4096, 0, 1, 8), [r]),
-                          (INFLIGHT.pack(4096, 0, 1, 8), [])):
+        for desc, fds in (
+            (INFLIGHT.pack(2**64 - 1, 0, 2, QSIZE), [small]),
+            (INFLIGHT.pack(4096, 2**64 - 4096, 1, 8), [small]),
+            (INFLIGHT.pack(4096, 1, 1, 8), [small]),
+            (INFLIGHT.pack(1 << 30, 0, 0xFFFF, 0xFFFF), [small]),
+            (INFLIGHT.pack(1 << 20, 0, 2, QSIZE), [small]),  # larger than the file
+            (INFLIGHT.pack(4096, 0, 1, 8), [r]),
+            (INFLIGHT.pack(4096, 0, 1, 8), []),
+        ):
             assert ack(fe, R.SET_INFLIGHT_FD, desc + bytes(4), fds) != 0
         for fd in (r, w, small):
             os.close(fd)
@@ -426,7 +486,7 @@ def _hdr_split_rx(g: Guest) -> None:
         g.desc(8 + i, g.ring.buf_gpa(8 + i), 1, WRITE | NEXT, 9 + i)
     g.desc(19, gpa(g, A_END) - 1, 1, WRITE, 0)
     g.desc(21, g.ring.buf_gpa(21), 2048, WRITE, 0)
-    g.ram.buf[A_END - 11:A_END] = 0x5A
+    g.ram.buf[A_END - 11 : A_END] = 0x5A
     g.post(*g.good_chains(), 30, 8, 21)
 
 
@@ -434,10 +494,10 @@ def _check_small_rx(g: Guest) -> None:
     ids = g.used_ids()
     lens = [int(g.ring.used32[2 + 2 * (k % g.size)]) for k in range(g.used)]
     assert ids[GOOD:] == [30, 8, 21] and lens[GOOD:] == [0, 12, 64]
-    assert bytes(g.ram.buf[A_END - 11:A_END - 1]) == b"\x5a" * 10  # the dropped chain: untouched
-    hdr = bytes(g.ram.buf[g.ring.bufs_off + (8 + i) * 2048] for i in range(11)) + bytes(g.ram.buf[A_END - 1:A_END])
+    assert bytes(g.ram.buf[A_END - 11 : A_END - 1]) == b"\x5a" * 10  # the dropped chain: untouched
+    hdr = bytes(g.ram.buf[g.ring.bufs_off + (8 + i) * 2048] for i in range(11)) + bytes(g.ram.buf[A_END - 1 : A_END])
     assert hdr == bytes(10) + b"\x02\x00"  # num_buffers = 2, written across the one-byte buffers
-    assert bytes(g.ram.buf[g.ring.bufs_off + 21 * 2048:][:64]) == make_frame(64).tobytes()
+    assert bytes(g.ram.buf[g.ring.bufs_off + 21 * 2048 :][:64]) == make_frame(64).tobytes()
 
 
 @pytest.mark.parametrize("metadata", PATHS)
@@ -489,18 +549,18 @@ def test_cve_2024_11614_csum_start_out_of_bounds(serve, sock_path, errors, metad
             rx.post(0, 1)
             for i in (0, 1):  # the hostile header, csum_start far past the frame
                 off = tx.ring.bufs_off + i * 2048
-                fe.ram.buf[off:off + 12] = np.frombuffer(HOSTILE_HDR, np.uint8)
-                fe.ram.buf[off + 12:off + 12 + 64] = np.frombuffer(frame, np.uint8)
+                fe.ram.buf[off : off + 12] = np.frombuffer(HOSTILE_HDR, np.uint8)
+                fe.ram.buf[off + 12 : off + 12 + 64] = np.frombuffer(frame, np.uint8)
                 tx.desc(i, tx.ring.buf_gpa(i), FRAME_LEN)
             # the second frame's buffer ends exactly at the end of region A
             tx.desc(1, gpa(tx, A_END) - FRAME_LEN, FRAME_LEN)
-            fe.ram.buf[A_END - FRAME_LEN:A_END - 64] = np.frombuffer(HOSTILE_HDR, np.uint8)
-            fe.ram.buf[A_END - 64:A_END] = np.frombuffer(frame, np.uint8)
+            fe.ram.buf[A_END - FRAME_LEN : A_END - 64] = np.frombuffer(HOSTILE_HDR, np.uint8)
+            fe.ram.buf[A_END - 64 : A_END] = np.frombuffer(frame, np.uint8)
             tx.post(0, 1)
             tx.wait_used(2)
             rx.wait_used(2)
             for i in (0, 1):
-                got = bytes(fe.ram.buf[rx.ring.bufs_off + i * 2048:][:FRAME_LEN])
+                got = bytes(fe.ram.buf[rx.ring.bufs_off + i * 2048 :][:FRAME_LEN])
                 assert got == bytes(10) + b"\x01\x00" + frame  # our own header, the frame unchanged
             assert not select.select([tx.err_fd, rx.err_fd], [], [], 0)[0]  # both completed: none broke
             assert fe.guards_intact()
@@ -538,11 +598,12 @@ def _same_head_everywhere(g: Guest) -> None:
 
 
 DEAD_LOOPS = {
-    "descriptor chained to itself": (post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, 8)), E.CHAIN_TOO_LONG,
-                                      GOOD),
-    "two descriptors chained to each other": (post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, 9),
-                                                       (9, lambda g: g.ring.buf_gpa(9), 16, NEXT, 8)),
-                                              E.CHAIN_TOO_LONG, GOOD),
+    "descriptor chained to itself": (post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, 8)), E.CHAIN_TOO_LONG, GOOD),
+    "two descriptors chained to each other": (
+        post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, 9), (9, lambda g: g.ring.buf_gpa(9), 16, NEXT, 8)),
+        E.CHAIN_TOO_LONG,
+        GOOD,
+    ),
     "every descriptor in one cycle": (_whole_ring, E.CHAIN_TOO_LONG, GOOD),
     "a loop inside an indirect table": (_indirect_loop, E.CHAIN_TOO_LONG, GOOD),
     "the longest chain made available QSIZE times": (_same_head_everywhere, None, QSIZE),
@@ -564,8 +625,8 @@ def test_dead_loop_chains(serve, sock_path, errors, metadata, mode, case):
 def test_descriptor_length_read_twice_toctou(serve, sock_path, errors, metadata, mode):
     """Half the descriptors end exactly at the end of region A; a guest thread keeps flipping their length
     (76 -> 2048 or 0xFFFFFFFF -> 76) and address (valid -> 8 bytes before the end of A -> valid) with separate
-    stores while the guest makes them available as fast as the back-end completes them.  The device touches every payload
-    byte: ``source`` writes the frame into RX buffers (a write past A changes a guard byte), ``loopback``
+    stores while the guest makes them available as fast as the back-end completes them.  The device touches every
+    payload    byte: ``source`` writes the frame into RX buffers (a write past A changes a guard byte), ``loopback``
     reads each TX frame and delivers it into an RX buffer (a read past A, or of a length other than the one
     checked, delivers guard bytes or a wrong length).  A back-end that checked one read and used another shows
     up either way; pyvhost reads each word once: every round either completes every chain it posted, each
@@ -586,10 +647,10 @@ def test_descriptor_length_read_twice_toctou(serve, sock_path, errors, metadata,
                 g.desc(i, edge if i % 2 else g.ring.buf_gpa(i), FRAME_LEN, g.dir)
                 if rx is not None:
                     off = g.ring.bufs_off + i * 2048
-                    fe.ram.buf[off:off + FRAME_LEN] = np.frombuffer(packet, np.uint8)
+                    fe.ram.buf[off : off + FRAME_LEN] = np.frombuffer(packet, np.uint8)
                     rx.desc(i, rx.ring.buf_gpa(i), 2048, WRITE)
             if rx is not None:
-                fe.ram.buf[A_END - FRAME_LEN:A_END] = np.frombuffer(packet, np.uint8)
+                fe.ram.buf[A_END - FRAME_LEN : A_END] = np.frombuffer(packet, np.uint8)
                 rx.post(*range(QSIZE))
             stop = threading.Event()
             flips = [0]
@@ -623,7 +684,7 @@ def test_descriptor_length_read_twice_toctou(serve, sock_path, errors, metadata,
                 for k in range(received[0], received[0] + n):
                     slot = k % QSIZE
                     head, length = int(rx.ring.used32[1 + 2 * slot]), int(rx.ring.used32[2 + 2 * slot])
-                    got = bytes(fe.ram.buf[rx.ring.bufs_off + head * 2048:][:length])
+                    got = bytes(fe.ram.buf[rx.ring.bufs_off + head * 2048 :][:length])
                     assert length == FRAME_LEN and got[12:] == frame, (k, head, length, got[12:].hex())
                     heads.append(head)
                 received[0] += n
@@ -710,16 +771,31 @@ LIBVHOST_USER = {
     "Guest moved used index from %u to %u (the avail index jumped)": (_avail_jump, E.AVAIL_IDX_JUMP, GOOD, None),
     "the guest wrote the used index": (_scribble_used_idx, None, 2 * GOOD, _used_idx_ignored),
     "Guest says index %u is available": (post_bad(head=QSIZE), E.HEAD_OUT_OF_RANGE, GOOD, None),
-    "Desc next is %u": (post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, QSIZE)), E.NEXT_OUT_OF_RANGE, GOOD,
-                        None),
-    "Looped descriptor": (post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, 9),
-                                   (9, lambda g: g.ring.buf_gpa(9), 16, NEXT, 8)), E.CHAIN_TOO_LONG, GOOD, None),
-    "Invalid size for indirect buffer table": (post_bad((8, lambda g: g.ring.buf_gpa(8), 24, INDIRECT, 0), raw=True),
-                                               E.INDIRECT_BAD_SIZE, GOOD, None),
-    "Indirect buffer table too big": (post_bad((8, lambda g: g.ring.buf_gpa(8), 16 * 1025, INDIRECT, 0), raw=True),
-                                      E.INDIRECT_BAD_SIZE, GOOD, None),
-    "Indirect buffer with NEXT": (post_bad((8, lambda g: g.ring.buf_gpa(8), 32, INDIRECT | NEXT, 9), raw=True),
-                                  E.INDIRECT_WITH_NEXT, GOOD, None),
+    "Desc next is %u": (post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, QSIZE)), E.NEXT_OUT_OF_RANGE, GOOD, None),
+    "Looped descriptor": (
+        post_bad((8, lambda g: g.ring.buf_gpa(8), 16, NEXT, 9), (9, lambda g: g.ring.buf_gpa(9), 16, NEXT, 8)),
+        E.CHAIN_TOO_LONG,
+        GOOD,
+        None,
+    ),
+    "Invalid size for indirect buffer table": (
+        post_bad((8, lambda g: g.ring.buf_gpa(8), 24, INDIRECT, 0), raw=True),
+        E.INDIRECT_BAD_SIZE,
+        GOOD,
+        None,
+    ),
+    "Indirect buffer table too big": (
+        post_bad((8, lambda g: g.ring.buf_gpa(8), 16 * 1025, INDIRECT, 0), raw=True),
+        E.INDIRECT_BAD_SIZE,
+        GOOD,
+        None,
+    ),
+    "Indirect buffer with NEXT": (
+        post_bad((8, lambda g: g.ring.buf_gpa(8), 32, INDIRECT | NEXT, 9), raw=True),
+        E.INDIRECT_WITH_NEXT,
+        GOOD,
+        None,
+    ),
 }
 
 

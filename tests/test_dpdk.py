@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyvhost.bench.peers import PmdConsole, parse_testpmd
-from pyvhost.frontend import Frontend
+from pyvhost.frontend.net import Frontend
 
 from .conftest import TESTPMD, assert_log_path, needs_dpdk
 
@@ -23,24 +23,70 @@ PATHS = ["direct", "copy"]
 QUEUE = 256
 
 
-def start_testpmd(tmp: Path, vdev: str, fwd: str, cpu: int, tag: str, extra: list[str] | None = None,
-            interactive: bool = False) -> tuple[subprocess.Popen, Path]:
+def start_testpmd(
+    tmp: Path, vdev: str, fwd: str, cpu: int, tag: str, extra: list[str] | None = None, interactive: bool = False
+) -> tuple[subprocess.Popen, Path]:
     log = tmp / f"testpmd-{tag}.log"
-    cmd = ["stdbuf", "-oL", TESTPMD or "dpdk-testpmd", "--no-huge", "-m", "1024", "--no-pci",
-           "--file-prefix", f"pyvhost-test-{tag}-{os.getpid()}", "--lcores", f"0@{cpu},1@{cpu}", "--vdev", vdev,
-           "--", f"--forward-mode={fwd}", f"--txd={QUEUE}", f"--rxd={QUEUE}", "--no-flush-rx", *(extra or [])]
+    cmd = [
+        "stdbuf",
+        "-oL",
+        TESTPMD or "dpdk-testpmd",
+        "--no-huge",
+        "-m",
+        "1024",
+        "--no-pci",
+        "--file-prefix",
+        f"pyvhost-test-{tag}-{os.getpid()}",
+        "--lcores",
+        f"0@{cpu},1@{cpu}",
+        "--vdev",
+        vdev,
+        "--",
+        f"--forward-mode={fwd}",
+        f"--txd={QUEUE}",
+        f"--rxd={QUEUE}",
+        "--no-flush-rx",
+        *(extra or []),
+    ]
     cmd += ["-i"] if interactive else ["--auto-start", "--stats-period", "1"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
+    )
     return proc, log
 
 
 def serve(tmp: Path, mode: str, metadata: str, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     sock, stats, ready = tmp / "pyvhost.sock", tmp / "stats.json", tmp / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "pyvhost", "serve", "net", "--socket-path", str(sock),
-                             "--mode", mode, "--metadata", metadata, "--connections", "1", "--cpu", "0",
-                             "--stats-json", str(stats), "--ready-file", str(ready), *extra],
-                            stdout=open(tmp / "pyvhost.log", "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "serve",
+            "net",
+            "--socket-path",
+            str(sock),
+            "--mode",
+            mode,
+            "--metadata",
+            metadata,
+            "--connections",
+            "1",
+            "--cpu",
+            "0",
+            "--stats-json",
+            str(stats),
+            "--ready-file",
+            str(ready),
+            *extra,
+        ],
+        stdout=open(tmp / "pyvhost.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300  # a cold Numba cache compiles the kernels first (~30 s, more on a busy machine)
     while not ready.exists():
         assert proc.poll() is None, (tmp / "pyvhost.log").read_text()
@@ -60,16 +106,30 @@ def finish(proc: subprocess.Popen, stats: Path, metadata: str | None = None) -> 
     return data["ended"][0]
 
 
-def run_virtio_user(tmp: Path, sock: Path, fwd: str, until: tuple[str, int] | float,
-                    extra: list[str] | None = None, until_rx: int | None = None, vdev_args: str = "") -> dict:
+def run_virtio_user(
+    tmp: Path,
+    sock: Path,
+    fwd: str,
+    until: tuple[str, int] | float,
+    extra: list[str] | None = None,
+    until_rx: int | None = None,
+    vdev_args: str = "",
+) -> dict:
     """Interactive testpmd on ``sock``: start, run until its port counter ``until[0]`` (e.g. "RX-packets")
     reaches ``until[1]`` (within a generous deadline: no rate is assumed), stop, quit; its final forward
     statistics.  ``vdev_args`` are appended to the virtio-user vdev (e.g. ",packed_vq=1").
     (Older callers: ``until`` in seconds to run, or ``until_rx`` packets to receive.)"""
     if until_rx is not None:
         until = ("RX-packets", until_rx)
-    proc, log = start_testpmd(tmp, f"net_virtio_user0,path={sock},queues=1,queue_size={QUEUE}{vdev_args}", fwd, 1,
-                              "virtio", extra, interactive=True)
+    proc, log = start_testpmd(
+        tmp,
+        f"net_virtio_user0,path={sock},queues=1,queue_size={QUEUE}{vdev_args}",
+        fwd,
+        1,
+        "virtio",
+        extra,
+        interactive=True,
+    )
     try:
         con = PmdConsole(proc, log)
         con.wait_for("testpmd> ", 60)
@@ -134,8 +194,9 @@ def test_testpmd_forwarding_through_pyvhost_loopback(tmp_path, metadata, fwd):
 @pytest.mark.parametrize("direction", ["tx", "rx"])
 def test_pyvhost_frontend_with_dpdk_vhost_pmd(tmp_path, direction):
     sock = tmp_path / "dpdk-vhost.sock"
-    proc, log = start_testpmd(tmp_path, f"net_vhost0,iface={sock},queues=1", "rxonly" if direction == "tx" else "txonly",
-                        0, "vhost")
+    proc, log = start_testpmd(
+        tmp_path, f"net_vhost0,iface={sock},queues=1", "rxonly" if direction == "tx" else "txonly", 0, "vhost"
+    )
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from pyvhost.errors import QueueError as E
-from pyvhost.frontend import D_DONE, Frontend, FrontendError
+from pyvhost.frontend.net import Frontend, FrontendError
+from pyvhost.frontend.split import D_DONE
 from pyvhost.protocol import ADDR_LIMIT, MEM_TABLE_HDR, U64, VRING_ADDR
 from pyvhost.protocol import Request as R
 from pyvhost.ring.split import VRING_DESC_F_INDIRECT as INDIRECT
@@ -71,7 +72,7 @@ class Guest:
     def table(self, entries: int) -> tuple[int, np.ndarray]:
         """A fresh indirect table in guest RAM: (its GPA, a uint64 view of it)."""
         off = self.ram.alloc(16 * max(entries, 1), 16)
-        return self.ram.gpa(off), self.ram.buf[off:off + 16 * max(entries, 1)].view(np.uint64)
+        return self.ram.gpa(off), self.ram.buf[off : off + 16 * max(entries, 1)].view(np.uint64)
 
     def post(self, *heads: int, kick: bool = True) -> None:
         for h in heads:
@@ -138,8 +139,18 @@ def broken_lines(errors, index: int) -> list[str]:
     return [line for line in errors() if line.startswith(f"vring {index} broken")]
 
 
-def check_isolated_break(serve, sock_path, errors, metadata: str, mode: str, build, expect: E,
-                         good: int = GOOD, before=None, direct: bool | None = None) -> None:
+def check_isolated_break(
+    serve,
+    sock_path,
+    errors,
+    metadata: str,
+    mode: str,
+    build,
+    expect: E,
+    good: int = GOOD,
+    before=None,
+    direct: bool | None = None,
+) -> None:
     """Set up 2 queue pairs; break ring 0 (source) or 1 (sink) with ``build(guest)``; check the break is
     clean, isolated and complete; then the other pair and a new connection must pass exact traffic."""
     srv = serve(mode, metadata, queue_pairs=2)
@@ -156,8 +167,9 @@ def check_isolated_break(serve, sock_path, errors, metadata: str, mode: str, bui
             assert g.wait_err() == 1
             lines = broken_lines(errors, index)
             assert len(lines) == 1, errors()
-            assert re.match(rf"vring {index} broken: {expect.name}: {re.escape(expect.text)} \(value 0x[0-9a-f]+\)$",
-                            lines[0]), lines[0]
+            assert re.match(
+                rf"vring {index} broken: {expect.name}: {re.escape(expect.text)} \(value 0x[0-9a-f]+\)$", lines[0]
+            ), lines[0]
             # completions made before the bad chain are published, and only those
             assert g.used == good and g.used_ids() == list(range(good))
             assert srv.connection.vrings[index].broken
@@ -181,25 +193,30 @@ def check_isolated_break(serve, sock_path, errors, metadata: str, mode: str, bui
 # the cases: build(g) posts GOOD good chains (heads 0..2) and one bad chain (descriptors from 8 up)
 def _idx_jump(delta):
     """(build, expected error, good, before): GOOD chains completed, then the avail index moved by ``delta``."""
+
     def build(g):
         g.ring.avail[1] = (g.idx + delta) & 0xFFFF
         g.kick()
+
     return build, E.AVAIL_IDX_JUMP, GOOD, _after_good
 
 
 def _head(head):
     def build(g):
         g.post(*g.good_chains(), head)
+
     return build
 
 
 def _chain(*descs, head=8, raw=False):
     """A bad chain: descs are (index, addr or None for a valid buffer, length, flags, next); the ring's
     direction (WRITE on RX) is added to the flags unless ``raw``."""
+
     def build(g):
         for i, addr, length, flags, nxt in descs:
             g.desc(i, g.ring.buf_gpa(i) if addr is None else addr, length, flags | (0 if raw else g.dir), nxt)
         g.post(*g.good_chains(), head)
+
     return build
 
 
@@ -218,6 +235,7 @@ def _whole_ring_loop(g):
 def _indirect(length=None, entries=2, entry=None, flags=INDIRECT, addr=None, fill=None):
     """A bad chain through an indirect table of ``entries`` entries.  ``entry(g, gpa)`` -> (addr, len, flags,
     next) of entry 0 (default: a valid buffer); ``length`` the descriptor's length (default 16 * entries)."""
+
     def build(g):
         gpa, t = g.table(entries)
         for j in range(entries):
@@ -234,6 +252,7 @@ def _indirect(length=None, entries=2, entry=None, flags=INDIRECT, addr=None, fil
         g.good(0, 1)
         g.desc(2, gpa2, 32, INDIRECT)
         g.post(0, 1, 2, 8)
+
     return build
 
 
@@ -264,30 +283,46 @@ CASES = {
     "INDIRECT with NEXT": (BOTH, _indirect(flags=INDIRECT | NEXT), E.INDIRECT_WITH_NEXT),
     "indirect table below guest memory": (SINK, _indirect(addr=lambda g, gpa: 0), E.INDIRECT_UNMAPPED),
     "indirect table past guest memory": (BOTH, _indirect(addr=lambda g, gpa: _ram_end(g)), E.INDIRECT_UNMAPPED),
-    "indirect table straddling the end": (BOTH, _indirect(addr=lambda g, gpa: _ram_end(g, 16)),
-                                          E.INDIRECT_UNMAPPED),
+    "indirect table straddling the end": (BOTH, _indirect(addr=lambda g, gpa: _ram_end(g, 16)), E.INDIRECT_UNMAPPED),
     "indirect table at 2**62": (SINK, _indirect(addr=lambda g, gpa: ADDR_LIMIT), E.INDIRECT_UNMAPPED),
-    "indirect table at 2**64-32": (SINK, _indirect(addr=lambda g, gpa: 2 ** 64 - 32), E.INDIRECT_UNMAPPED),
-    "indirect loop": (BOTH, _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 16, g.dir | NEXT, 0)),
-                      E.CHAIN_TOO_LONG),
-    "indirect next out of range": (BOTH, _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 16, g.dir | NEXT, 2)),
-                                   E.NEXT_OUT_OF_RANGE),
+    "indirect table at 2**64-32": (SINK, _indirect(addr=lambda g, gpa: 2**64 - 32), E.INDIRECT_UNMAPPED),
+    "indirect loop": (
+        BOTH,
+        _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 16, g.dir | NEXT, 0)),
+        E.CHAIN_TOO_LONG,
+    ),
+    "indirect next out of range": (
+        BOTH,
+        _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 16, g.dir | NEXT, 2)),
+        E.NEXT_OUT_OF_RANGE,
+    ),
     "zero-length descriptor": (BOTH, _chain((8, None, 0, 0, 0)), E.ZERO_LENGTH),
     "zero-length second descriptor": (SINK, _chain((8, None, 16, NEXT, 9), (9, None, 0, 0, 0)), E.ZERO_LENGTH),
-    "zero-length indirect entry": (BOTH, _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 0, g.dir, 0)),
-                                   E.ZERO_LENGTH),
+    "zero-length indirect entry": (
+        BOTH,
+        _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 0, g.dir, 0)),
+        E.ZERO_LENGTH,
+    ),
     "buffer below guest memory": (BOTH, _chain((8, 0, FRAME_LEN, 0, 0)), E.BAD_ADDRESS),
-    "buffer from below into guest memory": (SINK, lambda g: _chain((8, g.ram.gpa(0) - 16, FRAME_LEN, 0, 0))(g),
-                                            E.BAD_ADDRESS),
+    "buffer from below into guest memory": (
+        SINK,
+        lambda g: _chain((8, g.ram.gpa(0) - 16, FRAME_LEN, 0, 0))(g),
+        E.BAD_ADDRESS,
+    ),
     "buffer past guest memory": (BOTH, lambda g: _chain((8, _ram_end(g), FRAME_LEN, 0, 0))(g), E.BAD_ADDRESS),
-    "buffer straddling the end": (BOTH, lambda g: _chain((8, _ram_end(g, 32), FRAME_LEN, 0, 0))(g),
-                                  E.BAD_ADDRESS),
-    "buffer of 4 GiB from the last byte": (SINK, lambda g: _chain((8, _ram_end(g, 1), 0xFFFFFFFF, 0, 0))(g),
-                                           E.BAD_ADDRESS),
+    "buffer straddling the end": (BOTH, lambda g: _chain((8, _ram_end(g, 32), FRAME_LEN, 0, 0))(g), E.BAD_ADDRESS),
+    "buffer of 4 GiB from the last byte": (
+        SINK,
+        lambda g: _chain((8, _ram_end(g, 1), 0xFFFFFFFF, 0, 0))(g),
+        E.BAD_ADDRESS,
+    ),
     "buffer at 2**62": (SINK, _chain((8, ADDR_LIMIT, FRAME_LEN, 0, 0)), E.BAD_ADDRESS),
-    "buffer at 2**64-1": (BOTH, _chain((8, 2 ** 64 - 1, 0xFFFFFFFF, 0, 0)), E.BAD_ADDRESS),
-    "bad buffer in an indirect table": (BOTH, _indirect(entry=lambda g, gpa: (_ram_end(g, 8), 64, g.dir, 0)),
-                                        E.BAD_ADDRESS),
+    "buffer at 2**64-1": (BOTH, _chain((8, 2**64 - 1, 0xFFFFFFFF, 0, 0)), E.BAD_ADDRESS),
+    "bad buffer in an indirect table": (
+        BOTH,
+        _indirect(entry=lambda g, gpa: (_ram_end(g, 8), 64, g.dir, 0)),
+        E.BAD_ADDRESS,
+    ),
 }
 
 
@@ -295,15 +330,27 @@ def _dir_cases():
     # sink: a device-writable buffer on TX; source: a device-readable one on RX, or readable after writable
     return {
         "writable descriptor on TX": ("sink", _chain((8, None, FRAME_LEN, WRITE, 0), raw=True), E.BAD_DIRECTION),
-        "writable after readable on TX": ("sink", _chain((8, None, 16, NEXT, 9), (9, None, 64, WRITE, 0), raw=True),
-                                          E.BAD_DIRECTION),
-        "writable indirect entry on TX": ("sink", _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 64, WRITE, 0)),
-                                          E.BAD_DIRECTION),
+        "writable after readable on TX": (
+            "sink",
+            _chain((8, None, 16, NEXT, 9), (9, None, 64, WRITE, 0), raw=True),
+            E.BAD_DIRECTION,
+        ),
+        "writable indirect entry on TX": (
+            "sink",
+            _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 64, WRITE, 0)),
+            E.BAD_DIRECTION,
+        ),
         "readable descriptor on RX": ("source", _chain((8, None, 2048, 0, 0), raw=True), E.BAD_DIRECTION),
-        "readable after writable on RX": ("source", _chain((8, None, 16, WRITE | NEXT, 9), (9, None, 2048, 0, 0),
-                                                           raw=True), E.BAD_DIRECTION),
-        "readable indirect entry on RX": ("source", _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 2048, 0, 0)),
-                                          E.BAD_DIRECTION),
+        "readable after writable on RX": (
+            "source",
+            _chain((8, None, 16, WRITE | NEXT, 9), (9, None, 2048, 0, 0), raw=True),
+            E.BAD_DIRECTION,
+        ),
+        "readable indirect entry on RX": (
+            "source",
+            _indirect(entry=lambda g, gpa: (g.ring.buf_gpa(16), 2048, 0, 0)),
+            E.BAD_DIRECTION,
+        ),
     }
 
 
@@ -319,19 +366,20 @@ def _params():
 
 @pytest.mark.parametrize("metadata", PATHS)
 @pytest.mark.parametrize("mode,build,expect,good,before", _params())
-def test_bad_guest_value_breaks_only_its_queue(serve, sock_path, errors, metadata, mode, build, expect, good,
-                                               before):
+def test_bad_guest_value_breaks_only_its_queue(serve, sock_path, errors, metadata, mode, build, expect, good, before):
     check_isolated_break(serve, sock_path, errors, metadata, mode, build, expect, good, before)
 
 
 # -- ring addresses outside guest memory ---------------------------------------------------------------------
 def _move_ring(part: str, where):
     """SET_VRING_ADDR with one part of the ring moved to ``where(g)`` (a front-end virtual address)."""
+
     def before(g):
         a = g.ring.addr()
         addrs = {"desc": a.desc, "used": a.used, "avail": a.avail}
         addrs[part] = where(g)
         g.fe.command(R.SET_VRING_ADDR, VRING_ADDR.pack(g.index, 0, addrs["desc"], addrs["used"], addrs["avail"], 0))
+
     return before
 
 
@@ -346,14 +394,14 @@ def _post_one(g):
 
 def _straddling_desc(g):
     # the table's first 4 descriptors are the last 64 bytes of guest RAM; the rest lies outside
-    t = g.ram.buf[g.ram.size - 64:].view(np.uint64)
+    t = g.ram.buf[g.ram.size - 64 :].view(np.uint64)
     g.good(0, 1, 2, table=t)
     g.post(0, 1, 2, 5)
 
 
 def _straddling_avail(g):
     # flags and idx are the last 4 bytes of guest RAM, ring[0] lies outside: the guest says 1 chain is there
-    g.ram.buf[g.ram.size - 2:].view(np.uint16)[0] = 1
+    g.ram.buf[g.ram.size - 2 :].view(np.uint16)[0] = 1
     g.kick()
 
 
@@ -375,8 +423,7 @@ RING_CASES = {
 @pytest.mark.parametrize("case", list(RING_CASES))
 def test_ring_outside_guest_memory(serve, sock_path, errors, caplog, metadata, mode, case):
     before, build, good = RING_CASES[case]
-    check_isolated_break(serve, sock_path, errors, metadata, mode, build, E.RING_UNMAPPED, good, before,
-                         direct=False)
+    check_isolated_break(serve, sock_path, errors, metadata, mode, build, E.RING_UNMAPPED, good, before, direct=False)
     index = 1 if mode == "sink" else 0
     started = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"queues ({index},) started")]
     assert any("(copy path" in m for m in started)  # the direct path fell back to copy
@@ -445,7 +492,7 @@ def test_descriptors_changed_after_being_made_available(serve, sock_path, errors
         g.good(*range(QSIZE))
         for i, gpa in indirect.items():
             g.desc(i, gpa, 16 * TABLE_ENTRIES, INDIRECT)
-        for gpa, t in tables:
+        for _gpa, t in tables:
             g.good(*range(TABLE_ENTRIES), table=t)
         stop = threading.Event()
         mutations = [0]
@@ -469,7 +516,7 @@ def test_descriptors_changed_after_being_made_available(serve, sock_path, errors
             addr, length, flags, nxt = plausible(r, i, n, in_table)
             kind = int(r.integers(0, 12))
             if kind == 0:
-                addr = pick(r, [0, _ram_end(g, 8), 2 ** 64 - 1, ADDR_LIMIT])
+                addr = pick(r, [0, _ram_end(g, 8), 2**64 - 1, ADDR_LIMIT])
             elif kind == 1:
                 length = pick(r, [0, 0xFFFFFFFF, 24, 16 * 1025])
             elif kind == 2:

@@ -21,9 +21,13 @@ import time
 import numpy as np
 import pytest
 
-from pyvhost.frontend import D_AVAIL_IDX, D_DONE, D_POSTED, Frontend, drive_tx
-from pyvhost.protocol import SINGLE_REGION_HDR, U64, VRING_ADDR, MemRegion, ProtocolFeature as PF, Request as R
-from pyvhost.ring.split import Q_DIRECT, VRING_USED_F_NO_NOTIFY
+from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.split import D_AVAIL_IDX, D_DONE, D_POSTED, drive_tx
+from pyvhost.protocol import SINGLE_REGION_HDR, U64, VRING_ADDR, MemRegion
+from pyvhost.protocol import ProtocolFeature as PF
+from pyvhost.protocol import Request as R
+from pyvhost.ring.split import VRING_USED_F_NO_NOTIFY
+from pyvhost.ring.state import Q_DIRECT
 
 PATHS = ["direct", "copy"]
 TX = 1
@@ -304,7 +308,7 @@ def test_disconnect_during_traffic_never_touches_the_old_memory(serve, sock_path
     srv = serve("sink", metadata)
     old: list[int] = []
     try:
-        for round_ in range(3):
+        for _ in range(3):
             ended = len(srv.server.history)
             fe = Frontend(sock_path, ram_size=SWITCH_RAM)
             fe.setup()
@@ -340,14 +344,18 @@ def test_vring_addr_and_mem_slots_hammered(serve, sock_path, errors, metadata):
     try:
         traffic = Traffic(fe, seconds=4.0)
         traffic.wait_progress(0)
-        changes = hammer(traffic, [
-            lambda: fe.resend_vring_addr(TX),
-            lambda: fe.add_region(EXTRA, extra_fd),
-            lambda: fe.resend_vring_addr(TX),
-            lambda: fe.resend_vring_addr(0),  # the idle RX ring: must not disturb TX
-            lambda: fe.rem_region(EXTRA),
-            fe.set_mem_table,  # a whole new table: drops the extra region if present
-        ], seconds=3.0)
+        changes = hammer(
+            traffic,
+            [
+                lambda: fe.resend_vring_addr(TX),
+                lambda: fe.add_region(EXTRA, extra_fd),
+                lambda: fe.resend_vring_addr(TX),
+                lambda: fe.resend_vring_addr(0),  # the idle RX ring: must not disturb TX
+                lambda: fe.rem_region(EXTRA),
+                fe.set_mem_table,  # a whole new table: drops the extra region if present
+            ],
+            seconds=3.0,
+        )
         assert changes >= 10
         conn = srv.connection
         assert conn is not None and conn.mem.nregions in (1, 2)
@@ -399,8 +407,7 @@ def test_removing_the_rings_region_stops_the_queue_and_re_adding_restarts_it(ser
 
 
 @pytest.mark.parametrize("metadata", PATHS)
-def test_removing_the_rings_region_with_other_memory_left_breaks_the_queue(serve, sock_path, errors, caplog,
-                                                                        metadata):
+def test_removing_the_rings_region_with_other_memory_left_breaks_the_queue(serve, sock_path, errors, caplog, metadata):
     """With another region still mapped, removing the rings' region leaves the ring's addresses untranslatable:
     the queue breaks cleanly with RING_UNMAPPED (logged, ERR signalled), completes nothing more, and stays
     broken when the region comes back; the connection and the counts stay exact."""

@@ -19,11 +19,16 @@ import numpy as np
 import pytest
 
 from pyvhost import protocol as P
-from pyvhost.devices.base import ChainDevice, Device, Request, Ring, Step, StepFn
-from pyvhost.frontend import BUF_SIZE, D_LIMIT, Frontend, GuestRam, drive_rx
+from pyvhost.devices.base import Device, Ring, Step, StepFn
+from pyvhost.devices.chain_device import ChainDevice, Request
+from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.ram import BUF_SIZE, GuestRam
+from pyvhost.frontend.split import D_LIMIT, drive_rx
 from pyvhost.protocol import Request as R
-from pyvhost.ring.split import Q_HDR_LEN, VRING_DESC_F_WRITE
-from tests.devices.test_tap import frame, ns, tap, vnet_hdr  # noqa: F401 (ns and tap are fixtures)
+from pyvhost.ring.split import VRING_DESC_F_WRITE
+from pyvhost.ring.state import Q_HDR_LEN
+from tests.devices.test_tap import frame, ns, vnet_hdr  # noqa: F401 (ns is a fixture)
+from tests.devices.test_tap import tap as tap  # the fixture the tests below take
 
 #: a short stop timeout keeps the tests quick (the default is STOP_TIMEOUT)
 STOP = 3.0
@@ -366,8 +371,9 @@ def test_features_change_restarts_workers_with_the_new_header(server, sock_path,
 
 
 # -- the same on a tap (devices/tap.py) --------------------------------------------------------------------
-needs_tap = pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0,
-                               reason="taps need /dev/net/tun and root")
+needs_tap = pytest.mark.skipif(
+    not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="taps need /dev/net/tun and root"
+)
 
 
 @needs_tap
@@ -378,13 +384,13 @@ def test_tap_header_size_follows_set_features_while_running(tap):
     buf = rx.buffer(2048)
     rx.post([buf], write=True)
     wire.send(frame(100, 1))
-    (_, ln), = rx.used(1)
+    ((_, ln),) = rx.used(1)
     assert rx.read(buf[0], ln) == vnet_hdr(1) + frame(100, 1)
     fe.command(R.SET_FEATURES, P.U64.pack(fe.features & ~((1 << 32) | (1 << 15))))
     buf = rx.buffer(2048)
     rx.post([buf], write=True)
     wire.send(frame(100, 2))
-    (_, ln), = rx.used(1)
+    ((_, ln),) = rx.used(1)
     assert rx.read(buf[0], ln) == bytes(10) + frame(100, 2)
     tx.post([tx.buffer(bytes(10) + frame(200, 3))], write=False)
     assert wire.recv(1) == [frame(200, 3)]

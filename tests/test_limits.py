@@ -18,16 +18,16 @@ import pytest
 from pyvhost import protocol as P
 from pyvhost.access import Metadata, bind
 from pyvhost.backend import DEFAULT_BUDGET
-from pyvhost.chain import MAX_INDIRECT, new_sg
 from pyvhost.devices.base import VIRTIO_F_VERSION_1, Step
 from pyvhost.devices.net import tx_sink
 from pyvhost.errors import QueueError as E
-from pyvhost.frontend import GuestRam
+from pyvhost.frontend.ram import GuestRam
 from pyvhost.memory import GuestMemory
 from pyvhost.protocol import SINGLE_REGION_HDR, U64, VRING_ADDR, VRING_STATE, MemRegion
 from pyvhost.protocol import Request as R
-from pyvhost.ring.split import (Q_BATCH, Q_CHAINS, Q_ERROR, Q_HDR_LEN, Q_LAST_AVAIL, Q_STOP, VRING_DESC_F_INDIRECT,
-                                VRING_DESC_F_NEXT, new_queue_state)
+from pyvhost.ring.chain import MAX_INDIRECT, new_sg
+from pyvhost.ring.split import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
+from pyvhost.ring.state import Q_BATCH, Q_CHAINS, Q_ERROR, Q_HDR_LEN, Q_LAST_AVAIL, Q_STOP, new_queue_state
 
 from .conftest import mapping_count, open_fds
 from .test_hostile import QSIZE, TIMEOUT, Guest, broken_lines, fresh_connection_works, traffic
@@ -82,7 +82,7 @@ def test_queue_limit(serve, sock_path, queue_pairs):
 
 # =========================================================================================================
 SLOT = 4 * KiB
-EXTRA_GPA = 0x10_0000_0000   # the extra regions: adjacent 4 KiB slots, far from the front-end's RAM
+EXTRA_GPA = 0x10_0000_0000  # the extra regions: adjacent 4 KiB slots, far from the front-end's RAM
 EXTRA_UVA = 0x7000_0000_0000
 
 
@@ -123,13 +123,12 @@ def test_509_memory_regions_and_not_one_more(serve, sock_path, errors, metadata)
             done = int(g.ring.used16[1])
             g.post(40, 41)
             g.wait_used((done + 2) & 0xFFFF)
-            frame = bytes(buf[300 * SLOT + 100 + 12:300 * SLOT + 100 + 12 + 64])
-            assert frame == bytes(buf[3 * SLOT + 5 + 12:3 * SLOT + 5 + 12 + 64]) != bytes(64)
+            frame = bytes(buf[300 * SLOT + 100 + 12 : 300 * SLOT + 100 + 12 + 64])
+            assert frame == bytes(buf[3 * SLOT + 5 + 12 : 3 * SLOT + 5 + 12 + 64]) != bytes(64)
             # three such buffers in one chain: 1503 segments, more than the scatter list holds (64 + 1024)
             gpa, t = g.table(3)
             for j in range(3):
-                g.desc(j, EXTRA_GPA + j * SLOT + 1, 500 * SLOT, 2 | (VRING_DESC_F_NEXT if j < 2 else 0), j + 1,
-                       table=t)
+                g.desc(j, EXTRA_GPA + j * SLOT + 1, 500 * SLOT, 2 | (VRING_DESC_F_NEXT if j < 2 else 0), j + 1, table=t)
             g.desc(42, gpa, 48, VRING_DESC_F_INDIRECT)
             g.post(42)
             assert g.wait_err() == 1
@@ -159,10 +158,10 @@ def _full_ring_of_worst_chains(size: int, indirect: bool):
     mem.set_table([ram.region()], [ram.fd])
     d, a, u = ram.alloc(16 * size, 4096), ram.alloc(6 + 2 * size, 64), ram.alloc(6 + 8 * size, 4096)
     data = ram.alloc(64 * KiB, 4096)
-    desc = ram.buf[d:d + 16 * size].view(np.uint64)
+    desc = ram.buf[d : d + 16 * size].view(np.uint64)
     if indirect:
         t = ram.alloc(16 * MAX_INDIRECT, 16)
-        table = ram.buf[t:t + 16 * MAX_INDIRECT].view(np.uint64)
+        table = ram.buf[t : t + 16 * MAX_INDIRECT].view(np.uint64)
         for j in range(MAX_INDIRECT):
             table[2 * j] = ram.gpa(data + 16 * j)
             table[2 * j + 1] = 16 | (VRING_DESC_F_NEXT << 32 if j < MAX_INDIRECT - 1 else 0) | (j + 1) << 48
@@ -172,8 +171,8 @@ def _full_ring_of_worst_chains(size: int, indirect: bool):
         for i in range(size):
             desc[2 * i] = ram.gpa(data + 16 * i)
             desc[2 * i + 1] = 16 | (VRING_DESC_F_NEXT << 32 if i < size - 1 else 0) | (i + 1) << 48
-    avail = ram.buf[a:a + 6 + 2 * size].view(np.uint16)
-    avail[2:2 + size] = 0
+    avail = ram.buf[a : a + 6 + 2 * size].view(np.uint16)
+    avail[2 : 2 + size] = 0
     avail[1] = size  # a full ring
     return ram, mem, P.VringAddr(0, 0, ram.uva(d), ram.uva(u), ram.uva(a), 0)
 
@@ -274,9 +273,9 @@ class MiniGuest:
         self.uva = self.buf.ctypes.data
         self.gpa = 0x4000_0000
         n = self.SIZE
-        self.desc = self.buf[0:16 * n].view(np.uint64)
-        self.avail = self.buf[4096:4096 + 6 + 2 * n].view(np.uint16)
-        self.used = self.buf[8192:8192 + 6 + 8 * n].view(np.uint16)
+        self.desc = self.buf[0 : 16 * n].view(np.uint64)
+        self.avail = self.buf[4096 : 4096 + 6 + 2 * n].view(np.uint16)
+        self.used = self.buf[8192 : 8192 + 6 + 8 * n].view(np.uint16)
         for i in range(n):
             self.desc[2 * i] = self.gpa + 65536 + 2048 * i
             self.desc[2 * i + 1] = 12 + 64

@@ -8,7 +8,8 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from pyvhost import memory
 from pyvhost.jit import helper
@@ -27,10 +28,10 @@ KiB = 1 << 10
 # exactly at ADDR_LIMIT in both spaces.
 LAYOUT = [
     # guest_phys_addr,              size,       userspace_addr,               mmap_offset
-    (0x1000_0000,                   12 * KiB,   0x7F00_0000_0000,             0x1008),
-    (0x1000_0000 + 12 * KiB,        8 * KiB,    0x1000,                       0x10000),
-    (0x3_0000_0000_0000,            64 * KiB,   0x3FFF_FFF0_0000,             8),
-    (ADDR_LIMIT - 16 * KiB,         16 * KiB,   ADDR_LIMIT - 16 * KiB,        0x2000),
+    (0x1000_0000, 12 * KiB, 0x7F00_0000_0000, 0x1008),
+    (0x1000_0000 + 12 * KiB, 8 * KiB, 0x1000, 0x10000),
+    (0x3_0000_0000_0000, 64 * KiB, 0x3FFF_FFF0_0000, 8),
+    (ADDR_LIMIT - 16 * KiB, 16 * KiB, ADDR_LIMIT - 16 * KiB, 0x2000),
 ]
 
 
@@ -97,14 +98,18 @@ def _boundaries(space: int) -> list[int]:
 def addresses(space: int):
     near = st.tuples(st.sampled_from(_boundaries(space)), st.integers(-64, 64)).map(lambda t: max(0, t[0] + t[1]))
     inside = st.sampled_from(LAYOUT).flatmap(
-        lambda r: st.integers(0, r[1]).map(lambda o, r=r: (r[0] if space == SPACE_GPA else r[2]) + o))
+        lambda r: st.integers(0, r[1]).map(lambda o, r=r: (r[0] if space == SPACE_GPA else r[2]) + o)
+    )
     return st.one_of(near, inside, st.integers(0, (1 << 64) - 1), st.integers(1 << 62, (1 << 64) - 1))
 
 
-lengths = st.one_of(st.integers(0, 64), st.sampled_from([8 * KiB - 1, 8 * KiB, 8 * KiB + 1, 12 * KiB, 16 * KiB,
-                                                         64 * KiB, 64 * KiB + 1]),
-                    st.integers(0, 1 << 17), st.integers(0, (1 << 64) - 1),
-                    st.sampled_from([ADDR_LIMIT - 1, ADDR_LIMIT, (1 << 63) - 1]))
+lengths = st.one_of(
+    st.integers(0, 64),
+    st.sampled_from([8 * KiB - 1, 8 * KiB, 8 * KiB + 1, 12 * KiB, 16 * KiB, 64 * KiB, 64 * KiB + 1]),
+    st.integers(0, 1 << 17),
+    st.integers(0, (1 << 64) - 1),
+    st.sampled_from([ADDR_LIMIT - 1, ADDR_LIMIT, (1 << 63) - 1]),
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -165,9 +170,9 @@ def test_view_writes_reach_the_fd(mapped):
                 del v
         # the byte before the region in the file is not part of it
         first = mem.view(SPACE_GPA, r.guest_phys_addr, 1)
-        os.pwrite(fd, b"\xAA", r.mmap_offset - 1)
+        os.pwrite(fd, b"\xaa", r.mmap_offset - 1)
         first[0] = 0x55
-        assert os.pread(fd, 1, r.mmap_offset - 1) == b"\xAA"
+        assert os.pread(fd, 1, r.mmap_offset - 1) == b"\xaa"
         del first
 
 
@@ -215,10 +220,12 @@ def test_remove_unknown_region():
         mem.set_table(regions, fds)
         g = mem.generation
         r = regions[0]
-        for bad in (MemRegion(r.guest_phys_addr + 8, r.memory_size, r.userspace_addr, r.mmap_offset),
-                    MemRegion(r.guest_phys_addr, r.memory_size - 8, r.userspace_addr, r.mmap_offset),
-                    MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr + 8, r.mmap_offset),
-                    MemRegion(0x9000_0000, 4096, 0x9000_0000, 0)):
+        for bad in (
+            MemRegion(r.guest_phys_addr + 8, r.memory_size, r.userspace_addr, r.mmap_offset),
+            MemRegion(r.guest_phys_addr, r.memory_size - 8, r.userspace_addr, r.mmap_offset),
+            MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr + 8, r.mmap_offset),
+            MemRegion(0x9000_0000, 4096, 0x9000_0000, 0),
+        ):
             with pytest.raises(MemoryError_):
                 mem.remove_region(bad)
         assert mem.generation == g and mem.nregions == 1
@@ -280,12 +287,15 @@ def test_non_regular_fds_rejected():
             os.close(fd)
 
 
-@pytest.mark.parametrize("bad", [
-    MemRegion(0x1000_0000, 0, 0x7000_0000, 0),                 # empty
-    MemRegion(0x1000_0004, 4096, 0x7000_0000, 0),              # misaligned
-    MemRegion(ADDR_LIMIT, 4096, 0x7000_0000, 0),               # gpa out of range
-    MemRegion(0x1000_0000, 4096, 1 << 63, 0),                  # uva out of range
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        MemRegion(0x1000_0000, 0, 0x7000_0000, 0),  # empty
+        MemRegion(0x1000_0004, 4096, 0x7000_0000, 0),  # misaligned
+        MemRegion(ADDR_LIMIT, 4096, 0x7000_0000, 0),  # gpa out of range
+        MemRegion(0x1000_0000, 4096, 1 << 63, 0),  # uva out of range
+    ],
+)
 def test_bad_region_values_rejected(bad):
     fd = make_fd(8192)
     mem = GuestMemory(arena_size=1 << 30)
@@ -355,7 +365,7 @@ def test_failed_unmap_keeps_the_placement_reserved(monkeypatch, caplog):
         assert mem.unmap(r) is False
         assert any("failed" in m.getMessage() and "stays" in m.getMessage() for m in caplog.records)
         assert r.offset in mem.arena.placements and r.offset in mem.arena.stuck
-        assert bytes(mem.arena.view[r.offset:r.offset + 64]) == b"\x5a" * 64  # still the old file, still mapped
+        assert bytes(mem.arena.view[r.offset : r.offset + 64]) == b"\x5a" * 64  # still the old file, still mapped
         monkeypatch.setattr(memory, "_reserve", real)
         mem.add_region(other, fd2)
         placed = mem.regions[0].offset

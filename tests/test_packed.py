@@ -17,13 +17,18 @@ import pytest
 
 from pyvhost.devices.base import VIRTIO_F_RING_PACKED
 from pyvhost.errors import QueueError as E
-from pyvhost.frontend import D_BYTES, D_LIMIT, Frontend, FrontendError
-from pyvhost.frontend_packed import D_AVAIL_IDX, D_AVAIL_WRAP, D_DONE, PackedDriverRing, drive_rx, drive_tx
-from pyvhost.protocol import ADDR_LIMIT, U64, VRING_STATE, Request as R
-from pyvhost.ring.packed import VRING_PACKED_DESC_F_AVAIL as AV, VRING_PACKED_DESC_F_USED as US, encode_base
-from pyvhost.ring.split import (Q_AVAIL_WRAP, Q_DIRECT, Q_LAST_AVAIL, Q_USED_IDX, Q_USED_WRAP,
-                                VRING_DESC_F_INDIRECT as INDIRECT, VRING_DESC_F_NEXT as NEXT,
-                                VRING_DESC_F_WRITE as WRITE)
+from pyvhost.frontend.net import Frontend, FrontendError
+from pyvhost.frontend.packed import D_AVAIL_IDX, D_AVAIL_WRAP, D_DONE, PackedDriverRing, drive_rx, drive_tx
+from pyvhost.frontend.split import D_BYTES, D_LIMIT
+from pyvhost.protocol import ADDR_LIMIT, U64, VRING_STATE
+from pyvhost.protocol import Request as R
+from pyvhost.ring.packed import VRING_PACKED_DESC_F_AVAIL as AV
+from pyvhost.ring.packed import VRING_PACKED_DESC_F_USED as US
+from pyvhost.ring.packed import encode_base
+from pyvhost.ring.split import VRING_DESC_F_INDIRECT as INDIRECT
+from pyvhost.ring.split import VRING_DESC_F_NEXT as NEXT
+from pyvhost.ring.split import VRING_DESC_F_WRITE as WRITE
+from pyvhost.ring.state import Q_AVAIL_WRAP, Q_DIRECT, Q_LAST_AVAIL, Q_USED_IDX, Q_USED_WRAP
 
 from .conftest import needs_dpdk
 
@@ -39,7 +44,7 @@ GOOD = 3
 def compiled():
     """Compile (or load) the kernels first: a test that runs traffic for a time must not spend it compiling."""
     from pyvhost.devices.net import warm_up as warm_up_device
-    from pyvhost.frontend import warm_up as warm_up_driver
+    from pyvhost.frontend.net import warm_up as warm_up_driver
 
     warm_up_device()
     warm_up_driver()
@@ -89,7 +94,7 @@ def test_source_counts_exactly(serve, sock_path, metadata):
 def test_source_mergeable_rx_buffers(serve, sock_path, metadata):
     """A 3000-byte frame spans two 2048-byte buffers: two used descriptors, num_buffers = 2."""
     from pyvhost.devices.net import make_frame
-    from pyvhost.frontend import BUF_SIZE
+    from pyvhost.frontend.ram import BUF_SIZE
 
     serve("source", metadata, count=10, pkt_size=3000)
     with Frontend(sock_path, packed=True) as fe:
@@ -98,11 +103,13 @@ def test_source_mergeable_rx_buffers(serve, sock_path, metadata):
         ring = fe.rings[0]
         frame = make_frame(3000)
         for k in range(10):
-            (id1, len1), (id2, len2) = ((int(ring.desc[2 * p + 1] >> np.uint64(32)) & 0xFFFF,
-                                         int(ring.desc[2 * p + 1]) & 0xFFFFFFFF) for p in (2 * k, 2 * k + 1))
+            (id1, len1), (id2, len2) = (
+                (int(ring.desc[2 * p + 1] >> np.uint64(32)) & 0xFFFF, int(ring.desc[2 * p + 1]) & 0xFFFFFFFF)
+                for p in (2 * k, 2 * k + 1)
+            )
             assert (len1, len2) == (BUF_SIZE, 3000 + 12 - BUF_SIZE)
-            b1 = fe.ram.buf[ring.bufs_off + id1 * BUF_SIZE:][:len1]
-            b2 = fe.ram.buf[ring.bufs_off + id2 * BUF_SIZE:][:len2]
+            b1 = fe.ram.buf[ring.bufs_off + id1 * BUF_SIZE :][:len1]
+            b2 = fe.ram.buf[ring.bufs_off + id2 * BUF_SIZE :][:len2]
             assert int(b1[10]) | int(b1[11]) << 8 == 2
             assert np.array_equal(np.concatenate([b1[12:], b2]), frame)
 
@@ -167,8 +174,9 @@ def test_ring_restart_from_base(serve, sock_path, metadata, half):
     assert stats[1]["packets"] == 2234 and stats[1]["error"] == 0  # cumulative over the restart
 
 
-@pytest.mark.parametrize("bad", [encode_base(100, 1, 0, 1), encode_base(0, 1, 100, 1), encode_base(5, 1, 10, 1),
-                                 encode_base(50, 0, 49, 1)])
+@pytest.mark.parametrize(
+    "bad", [encode_base(100, 1, 0, 1), encode_base(0, 1, 100, 1), encode_base(5, 1, 10, 1), encode_base(50, 0, 49, 1)]
+)
 def test_bad_base_refused(serve, sock_path, errors, bad):
     """Positions beyond the ring, or an avail cursor more than a ring ahead of the used one (or behind it)."""
     serve("sink", "direct")
@@ -233,8 +241,12 @@ class Guest:
             os.eventfd_write(self.ring.kick_fd, 1)
 
     def good(self, n: int = GOOD) -> None:
-        self.post([(self.buf(self.pos + k), FRAME_LEN if not self.dir else 2048, (self.pos + k) % self.size, 0)
-                   for k in range(n)])
+        self.post(
+            [
+                (self.buf(self.pos + k), FRAME_LEN if not self.dir else 2048, (self.pos + k) % self.size, 0)
+                for k in range(n)
+            ]
+        )
 
     def used(self, n: int = GOOD) -> list[int]:
         """Buffer ids of the used descriptors among the first ``n`` positions (first lap, one descriptor each)."""
@@ -248,7 +260,7 @@ class Guest:
 
     def rest(self) -> bytes:
         """The descriptor ring from position GOOD on."""
-        return self.fe.ram.buf[self.ring.desc_off + 16 * GOOD:self.ring.desc_off + 16 * self.size].tobytes()
+        return self.fe.ram.buf[self.ring.desc_off + 16 * GOOD : self.ring.desc_off + 16 * self.size].tobytes()
 
     def wait_err(self) -> int:
         ready, _, _ = select.select([self.err_fd], [], [], TIMEOUT)
@@ -276,29 +288,41 @@ CASES = {
     "head used in this lap": (lambda g: g.post([(g.buf(3), 16, 3, g.dir | AV | US)], raw=True), E.PACKED_BAD_WRAP),
     "chain into a descriptor not made available": (
         lambda g: g.post([(g.buf(3), 16, 3, g.dir | NEXT | AV), (g.buf(4), 16, 4, g.dir)], raw=True),
-        E.PACKED_BAD_WRAP),
+        E.PACKED_BAD_WRAP,
+    ),
     "chain into a used descriptor": (
         lambda g: g.post([(g.buf(3), 16, 3, g.dir | NEXT | AV), (g.buf(4), 16, 4, g.dir | AV | US)], raw=True),
-        E.PACKED_BAD_WRAP),
+        E.PACKED_BAD_WRAP,
+    ),
     "buffer id == size": (lambda g: g.post([(g.buf(3), FRAME_LEN, QSIZE, 0)]), E.PACKED_BAD_ID),
     "buffer id 0xffff in the last descriptor": (
-        lambda g: g.post([(g.buf(3), 16, 3, NEXT), (g.buf(4), 64, 0xFFFF, 0)]), E.PACKED_BAD_ID),
+        lambda g: g.post([(g.buf(3), 16, 3, NEXT), (g.buf(4), 64, 0xFFFF, 0)]),
+        E.PACKED_BAD_ID,
+    ),
     "chain over the ring size": (_whole_ring, E.CHAIN_TOO_LONG),
-    "indirect with next": (lambda g: g.post([(_table(g, [(g.buf(9), 64, 0, g.dir)]), 16, 3, INDIRECT | NEXT)]),
-                           E.INDIRECT_WITH_NEXT),
+    "indirect with next": (
+        lambda g: g.post([(_table(g, [(g.buf(9), 64, 0, g.dir)]), 16, 3, INDIRECT | NEXT)]),
+        E.INDIRECT_WITH_NEXT,
+    ),
     "indirect after a chained descriptor": (
         lambda g: g.post([(g.buf(3), 16, 3, NEXT), (_table(g, [(g.buf(9), 64, 0, g.dir)]), 16, 4, INDIRECT)]),
-        E.PACKED_INDIRECT_IN_CHAIN),
-    "indirect length 24": (lambda g: g.post([(_table(g, [(g.buf(9), 64, 0, g.dir)] * 2), 24, 3, INDIRECT)]),
-                           E.INDIRECT_BAD_SIZE),
-    "nested indirect": (lambda g: g.post([(_table(g, [(g.buf(9), 64, 0, g.dir | INDIRECT)]), 16, 3, INDIRECT)]),
-                        E.INDIRECT_NESTED),
-    "indirect table past guest memory": (lambda g: g.post([(g.fe.ram.gpa(RAM), 16, 3, INDIRECT)]),
-                                         E.INDIRECT_UNMAPPED),
+        E.PACKED_INDIRECT_IN_CHAIN,
+    ),
+    "indirect length 24": (
+        lambda g: g.post([(_table(g, [(g.buf(9), 64, 0, g.dir)] * 2), 24, 3, INDIRECT)]),
+        E.INDIRECT_BAD_SIZE,
+    ),
+    "nested indirect": (
+        lambda g: g.post([(_table(g, [(g.buf(9), 64, 0, g.dir | INDIRECT)]), 16, 3, INDIRECT)]),
+        E.INDIRECT_NESTED,
+    ),
+    "indirect table past guest memory": (lambda g: g.post([(g.fe.ram.gpa(RAM), 16, 3, INDIRECT)]), E.INDIRECT_UNMAPPED),
     "zero length": (lambda g: g.post([(g.buf(3), 0, 3, 0)]), E.ZERO_LENGTH),
     "buffer at 2**62": (lambda g: g.post([(ADDR_LIMIT, 64, 3, 0)]), E.BAD_ADDRESS),
-    "wrong direction": (lambda g: g.post([(g.buf(3), 2048, 3, AV | (0 if g.dir else WRITE))], raw=True),
-                        E.BAD_DIRECTION),
+    "wrong direction": (
+        lambda g: g.post([(g.buf(3), 2048, 3, AV | (0 if g.dir else WRITE))], raw=True),
+        E.BAD_DIRECTION,
+    ),
 }
 
 
@@ -324,8 +348,9 @@ def test_bad_packed_ring_breaks_only_its_queue(serve, sock_path, errors, metadat
             assert g.wait_err() == 1
             lines = [e for e in errors() if e.startswith(f"vring {index} broken")]
             assert len(lines) == 1, errors()
-            assert re.match(rf"vring {index} broken: {expect.name}: {re.escape(expect.text)} \(value 0x[0-9a-f]+\)$",
-                            lines[0]), lines[0]
+            assert re.match(
+                rf"vring {index} broken: {expect.name}: {re.escape(expect.text)} \(value 0x[0-9a-f]+\)$", lines[0]
+            ), lines[0]
             assert g.rest() == written  # nothing of the bad chain completed
             if build is not _whole_ring:  # (which reuses the positions of the good chains' used descriptors)
                 assert g.used() == list(range(GOOD))
@@ -357,7 +382,8 @@ PACKED_VDEV = ",packed_vq=1"
 @pytest.mark.dpdk
 @pytest.mark.parametrize("metadata", PATHS)
 def test_testpmd_packed_txonly_to_pyvhost_sink(tmp_path, metadata):
-    from .test_dpdk import finish, run_virtio_user, serve as serve_proc
+    from .test_dpdk import finish, run_virtio_user
+    from .test_dpdk import serve as serve_proc
 
     proc, sock, stats = serve_proc(tmp_path, "sink", metadata)
     res = run_virtio_user(tmp_path, sock, "txonly", 2.0, vdev_args=PACKED_VDEV)
@@ -373,7 +399,8 @@ def test_testpmd_packed_txonly_to_pyvhost_sink(tmp_path, metadata):
 @pytest.mark.dpdk
 @pytest.mark.parametrize("metadata", PATHS)
 def test_pyvhost_source_to_testpmd_packed_rxonly(tmp_path, metadata):
-    from .test_dpdk import finish, run_virtio_user, serve as serve_proc
+    from .test_dpdk import finish, run_virtio_user
+    from .test_dpdk import serve as serve_proc
 
     n = 300_000
     proc, sock, stats = serve_proc(tmp_path, "source", metadata, "--count", str(n))
@@ -388,7 +415,8 @@ def test_pyvhost_source_to_testpmd_packed_rxonly(tmp_path, metadata):
 @pytest.mark.dpdk
 @pytest.mark.parametrize("metadata", PATHS)
 def test_testpmd_packed_io_through_pyvhost_loopback(tmp_path, metadata):
-    from .test_dpdk import QUEUE, finish, run_virtio_user, serve as serve_proc
+    from .test_dpdk import QUEUE, finish, run_virtio_user
+    from .test_dpdk import serve as serve_proc
 
     proc, sock, stats = serve_proc(tmp_path, "loopback", metadata)
     res = run_virtio_user(tmp_path, sock, "io", 2.0, vdev_args=PACKED_VDEV)
@@ -411,8 +439,9 @@ def test_pyvhost_packed_frontend_with_dpdk_vhost_pmd(tmp_path, direction):
     from .test_dpdk import QUEUE, start_testpmd
 
     sock = tmp_path / "dpdk-vhost.sock"
-    proc, log = start_testpmd(tmp_path, f"net_vhost0,iface={sock},queues=1",
-                              "rxonly" if direction == "tx" else "txonly", 0, "vhost")
+    proc, log = start_testpmd(
+        tmp_path, f"net_vhost0,iface={sock},queues=1", "rxonly" if direction == "tx" else "txonly", 0, "vhost"
+    )
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
@@ -453,13 +482,17 @@ def test_memory_and_vring_addr_changes_hammered(serve, sock_path, errors, metada
     try:
         traffic = Traffic(fe, seconds=3.0)
         traffic.wait_progress(0)
-        changes = hammer(traffic, [
-            fe.set_mem_table,
-            lambda: fe.resend_vring_addr(TX),
-            lambda: fe.add_region(EXTRA, extra_fd),
-            lambda: fe.resend_vring_addr(0),  # the idle RX ring: must not disturb TX
-            lambda: fe.rem_region(EXTRA),
-        ], seconds=2.0)
+        changes = hammer(
+            traffic,
+            [
+                fe.set_mem_table,
+                lambda: fe.resend_vring_addr(TX),
+                lambda: fe.add_region(EXTRA, extra_fd),
+                lambda: fe.resend_vring_addr(0),  # the idle RX ring: must not disturb TX
+                lambda: fe.rem_region(EXTRA),
+            ],
+            seconds=2.0,
+        )
         assert changes >= 10
         assert srv.connection.packed
         done, stats = finish(fe, traffic, srv)

@@ -19,7 +19,8 @@ import pytest
 
 from pyvhost import protocol as P
 from pyvhost.devices.base import VIRTIO_F_VERSION_1
-from pyvhost.frontend import D_DONE, Frontend
+from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.split import D_DONE
 from pyvhost.protocol import MEM_REGION, MEM_TABLE_HDR, U64, VRING_ADDR, VRING_STATE, MemRegion
 from pyvhost.protocol import ProtocolFeature as PF
 from pyvhost.protocol import Request as R
@@ -68,14 +69,17 @@ def test_pack_message_layout():
     assert P.pack_message(R.GET_FEATURES) == struct.pack("<III", 1, 1, 0)
 
 
-@pytest.mark.parametrize("request_id,payload", [
-    (R.GET_FEATURES, b""),
-    (R.SET_FEATURES, U64.pack((1 << 32) | (1 << 30))),
-    (R.SET_VRING_ADDR, VRING_ADDR.pack(1, 0, 0x1000, 0x3000, 0x2000, 0)),
-    (R.SET_CONFIG, P.CONFIG_HDR.pack(0, 6, 0) + bytes(range(6))),
-    (99, b"\x01\x02\x03"),
-    (R.SET_OWNER, bytes(P.MAX_PAYLOAD)),
-])
+@pytest.mark.parametrize(
+    "request_id,payload",
+    [
+        (R.GET_FEATURES, b""),
+        (R.SET_FEATURES, U64.pack((1 << 32) | (1 << 30))),
+        (R.SET_VRING_ADDR, VRING_ADDR.pack(1, 0, 0x1000, 0x3000, 0x2000, 0)),
+        (R.SET_CONFIG, P.CONFIG_HDR.pack(0, 6, 0) + bytes(range(6))),
+        (99, b"\x01\x02\x03"),
+        (R.SET_OWNER, bytes(P.MAX_PAYLOAD)),
+    ],
+)
 def test_round_trip(pair, request_id, payload):
     a, b = pair
     P.send_message(a, request_id, payload, flags=NEED_REPLY)
@@ -120,8 +124,7 @@ def test_recv_reply_rejects_the_wrong_reply_and_closes_its_fds(pair):
         P.recv_reply(b, R.GET_FEATURES)
     fds = pipe_fds(2)
     before = open_fds()
-    socket.send_fds(a, [P.pack_message(R.GET_STATUS, U64.pack(0), P.VHOST_USER_VERSION | P.VHOST_USER_REPLY_MASK)],
-                    fds)
+    socket.send_fds(a, [P.pack_message(R.GET_STATUS, U64.pack(0), P.VHOST_USER_VERSION | P.VHOST_USER_REPLY_MASK)], fds)
     with pytest.raises(P.ProtocolError):
         P.recv_reply(b, R.GET_FEATURES)
     assert open_fds() == before
@@ -132,7 +135,7 @@ def test_typed_payload_views():
     regions = [MemRegion(0x4000_0000, 1 << 20, 0x7F00_0000_0000, 0), MemRegion(0, 4096, 0x1000, 8192)]
     msg = P.Message(R.SET_MEM_TABLE, 1, MEM_TABLE_HDR.pack(2, 0) + b"".join(r.pack() for r in regions), [10, 11])
     assert msg.mem_table() == regions
-    assert P.Message(R.SET_FEATURES, 1, U64.pack(2 ** 64 - 1)).u64() == 2 ** 64 - 1
+    assert P.Message(R.SET_FEATURES, 1, U64.pack(2**64 - 1)).u64() == 2**64 - 1
     assert P.Message(R.SET_VRING_NUM, 1, VRING_STATE.pack(3, 1024)).vring_state() == (3, 1024)
     addr = P.Message(R.SET_VRING_ADDR, 1, VRING_ADDR.pack(1, 0, 16, 32, 48, 64)).vring_addr()
     assert (addr.index, addr.desc, addr.used, addr.avail, addr.log) == (1, 16, 32, 48, 64)
@@ -144,18 +147,21 @@ def test_typed_payload_views():
     assert P.Message(R.SET_OWNER, 1, b"").name == "SET_OWNER"
 
 
-@pytest.mark.parametrize("view,payload", [
-    ("u64", b"\x00" * 7),
-    ("vring_state", b"\x00" * 7),
-    ("vring_addr", b"\x00" * (VRING_ADDR.size - 1)),
-    ("mem_table", b"\x00" * 7),
-    ("mem_table", MEM_TABLE_HDR.pack(2, 0) + bytes(MEM_REGION.size)),  # 2 regions announced, 1 present
-    ("mem_table", MEM_TABLE_HDR.pack(9, 0) + bytes(9 * MEM_REGION.size)),  # over the baseline of 8
-    ("single_region", bytes(P.SINGLE_REGION_HDR.size + MEM_REGION.size - 1)),
-    ("config", bytes(11)),
-    ("config", P.CONFIG_HDR.pack(0, 257, 0) + bytes(257)),
-    ("config", P.CONFIG_HDR.pack(257, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "view,payload",
+    [
+        ("u64", b"\x00" * 7),
+        ("vring_state", b"\x00" * 7),
+        ("vring_addr", b"\x00" * (VRING_ADDR.size - 1)),
+        ("mem_table", b"\x00" * 7),
+        ("mem_table", MEM_TABLE_HDR.pack(2, 0) + bytes(MEM_REGION.size)),  # 2 regions announced, 1 present
+        ("mem_table", MEM_TABLE_HDR.pack(9, 0) + bytes(9 * MEM_REGION.size)),  # over the baseline of 8
+        ("single_region", bytes(P.SINGLE_REGION_HDR.size + MEM_REGION.size - 1)),
+        ("config", bytes(11)),
+        ("config", P.CONFIG_HDR.pack(0, 257, 0) + bytes(257)),
+        ("config", P.CONFIG_HDR.pack(257, 0, 0)),
+    ],
+)
 def test_typed_views_reject_short_or_oversized_payloads(view, payload):
     with pytest.raises(P.ProtocolError):
         getattr(P.Message(R.SET_MEM_TABLE, 1, payload), view)()
@@ -224,8 +230,8 @@ def test_more_than_max_fds_rejected_and_all_closed(pair):
     before = open_fds()
     payload = MEM_TABLE_HDR.pack(1, 0) + bytes(MEM_REGION.size)
     data = P.HEADER.pack(R.SET_MEM_TABLE, 1, len(payload))
-    socket.send_fds(a, [data], fds[:P.MAX_FDS])    # the header carries 8 fds...
-    socket.send_fds(a, [payload], fds[P.MAX_FDS:])  # ...and the payload one more
+    socket.send_fds(a, [data], fds[: P.MAX_FDS])  # the header carries 8 fds...
+    socket.send_fds(a, [payload], fds[P.MAX_FDS :])  # ...and the payload one more
     with pytest.raises(P.ProtocolError, match="at most 8"):
         P.recv_message(b)
     assert open_fds() == before
@@ -275,8 +281,12 @@ def test_peer_closing_mid_message(pair, sent):
     fds = pipe_fds(2)
     before = open_fds()
     whole = P.pack_message(R.SET_VRING_ADDR, VRING_ADDR.pack(0, 0, 0, 0, 0, 0))
-    part = {"nothing": b"", "half a header": whole[:6], "a header": whole[:P.HEADER_SIZE],
-            "header and half the payload": whole[:P.HEADER_SIZE + 20]}[sent]
+    part = {
+        "nothing": b"",
+        "half a header": whole[:6],
+        "a header": whole[: P.HEADER_SIZE],
+        "header and half the payload": whole[: P.HEADER_SIZE + 20],
+    }[sent]
     if part:
         socket.send_fds(a, [part], fds)
     a.shutdown(socket.SHUT_WR)
@@ -395,14 +405,23 @@ def _unknown(fe, f):
 
 def _region(fe, **kw):
     r = fe.ram.region()
-    return MemRegion(kw.get("gpa", r.guest_phys_addr), kw.get("size", r.memory_size),
-                     kw.get("uva", r.userspace_addr), kw.get("off", r.mmap_offset))
+    return MemRegion(
+        kw.get("gpa", r.guest_phys_addr),
+        kw.get("size", r.memory_size),
+        kw.get("uva", r.userspace_addr),
+        kw.get("off", r.mmap_offset),
+    )
 
 
 def _mem_fd_kind(kind):
     def case(fe, f):
-        fails(fe, R.SET_MEM_TABLE, mem_table(fe.ram.region()), getattr(f, kind)() if kind != "readonly_file"
-              else f.readonly_file(RAM))
+        fails(
+            fe,
+            R.SET_MEM_TABLE,
+            mem_table(fe.ram.region()),
+            getattr(f, kind)() if kind != "readonly_file" else f.readonly_file(RAM),
+        )
+
     return case
 
 
@@ -414,8 +433,9 @@ def _mem_too_big(fe, f):
 def _mem_overlap(fe, f):
     half = RAM // 2
     a = _region(fe, size=half)
-    both = _region(fe, gpa=a.guest_phys_addr + half - 4096, uva=a.userspace_addr + half - 4096, size=half,
-                   off=half - 4096)
+    both = _region(
+        fe, gpa=a.guest_phys_addr + half - 4096, uva=a.userspace_addr + half - 4096, size=half, off=half - 4096
+    )
     gpa_only = _region(fe, gpa=a.guest_phys_addr + 4096, uva=a.userspace_addr + half, size=half, off=half)
     uva_only = _region(fe, gpa=a.guest_phys_addr + 2 * RAM, uva=a.userspace_addr, size=half, off=half)
     for b in (both, gpa_only, uva_only, a):
@@ -423,8 +443,10 @@ def _mem_overlap(fe, f):
 
 
 def _mem_too_many(fe, f):
-    regions = [_region(fe, gpa=fe.ram.gpa_base + i * 4096, uva=fe.ram.uva_base + i * 4096, size=4096,
-                       off=i * 4096) for i in range(9)]
+    regions = [
+        _region(fe, gpa=fe.ram.gpa_base + i * 4096, uva=fe.ram.uva_base + i * 4096, size=4096, off=i * 4096)
+        for i in range(9)
+    ]
     fails(fe, R.SET_MEM_TABLE, mem_table(*regions), f.dup(fe.ram.fd))
     fails(fe, R.SET_MEM_TABLE, mem_table(*regions), [f.dup(fe.ram.fd)[0] for _ in range(8)])
 
@@ -439,9 +461,17 @@ def _mem_fd_count(fe, f):
 
 
 def _mem_high(fe, f):
-    for kw in ({"gpa": P.ADDR_LIMIT}, {"uva": P.ADDR_LIMIT}, {"size": P.ADDR_LIMIT}, {"off": P.ADDR_LIMIT},
-               {"gpa": 2 ** 64 - 4096}, {"uva": 2 ** 64 - 4096}, {"size": 2 ** 64 - 1}, {"off": 2 ** 64 - 4096},
-               {"size": 0}):
+    for kw in (
+        {"gpa": P.ADDR_LIMIT},
+        {"uva": P.ADDR_LIMIT},
+        {"size": P.ADDR_LIMIT},
+        {"off": P.ADDR_LIMIT},
+        {"gpa": 2**64 - 4096},
+        {"uva": 2**64 - 4096},
+        {"size": 2**64 - 1},
+        {"off": 2**64 - 4096},
+        {"size": 0},
+    ):
         fails(fe, R.SET_MEM_TABLE, mem_table(_region(fe, **kw)), f.dup(fe.ram.fd))
 
 
@@ -466,7 +496,7 @@ def _mem_table_running(fe, f):
 
 
 def _vring_num(fe, f):
-    for num in (0, 3, 100, 65536, 2 ** 32 - 1):
+    for num in (0, 3, 100, 65536, 2**32 - 1):
         fails(fe, R.SET_VRING_NUM, VRING_STATE.pack(0, num))
 
 
@@ -476,7 +506,7 @@ def _vring_num_running(fe, f):
 
 
 def _index_out_of_range(fe, f):
-    for index in (2, 255, 2 ** 32 - 1):
+    for index in (2, 255, 2**32 - 1):
         fails(fe, R.SET_VRING_NUM, VRING_STATE.pack(index, 256))
         fails(fe, R.SET_VRING_BASE, VRING_STATE.pack(index, 0))
         fails(fe, R.SET_VRING_ADDR, VRING_ADDR.pack(index, 0, 0x1000, 0x2000, 0x3000, 0))
@@ -491,16 +521,23 @@ def _index_out_of_range(fe, f):
 
 def _addr_misaligned(fe, f):
     good = fe.rings[1].addr() if fe.rings else P.VringAddr(1, 0, 0x10000, 0x20000, 0x30000, 0)
-    for desc, used, avail in ((good.desc + 8, good.used, good.avail), (good.desc, good.used + 2, good.avail),
-                              (good.desc, good.used, good.avail + 1), (good.desc + 1, good.used + 1, good.avail + 1)):
+    for desc, used, avail in (
+        (good.desc + 8, good.used, good.avail),
+        (good.desc, good.used + 2, good.avail),
+        (good.desc, good.used, good.avail + 1),
+        (good.desc + 1, good.used + 1, good.avail + 1),
+    ):
         fails(fe, R.SET_VRING_ADDR, VRING_ADDR.pack(1, 0, desc, used, avail, 0))
 
 
 def _addr_high(fe, f):
     good = fe.rings[1].addr()
-    for bad in (P.ADDR_LIMIT, 1 << 63, 2 ** 64 - 16):
-        for desc, used, avail in ((bad, good.used, good.avail), (good.desc, bad, good.avail),
-                                  (good.desc, good.used, bad)):
+    for bad in (P.ADDR_LIMIT, 1 << 63, 2**64 - 16):
+        for desc, used, avail in (
+            (bad, good.used, good.avail),
+            (good.desc, bad, good.avail),
+            (good.desc, good.used, bad),
+        ):
             fails(fe, R.SET_VRING_ADDR, VRING_ADDR.pack(1, 0, desc, used, avail, 0))
 
 
@@ -512,7 +549,7 @@ def _base_too_big(fe, f):
 def _features_not_offered(fe, f):
     offered = U64.unpack(fe.request(R.GET_FEATURES))[0]
     fails(fe, R.SET_FEATURES, U64.pack(fe.features | (1 << 63)))
-    fails(fe, R.SET_FEATURES, U64.pack(~offered & (2 ** 64 - 1)))
+    fails(fe, R.SET_FEATURES, U64.pack(~offered & (2**64 - 1)))
     fails(fe, R.SET_PROTOCOL_FEATURES, U64.pack(fe.protocol_features | (1 << PF.PAGEFAULT)))
 
 
@@ -541,7 +578,7 @@ def _get_config_out_of_range(fe, f):
         assert len(reply.payload) == len(payload)
     # and a valid one still works
     reply = fe.request(R.GET_CONFIG, P.CONFIG_HDR.pack(0, 6, 0) + bytes(6))
-    assert reply[P.CONFIG_HDR.size:] == bytes.fromhex("020000000002")
+    assert reply[P.CONFIG_HDR.size :] == bytes.fromhex("020000000002")
 
 
 CASES = {
@@ -641,8 +678,7 @@ def test_bad_version_and_short_payload_are_refused_connection_kept(serve, sock_p
     fds = Fds()
     with connect(sock_path) as fe:
         for flags in (0, 2, 3):
-            socket.send_fds(fe.sock, [P.pack_message(R.SET_VRING_NUM, VRING_STATE.pack(0, 3), flags)],
-                            fds.eventfd())
+            socket.send_fds(fe.sock, [P.pack_message(R.SET_VRING_NUM, VRING_STATE.pack(0, 3), flags)], fds.eventfd())
         socket.send_fds(fe.sock, [P.pack_message(R.SET_VRING_KICK, b"\x00" * 4)], fds.eventfd())
         P.send_message(fe.sock, R.SET_MEM_TABLE, b"")
         # none of those asked for a reply: the next reply is GET_FEATURES's

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyvhost.frontend import D_DONE, GPA_BASE, Frontend, GuestRam, drive_rx
+from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.ram import GPA_BASE, GuestRam
+from pyvhost.frontend.split import D_DONE, drive_rx
 
 RAM = 4 << 20
 STARTUP = 300.0  # the server compiles (or loads) its kernels first
@@ -53,9 +55,25 @@ class Server:
         self.log_path = tmp / "server.log"
         ready = tmp / "ready"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyvhost", "-v", "serve", "net", "--mode", mode, "--metadata", metadata,
-             "--socket-path", self.sock, "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"))
+            [
+                sys.executable,
+                "-m",
+                "pyvhost",
+                "-v",
+                "serve",
+                "net",
+                "--mode",
+                mode,
+                "--metadata",
+                metadata,
+                "--socket-path",
+                self.sock,
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log_path, "w"),
+        )
         deadline = time.monotonic() + STARTUP
         while not ready.exists():
             assert self.proc.poll() is None, f"server exited: {self.log()}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyvhost import inflight as INF
+from pyvhost.ring import inflight as INF
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "guestkit"))
@@ -58,13 +58,41 @@ class BlkGuest(guestkit.Guest):
     def command(self, initrd: str) -> list[str]:
         chardev = f"socket,id=c0,path={self.socket_path}" + (",reconnect=1" if self.reconnect else "")
         m = self.memory_mb
-        return [guestkit.QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(m),
-                "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on", "-numa", "node,memdev=mem",
-                "-chardev", chardev, "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1,vectors=0",
-                "-kernel", str(self.kit.kernel), "-initrd", initrd,
-                "-append", f"console=ttyS0 quiet panic=-1 oops=panic {self.append}".strip(),
-                "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-monitor", "none",
-                *self.extra_args]
+        return [
+            guestkit.QEMU,
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            str(m),
+            "-object",
+            f"memory-backend-memfd,id=mem,size={m}M,share=on",
+            "-numa",
+            "node,memdev=mem",
+            "-chardev",
+            chardev,
+            "-device",
+            "vhost-user-blk-pci,chardev=c0,num-queues=1,vectors=0",
+            "-kernel",
+            str(self.kit.kernel),
+            "-initrd",
+            initrd,
+            "-append",
+            f"console=ttyS0 quiet panic=-1 oops=panic {self.append}".strip(),
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            *self.extra_args,
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +122,24 @@ class Disk:
         log = self.tmp / f"backend-{len(self.logs) + 1}.log"
         self.logs.append(log)
         ready = self.tmp / f"ready-{len(self.logs)}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyvhost", "serve", "blk", "--socket-path", self.sock,
-                                      "--file", str(self.image), "--ready-file", str(ready), *self.args],
-                                     stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pyvhost",
+                "serve",
+                "blk",
+                "--socket-path",
+                self.sock,
+                "--file",
+                str(self.image),
+                "--ready-file",
+                str(ready),
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "w"),
+        )
         deadline = time.monotonic() + 240  # a cold kernel compile may come first
         while not ready.exists():
             assert self.proc.poll() is None, f"back-end exited:\n{log.read_text()}"
@@ -178,7 +221,9 @@ def test_guest_data_reads_back_after_backend_kill9(kit, disk, tmp_path):
     reconnects and the restarted back-end resubmits them; the guest drops its cache and reads the data back:
     same checksum, in the guest and in the file."""
     d = disk("--io-threads", "1", "--io-delay-ms", "20")
-    script = PRELUDE + """
+    script = (
+        PRELUDE
+        + """
 echo "RESULT size=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/ro) serial=$(cat /sys/block/vda/serial)"
 dd if=/dev/urandom of=/tmp/a bs=1M count=16 2>/dev/null
 echo "RESULT a_md5=$(md5sum /tmp/a | cut -d' ' -f1)"
@@ -189,6 +234,7 @@ go GO1
 echo "RESULT b_md5=$(dd if=/dev/vda bs=1M count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
 ioerrs
 """
+    )
     with BlkGuest(kit, d.sock, script, reconnect=True, workdir=str(tmp_path)) as g:
         g.expect("writing", GUEST_TIMEOUT)
         assert g.results["size"] == str(IMAGE // 512) and g.results["ro"] == "0"
@@ -215,7 +261,9 @@ def test_guest_write_stream_survives_three_backend_kill9(kit, disk, tmp_path):
     and restarted; QEMU reconnects each time and the back-end resubmits what was in flight.  Every byte
     lands: the guest reads back what it wrote, the file holds it, and no I/O error reached the guest."""
     d = disk("--io-threads", "1", "--io-delay-ms", "60")
-    script = PRELUDE + """
+    script = (
+        PRELUDE
+        + """
 dd if=/dev/urandom of=/tmp/a bs=1M count=64 2>/dev/null
 echo "RESULT a_md5=$(md5sum /tmp/a | cut -d' ' -f1)"
 echo "RESULT writing=1"
@@ -225,6 +273,7 @@ echo 3 > /proc/sys/vm/drop_caches
 echo "RESULT b_md5=$(dd if=/dev/vda bs=1M count=64 2>/dev/null | md5sum | cut -d' ' -f1)"
 ioerrs
 """.replace("$(now)", "1")
+    )
     with BlkGuest(kit, d.sock, script, reconnect=True, workdir=str(tmp_path)) as g:
         g.expect("writing", GUEST_TIMEOUT)
         kills = 0

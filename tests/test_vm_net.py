@@ -106,10 +106,25 @@ class Net:
         ready = self.tmp / f"ready-{self.runs}"
         self.stats_file = self.tmp / f"stats-{self.runs}.json"
         self.log = self.tmp / f"backend-{self.runs}.log"
-        self.backend = self.ns.popen(sys.executable, "-m", "pyvhost", "-v", "serve", "net", "--socket-path",
-                                     self.sock, "--tap", TAP, "--ready-file", str(ready), "--stats-json",
-                                     str(self.stats_file), *args, stdout=open(self.log, "w"),
-                                     stderr=subprocess.STDOUT)
+        self.backend = self.ns.popen(
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "-v",
+            "serve",
+            "net",
+            "--socket-path",
+            self.sock,
+            "--tap",
+            TAP,
+            "--ready-file",
+            str(ready),
+            "--stats-json",
+            str(self.stats_file),
+            *args,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 240  # a cold kernel compile may come first
         while not ready.exists():
             assert self.backend.poll() is None, f"back-end exited:\n{self.log.read_text()}"
@@ -125,7 +140,7 @@ class Net:
         except subprocess.TimeoutExpired:
             self.backend.kill()
             self.backend.wait()
-            raise AssertionError(f"back-end ignored SIGTERM:\n{self.log.read_text()[-3000:]}")
+            raise AssertionError(f"back-end ignored SIGTERM:\n{self.log.read_text()[-3000:]}") from None
         self.backend = None
         stats = json.loads(self.stats_file.read_text())
         self.stats.append(stats)
@@ -143,7 +158,10 @@ class Net:
 
     def go(self, word: str = "go") -> None:
         """Unblock the guest's wait_go (the connection itself crosses the virtio-net device)."""
-        self.ns.run(sys.executable, "-c", f"""
+        self.ns.run(
+            sys.executable,
+            "-c",
+            f"""
 import socket, time
 for i in range(100):
     try:
@@ -153,7 +171,9 @@ for i in range(100):
 else:
     raise SystemExit("guest port 5000 unreachable")
 s.sendall(b"{word}\\n"); s.close()
-""", timeout=60)
+""",
+            timeout=60,
+        )
 
     def sniffer(self) -> subprocess.Popen:
         """Count the frames crossing the tap (netpeer.py sniff) until :meth:`sniffed`."""
@@ -173,15 +193,32 @@ s.sendall(b"{word}\\n"); s.close()
         return self.log.read_text()
 
     def receiver(self, port: int) -> subprocess.Popen:
-        p = self.ns.popen(sys.executable, NETPEER, "recv", str(port), "--timeout", str(GUEST_TIMEOUT),
-                          stdout=subprocess.PIPE, text=True)
+        p = self.ns.popen(
+            sys.executable,
+            NETPEER,
+            "recv",
+            str(port),
+            "--timeout",
+            str(GUEST_TIMEOUT),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout is not None
         assert json.loads(p.stdout.readline()) == {"listening": port}
         return p
 
     def send_to_guest(self, port: int, size: int) -> dict:
-        r = self.ns.run(sys.executable, NETPEER, "send", GUEST_IP, str(port), str(size), "--timeout",
-                        str(GUEST_TIMEOUT), timeout=GUEST_TIMEOUT)
+        r = self.ns.run(
+            sys.executable,
+            NETPEER,
+            "send",
+            GUEST_IP,
+            str(port),
+            str(size),
+            "--timeout",
+            str(GUEST_TIMEOUT),
+            timeout=GUEST_TIMEOUT,
+        )
         return json.loads(r.stdout.splitlines()[-1])
 
     def close(self) -> None:

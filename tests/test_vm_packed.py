@@ -55,10 +55,29 @@ def kit() -> guestkit.Kit:
 
 def serve(tmp: Path, mode: str, metadata: str, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     sock, stats, ready = tmp / "vhost.sock", tmp / "stats.json", tmp / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "pyvhost", "-v", "serve", "net", "--socket-path", str(sock),
-                             "--mode", mode, "--metadata", metadata, "--stats-json", str(stats),
-                             "--ready-file", str(ready), *extra],
-                            stdout=open(tmp / "backend.log", "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "-v",
+            "serve",
+            "net",
+            "--socket-path",
+            str(sock),
+            "--mode",
+            mode,
+            "--metadata",
+            metadata,
+            "--stats-json",
+            str(stats),
+            "--ready-file",
+            str(ready),
+            *extra,
+        ],
+        stdout=open(tmp / "backend.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300
     while not ready.exists():
         assert proc.poll() is None and time.monotonic() < deadline, (tmp / "backend.log").read_text()
@@ -71,8 +90,9 @@ def serve(tmp: Path, mode: str, metadata: str, *extra: str) -> tuple[subprocess.
 def test_guest_driver_on_a_packed_ring(kit, tmp_path, mode, metadata):
     proc, sock, stats_path = serve(tmp_path, mode, metadata, *(["--count", str(N)] if mode == "source" else []))
     try:
-        with guestkit.Guest(kit, str(sock), SCRIPT, mac=MAC, device_opts="packed=on",
-                            workdir=str(tmp_path)) as g:  # entering starts the guest
+        with guestkit.Guest(
+            kit, str(sock), SCRIPT, mac=MAC, device_opts="packed=on", workdir=str(tmp_path)
+        ) as g:  # entering starts the guest
             res = g.wait(240)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -58,8 +58,12 @@ def cmd_messages(args: argparse.Namespace) -> int:
     for i, metadata in enumerate(metadatas):
         n = args.count // len(metadatas) + (args.count % len(metadatas) if i == 0 else 0)
         try:
-            out = fuzz_messages.run_campaign(n, seed=args.seed + i, metadata=metadata,
-                                             log=(lambda m: print(m, file=sys.stderr)) if args.verbose else None)
+            out = fuzz_messages.run_campaign(
+                n,
+                seed=args.seed + i,
+                metadata=metadata,
+                log=(lambda m: print(m, file=sys.stderr)) if args.verbose else None,
+            )
         except fuzz_messages.ModelError as e:
             print(json.dumps({"finding": str(e)}))
             return 1
@@ -76,8 +80,7 @@ def cmd_atheris(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_all(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    ring = argparse.Namespace(states=args.states, layout="both", seed=args.seed, sample=args.sample,
-                              replay_seed=None)
+    ring = argparse.Namespace(states=args.states, layout="both", seed=args.seed, sample=args.sample, replay_seed=None)
     rc = cmd_ring(ring)
     if rc == 0:
         rc = cmd_messages(argparse.Namespace(count=args.messages, seed=args.seed, metadata="both", verbose=False))
@@ -86,8 +89,9 @@ def cmd_all(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/fuzz.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tools/fuzz.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     ring = sub.add_parser("ring", help="compiled ring-state fuzzer")
     ring.add_argument("--states", type=int, default=1_000_000)
@@ -100,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     msgs.add_argument("--seed", type=int, default=1)
     msgs.add_argument("--metadata", choices=["direct", "copy", "both"], default="both")
     msgs.add_argument("-v", "--verbose", action="store_true")
-    sub.add_parser("parser", help="atheris: vhost-user message parser and handlers (libFuzzer options follow)",
-                   add_help=False)
+    sub.add_parser(
+        "parser", help="atheris: vhost-user message parser and handlers (libFuzzer options follow)", add_help=False
+    )
     sub.add_parser("chain", help="atheris: descriptor chain walker (libFuzzer options follow)", add_help=False)
     every = sub.add_parser("all", help="the CI campaign")
     every.add_argument("--states", type=int, default=1_000_000)

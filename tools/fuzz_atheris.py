@@ -69,12 +69,12 @@ def _fds() -> int:
 class ParserHarness:
     def __init__(self) -> None:
         import pyvhost.backend
-        import pyvhost.inflight
+        import pyvhost.ring.inflight
         from pyvhost.access import Metadata
         from pyvhost.backend import Connection
         from pyvhost.devices.net import NetDevice
 
-        for mod in (P, pyvhost.backend, pyvhost.inflight):
+        for mod in (P, pyvhost.backend, pyvhost.ring.inflight):
             instrument_module(mod)
 
         self.Connection, self.NetDevice, self.Metadata = Connection, NetDevice, Metadata
@@ -163,14 +163,22 @@ class ParserHarness:
 class ChainHarness:
     def __init__(self) -> None:
         import fuzz_ring as F
-        from pyvhost.chain import walk_chain
+
         from pyvhost.ring import packed as PK
-        from pyvhost.ring.split import (Q_AVAIL_WRAP, Q_DESC, Q_DIRECT, Q_FIELDS, Q_LAST_AVAIL, Q_MASK, Q_PACKED,
-                                        Q_SIZE)
+        from pyvhost.ring.chain import walk_chain
+        from pyvhost.ring.state import Q_AVAIL_WRAP, Q_DESC, Q_DIRECT, Q_FIELDS, Q_LAST_AVAIL, Q_MASK, Q_PACKED, Q_SIZE
 
         self.F, self.PK = F, PK
-        self.Q = dict(Q_DESC=Q_DESC, Q_DIRECT=Q_DIRECT, Q_FIELDS=Q_FIELDS, Q_SIZE=Q_SIZE, Q_MASK=Q_MASK,
-                      Q_PACKED=Q_PACKED, Q_LAST_AVAIL=Q_LAST_AVAIL, Q_AVAIL_WRAP=Q_AVAIL_WRAP)
+        self.Q = dict(
+            Q_DESC=Q_DESC,
+            Q_DIRECT=Q_DIRECT,
+            Q_FIELDS=Q_FIELDS,
+            Q_SIZE=Q_SIZE,
+            Q_MASK=Q_MASK,
+            Q_PACKED=Q_PACKED,
+            Q_LAST_AVAIL=Q_LAST_AVAIL,
+            Q_AVAIL_WRAP=Q_AVAIL_WRAP,
+        )
         self.env = F.RingFuzzEnv()
         self.walk_c = walk_chain
         self.walk_pc = PK.walk_packed
@@ -198,7 +206,7 @@ class ChainHarness:
         def addr() -> int:
             k = fdp.ConsumeIntInRange(0, 7)
             if k == 7:
-                return fdp.ConsumeInt(8) & (2 ** 64 - 1)
+                return fdp.ConsumeInt(8) & (2**64 - 1)
             r = k % 3
             return bases[r] + fdp.ConsumeIntInRange(-64, sizes[r] + 64)
 
@@ -212,10 +220,13 @@ class ChainHarness:
             else:
                 small = fdp.ConsumeIntInRange(0, 7)
                 mid = fdp.ConsumeIntInRange(0, n + 2) if small else fdp.ConsumeIntInRange(0, 0xFFFF)
-            word = (length & 0xFFFFFFFF) | (mid & 0xFFFF) << 32 | (flags & 0xFFFF) << 48 if packed else \
-                (length & 0xFFFFFFFF) | (flags & 0xFFFF) << 32 | (mid & 0xFFFF) << 48
-            ram[off:off + 8] = np.frombuffer(int(a & (2 ** 64 - 1)).to_bytes(8, "little"), np.uint8)
-            ram[off + 8:off + 16] = np.frombuffer(int(word).to_bytes(8, "little"), np.uint8)
+            word = (
+                (length & 0xFFFFFFFF) | (mid & 0xFFFF) << 32 | (flags & 0xFFFF) << 48
+                if packed
+                else (length & 0xFFFFFFFF) | (flags & 0xFFFF) << 32 | (mid & 0xFFFF) << 48
+            )
+            ram[off : off + 8] = np.frombuffer(int(a & (2**64 - 1)).to_bytes(8, "little"), np.uint8)
+            ram[off + 8 : off + 16] = np.frombuffer(int(word).to_bytes(8, "little"), np.uint8)
 
         for i in range(n):
             desc(d_off + 16 * i, False)
@@ -232,7 +243,7 @@ class ChainHarness:
             q[Q["Q_DESC"]] = int(lay[F.L_UVA]) + d_off
             q[Q["Q_DIRECT"]] = 1 if direct else 0
             off = env.mem.translate(1, int(lay[F.L_UVA]) + d_off, 16 * n)
-            dview = env.mem.arena.view[off:off + 16 * n].view(np.uint64) if direct else np.zeros(0, np.uint64)
+            dview = env.mem.arena.view[off : off + 16 * n].view(np.uint64) if direct else np.zeros(0, np.uint64)
             sg = np.zeros((n + 1024, 2), np.int64)
             arena, table = env.mem.arena.view, env.mem.table
             if packed:
@@ -247,11 +258,12 @@ class ChainHarness:
                 walk = self.walk_py if fn == "py" else self.walk_c
                 r = walk(q, dview, arena, table, head, sg, want)
             r = tuple(int(x) for x in r)
-            results.append((r, int(q[10]), tuple(map(tuple, sg[:max(r[1], 0)].tolist()))))
+            results.append((r, int(q[10]), tuple(map(tuple, sg[: max(r[1], 0)].tolist()))))
             if r[0] >= 0:
-                for o, ln in sg[:r[1]]:
-                    assert ln > 0 and any(ro <= o and o + ln <= ro + rs for ro, rs in env.regions), \
+                for o, ln in sg[: r[1]]:
+                    assert ln > 0 and any(ro <= o and o + ln <= ro + rs for ro, rs in env.regions), (
                         f"segment ({o}, {ln}) outside the regions"
+                    )
         assert results[0] == results[1] == results[2], f"python / compiled copy / compiled direct differ: {results}"
         assert F._canaries_ok(ram, lay)
         self.runs += 1
@@ -261,9 +273,11 @@ def _u64_words(dispatcher):
     """A compiled accessor called from Python returns a u64 as a Python int; compiled code keeps it a u64.
     Give the Python walker what the compiled one sees (else a value >= 2**63 would not fit the int64 that
     Numba types a Python int as, in the next compiled call)."""
+
     def wrapped(*args):
         r = dispatcher(*args)
         return (np.uint64(r[0]), np.uint64(r[1]), r[2]) if isinstance(r, tuple) else np.uint64(r)
+
     return wrapped
 
 

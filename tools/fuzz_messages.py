@@ -112,13 +112,21 @@ class Session:
 
     # -- fds a message can carry --------------------------------------------------------------------------
     def fd(self, kind: str) -> int:
-        return {"memfd": self.memfd, "eventfd": self.eventfds[0], "eventfd1": self.eventfds[1],
-                "eventfd2": self.eventfds[2], "eventfd3": self.eventfds[3], "pipe": self.pipe[0],
-                "socket": self.sockets[0].fileno(), "devnull": self.devnull}[kind]
+        return {
+            "memfd": self.memfd,
+            "eventfd": self.eventfds[0],
+            "eventfd1": self.eventfds[1],
+            "eventfd2": self.eventfds[2],
+            "eventfd3": self.eventfds[3],
+            "pipe": self.pipe[0],
+            "socket": self.sockets[0].fileno(),
+            "devnull": self.devnull,
+        }[kind]
 
     # -- one message -----------------------------------------------------------------------------------
-    def send(self, request: int, flags: int, payload: bytes, fds: list[int] | None = None,
-             size: int | None = None) -> P.Message | None:
+    def send(
+        self, request: int, flags: int, payload: bytes, fds: list[int] | None = None, size: int | None = None
+    ) -> P.Message | None:
         """Send one message (``size`` overrides the header's size field) and check what it is owed."""
         self.stats.messages += 1
         self.stats.fds_sent += len(fds or ())
@@ -132,8 +140,13 @@ class Session:
             return None
         version_ok = (flags & P.VHOST_USER_VERSION_MASK) == V1
         fds_ok = len(fds or ()) <= P.MAX_FDS  # more: the fd list is truncated and the message refused whole
-        if (request == R.SET_PROTOCOL_FEATURES and version_ok and fds_ok and len(payload) >= 8
-                and self.offered_pf is not None):
+        if (
+            request == R.SET_PROTOCOL_FEATURES
+            and version_ok
+            and fds_ok
+            and len(payload) >= 8
+            and self.offered_pf is not None
+        ):
             value = struct.unpack_from("<Q", payload)[0]
             if not value & ~self.offered_pf:
                 self.reply_ack = bool(value & (1 << PF.REPLY_ACK))
@@ -181,7 +194,7 @@ class Session:
     def _recv(self, what: str) -> P.Message:
         try:
             return P.recv_message(self.sock)
-        except socket.timeout as e:
+        except TimeoutError as e:
             raise ModelError(f"no answer: waited for {what}") from e
         except P.ConnectionClosed as e:
             raise ModelError(f"connection closed while waiting for {what}") from e
@@ -191,7 +204,7 @@ class Session:
             extra = self.sock.recv(1)
         except ConnectionResetError:
             extra = b""
-        except socket.timeout as e:
+        except TimeoutError as e:
             raise ModelError(f"{why}: the connection was not closed") from e
         if extra:
             raise ModelError(f"{why}: data instead of a closed connection")
@@ -221,6 +234,7 @@ class Session:
 
 def _address_of(mm: mmap.mmap) -> int:
     import ctypes
+
     c = ctypes.c_char.from_buffer(mm)
     addr = ctypes.addressof(c)
     del c  # the buffer export ends here, so the mapping can be closed later
@@ -238,7 +252,7 @@ def _name(request: int) -> str:
 # random messages
 INDICES = (0, 0, 1, 1, 1, 2, 3, 255, 256, 0xFFFF, 0xFFFFFFFF)
 FD_KINDS = ("memfd", "eventfd", "eventfd1", "eventfd2", "eventfd3", "pipe", "socket", "devnull")
-U64_EDGES = (0, 1, 2 ** 62 - 1, 2 ** 62, 2 ** 63, 2 ** 64 - 1, 2 ** 64 - 4096, 0xFFFFFFFF, 0x1_0000_0000)
+U64_EDGES = (0, 1, 2**62 - 1, 2**62, 2**63, 2**64 - 1, 2**64 - 4096, 0xFFFFFFFF, 0x1_0000_0000)
 
 
 class Generator:
@@ -267,8 +281,7 @@ class Generator:
             size = r.randrange(1, (RAM - off) // 4096 + 1) * 4096
             gpa = GPA + r.choice((off, r.randrange(0, 64) << 20))
             return P.MemRegion(gpa, size, self.s.uva + off, off)
-        return P.MemRegion(self.u64() & ~7 if r.randrange(2) else self.u64(), self.u64(),
-                           self.u64(), self.u64())
+        return P.MemRegion(self.u64() & ~7 if r.randrange(2) else self.u64(), self.u64(), self.u64(), self.u64())
 
     def ring_addr(self) -> int:
         r = self.r
@@ -295,25 +308,35 @@ class Generator:
             kinds = ["memfd" if r.randrange(6) else r.choice(FD_KINDS) for _ in range(nfds)]
             return P.MEM_TABLE_HDR.pack(n, 0) + b"".join(x.pack() for x in regions), kinds
         if req in (R.ADD_MEM_REG, R.REM_MEM_REG):
-            kinds = (["memfd" if r.randrange(6) else r.choice(FD_KINDS)] if req == R.ADD_MEM_REG else []) \
-                if r.randrange(8) else [r.choice(FD_KINDS) for _ in range(r.randrange(3))]
+            kinds = (
+                (["memfd" if r.randrange(6) else r.choice(FD_KINDS)] if req == R.ADD_MEM_REG else [])
+                if r.randrange(8)
+                else [r.choice(FD_KINDS) for _ in range(r.randrange(3))]
+            )
             return P.SINGLE_REGION_HDR.pack(0) + self.region(r.randrange(6) > 0).pack(), kinds
         if req in (R.SET_VRING_NUM,):
-            return P.VRING_STATE.pack(self.index(), r.choice((1, 2, 4, 8, 64, 256, 1024, 32768, 0, 3, 65536,
-                                                              2 ** 32 - 1))), []
+            return P.VRING_STATE.pack(
+                self.index(), r.choice((1, 2, 4, 8, 64, 256, 1024, 32768, 0, 3, 65536, 2**32 - 1))
+            ), []
         if req in (R.SET_VRING_BASE, R.GET_VRING_BASE, R.SET_VRING_ENABLE):
-            num = r.choice((0, 1, 0, 1, 2, 0xFFFF, 0x10000, 0x8000, 0x80008000, 2 ** 32 - 1, r.getrandbits(32)))
+            num = r.choice((0, 1, 0, 1, 2, 0xFFFF, 0x10000, 0x8000, 0x80008000, 2**32 - 1, r.getrandbits(32)))
             return P.VRING_STATE.pack(self.index(), num), []
         if req == R.SET_VRING_ADDR:
-            return P.VRING_ADDR.pack(self.index(), r.choice((0, 0, 1)), self.ring_addr(), self.ring_addr(),
-                                     self.ring_addr(), self.u64() if r.randrange(4) == 0 else 0), []
+            return P.VRING_ADDR.pack(
+                self.index(),
+                r.choice((0, 0, 1)),
+                self.ring_addr(),
+                self.ring_addr(),
+                self.ring_addr(),
+                self.u64() if r.randrange(4) == 0 else 0,
+            ), []
         if req in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR):
             idx = self.index() & 0xFF if r.randrange(8) else self.u64()
             if r.randrange(5) == 0:
-                return P.U64.pack(idx | P.VHOST_USER_VRING_NOFD_MASK), \
-                    ([] if r.randrange(4) else [r.choice(FD_KINDS)])
-            return P.U64.pack(idx), ([r.choice(FD_KINDS[1:5])] if r.randrange(6) else
-                                     [r.choice(FD_KINDS) for _ in range(r.randrange(3))])
+                return P.U64.pack(idx | P.VHOST_USER_VRING_NOFD_MASK), ([] if r.randrange(4) else [r.choice(FD_KINDS)])
+            return P.U64.pack(idx), (
+                [r.choice(FD_KINDS[1:5])] if r.randrange(6) else [r.choice(FD_KINDS) for _ in range(r.randrange(3))]
+            )
         if req in (R.GET_CONFIG, R.SET_CONFIG):
             off, size = r.choice(((0, 6), (0, 12), (6, 2), (0, 256), (255, 2), (300, 1), (0, 0)))
             data = bytes(r.getrandbits(8) for _ in range(min(size, 256)))
@@ -325,8 +348,12 @@ class Generator:
         if req in (R.SET_LOG_FD,):
             return b"", [r.choice(FD_KINDS)]
         if req in (R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD):
-            body = P.INFLIGHT.pack(r.choice((0, 4096, 1 << 20, 1 << 40, 2 ** 64 - 1)), r.choice((0, 4096, 1, 2 ** 63)),
-                                   r.choice((0, 1, 2, 0xFFFF)), r.choice((0, 1, 256, 32768, 0xFFFF)))
+            body = P.INFLIGHT.pack(
+                r.choice((0, 4096, 1 << 20, 1 << 40, 2**64 - 1)),
+                r.choice((0, 4096, 1, 2**63)),
+                r.choice((0, 1, 2, 0xFFFF)),
+                r.choice((0, 1, 256, 32768, 0xFFFF)),
+            )
             return body + bytes(4), (["memfd"] if req == R.SET_INFLIGHT_FD and r.randrange(4) else [])
         if req == R.IOTLB_MSG:
             return P.IOTLB.pack(self.u64(), self.u64(), self.u64(), r.randrange(256), r.randrange(256)), []
@@ -340,25 +367,30 @@ class Generator:
         r = self.r
         s = self.s
         offered = s.offered_features or 0
-        features = offered & ((1 << 32) | (1 << 30) | (1 << 28) | (1 << 29) | (1 << 15)
-                              | ((1 << 34) if r.randrange(3) == 0 else 0))
-        out = [(R.SET_FEATURES, V1, P.U64.pack(features), []),
-               (R.SET_MEM_TABLE, V1, P.MEM_TABLE_HDR.pack(1, 0) + P.MemRegion(GPA, RAM, s.uva, 0).pack(), ["memfd"])]
+        features = offered & (
+            (1 << 32) | (1 << 30) | (1 << 28) | (1 << 29) | (1 << 15) | ((1 << 34) if r.randrange(3) == 0 else 0)
+        )
+        out = [
+            (R.SET_FEATURES, V1, P.U64.pack(features), []),
+            (R.SET_MEM_TABLE, V1, P.MEM_TABLE_HDR.pack(1, 0) + P.MemRegion(GPA, RAM, s.uva, 0).pack(), ["memfd"]),
+        ]
         for i in (0, 1):
             base = s.uva + i * 0x10000
-            out += [(R.SET_VRING_NUM, V1, P.VRING_STATE.pack(i, r.choice((8, 64, 256))), []),
-                    (R.SET_VRING_BASE, V1, P.VRING_STATE.pack(i, 0 if features & (1 << 34) == 0 else 0x80008000), []),
-                    (R.SET_VRING_ADDR, V1, P.VRING_ADDR.pack(i, 0, base, base + 0x8000, base + 0x4000, 0), []),
-                    (R.SET_VRING_KICK, V1, P.U64.pack(i), [f"eventfd{'' if i == 0 else i}"]),
-                    (R.SET_VRING_CALL, V1, P.U64.pack(i), ["eventfd2"]),
-                    (R.SET_VRING_ENABLE, V1, P.VRING_STATE.pack(i, 1), [])]
+            out += [
+                (R.SET_VRING_NUM, V1, P.VRING_STATE.pack(i, r.choice((8, 64, 256))), []),
+                (R.SET_VRING_BASE, V1, P.VRING_STATE.pack(i, 0 if features & (1 << 34) == 0 else 0x80008000), []),
+                (R.SET_VRING_ADDR, V1, P.VRING_ADDR.pack(i, 0, base, base + 0x8000, base + 0x4000, 0), []),
+                (R.SET_VRING_KICK, V1, P.U64.pack(i), [f"eventfd{'' if i == 0 else i}"]),
+                (R.SET_VRING_CALL, V1, P.U64.pack(i), ["eventfd2"]),
+                (R.SET_VRING_ENABLE, V1, P.VRING_STATE.pack(i, 1), []),
+            ]
         return out
 
     def mutate(self, payload: bytes) -> bytes:
         r = self.r
         k = r.randrange(5)
         if k == 0 and payload:
-            return payload[:r.randrange(len(payload))]
+            return payload[: r.randrange(len(payload))]
         if k == 1:
             return payload + bytes(r.getrandbits(8) for _ in range(r.randrange(1, 64)))
         if k == 2 and payload:
@@ -424,9 +456,25 @@ class Server:
         self.ready = os.path.join(workdir, "ready")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyvhost", "serve", "net", "--socket-path", self.path, "--mode", mode,
-             "--metadata", metadata, "--ready-file", self.ready],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pyvhost",
+                "serve",
+                "net",
+                "--socket-path",
+                self.path,
+                "--mode",
+                mode,
+                "--metadata",
+                metadata,
+                "--ready-file",
+                self.ready,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         deadline = time.monotonic() + 600  # a cold kernel compile
         while not os.path.exists(self.ready):
             if self.proc.poll() is not None:
@@ -468,7 +516,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.communicate()
-                raise ModelError("the server did not exit on SIGTERM")
+                raise ModelError("the server did not exit on SIGTERM") from None
         self.log.close()
         return self.proc.returncode
 
@@ -496,8 +544,7 @@ def run_campaign(count: int, seed: int = 1, metadata: str = "direct", mode: str 
                     if not s.closed:
                         k = rng.randrange(4)
                         if k == 0:  # in the middle of a message, with fds
-                            s.hang_up(P.HEADER.pack(R.SET_MEM_TABLE, V1, 40) + bytes(rng.randrange(0, 40)),
-                                      [s.memfd])
+                            s.hang_up(P.HEADER.pack(R.SET_MEM_TABLE, V1, 40) + bytes(rng.randrange(0, 40)), [s.memfd])
                         else:
                             s.hang_up()
                     s.close()
@@ -509,13 +556,16 @@ def run_campaign(count: int, seed: int = 1, metadata: str = "direct", mode: str 
                     if fds != base_fds:
                         raise ModelError(f"the server has {fds} fds after a connection ended, {base_fds} before")
                     if maps > base_maps + 16:
-                        raise ModelError(f"the server has {maps} mappings after a connection ended, {base_maps} "
-                                         "before")
+                        raise ModelError(f"the server has {maps} mappings after a connection ended, {base_maps} before")
                 k = rng.randrange(400)
                 if k == 0:  # a header over the limit: the stream is unusable, the connection must go
-                    s.send(rng.randrange(1, 41), V1, bytes(rng.randrange(0, 64)),
-                           [s.memfd] if rng.randrange(2) else None,
-                           size=rng.choice((P.MAX_PAYLOAD + 1, 1 << 20, 0xFFFFFFFF)))
+                    s.send(
+                        rng.randrange(1, 41),
+                        V1,
+                        bytes(rng.randrange(0, 64)),
+                        [s.memfd] if rng.randrange(2) else None,
+                        size=rng.choice((P.MAX_PAYLOAD + 1, 1 << 20, 0xFFFFFFFF)),
+                    )
                 elif k == 1:
                     s.mm[:] = os.urandom(RAM)  # random rings: workers that start break their queues
                 elif k < 12:
@@ -526,8 +576,10 @@ def run_campaign(count: int, seed: int = 1, metadata: str = "direct", mode: str 
                         s.send(req, flags, payload, [s.fd(x) for x in kinds])
                 else:
                     req, flags, payload, kinds = g.message()
-                    desc = f"{_name(req)}({req}) flags={flags:#x} payload={payload[:48].hex()}" \
-                           f"{'...' if len(payload) > 48 else ''} fds={kinds}"
+                    desc = (
+                        f"{_name(req)}({req}) flags={flags:#x} payload={payload[:48].hex()}"
+                        f"{'...' if len(payload) > 48 else ''} fds={kinds}"
+                    )
                     recent.append(desc)
                     del recent[:-20]
                     s.send(req, flags, payload, [s.fd(x) for x in kinds])
@@ -561,18 +613,32 @@ def run_campaign(count: int, seed: int = 1, metadata: str = "direct", mode: str 
             if bad:
                 raise ModelError("the server logged bugs:\n" + "\n".join(bad[:20]) + "\n" + srv.tail())
         except ModelError as e:
-            raise ModelError(f"{e}\nseed {seed}, after {stats.messages} messages; the last ones:\n  "
-                             + "\n  ".join(recent) + f"\nserver log tail:\n{srv.tail(2000)}") from None
+            raise ModelError(
+                f"{e}\nseed {seed}, after {stats.messages} messages; the last ones:\n  "
+                + "\n  ".join(recent)
+                + f"\nserver log tail:\n{srv.tail(2000)}"
+            ) from None
         finally:
             if s is not None:
                 s.close()
             if srv.alive():
                 srv.proc.kill()
                 srv.proc.communicate()
-    return {"messages": stats.messages, "replies": stats.replies, "acks_ok": stats.acks_ok,
-            "acks_failed": stats.acks_failed, "closed_by_server": stats.closes, "sessions": stats.sessions,
-            "fds_sent": stats.fds_sent, "fds_received": stats.fds_received,
-            "server_fds_idle": base_fds, "server_fds_max": max_fds, "server_maps_idle": base_maps,
-            "server_maps_max": max_maps, "requests": len(stats.per_request),
-            "workers_started": workers_started, "rings_broken": rings_broken,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "messages": stats.messages,
+        "replies": stats.replies,
+        "acks_ok": stats.acks_ok,
+        "acks_failed": stats.acks_failed,
+        "closed_by_server": stats.closes,
+        "sessions": stats.sessions,
+        "fds_sent": stats.fds_sent,
+        "fds_received": stats.fds_received,
+        "server_fds_idle": base_fds,
+        "server_fds_max": max_fds,
+        "server_maps_idle": base_maps,
+        "server_maps_max": max_maps,
+        "requests": len(stats.per_request),
+        "workers_started": workers_started,
+        "rings_broken": rings_broken,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -39,17 +39,40 @@ import time
 import numpy as np
 from numba import njit
 
-from pyvhost.chain import READ_ONLY, WRITE_ONLY, walk_chain
 from pyvhost.devices import net_packed as NP
 from pyvhost.devices.net import loopback, make_frame, rx_source, tx_sink
 from pyvhost.errors import QueueError
 from pyvhost.memory import SPACE_UVA, GuestMemory, translate
 from pyvhost.protocol import ADDR_LIMIT, MemRegion
+from pyvhost.ring.chain import READ_ONLY, WRITE_ONLY, walk_chain
 from pyvhost.ring.packed import read_head, walk_packed
-from pyvhost.ring.split import (Q_AVAIL, Q_AVAIL_WRAP, Q_BATCH, Q_CALLFD, Q_CHAINS, Q_DESC, Q_DIRECT, Q_DROPS,
-                                Q_ERROR, Q_EVENT_IDX, Q_FIELDS, Q_HDR_LEN, Q_LAST_AVAIL, Q_LIMIT, Q_MASK, Q_MRG,
-                                Q_NOTIFY_ON, Q_PACKED, Q_PACKETS, Q_SIGNALLED, Q_SIGNALLED_VALID, Q_SIZE, Q_USED,
-                                Q_USED_IDX, Q_USED_WRAP)
+from pyvhost.ring.state import (
+    Q_AVAIL,
+    Q_AVAIL_WRAP,
+    Q_BATCH,
+    Q_CALLFD,
+    Q_CHAINS,
+    Q_DESC,
+    Q_DIRECT,
+    Q_DROPS,
+    Q_ERROR,
+    Q_EVENT_IDX,
+    Q_FIELDS,
+    Q_HDR_LEN,
+    Q_LAST_AVAIL,
+    Q_LIMIT,
+    Q_MASK,
+    Q_MRG,
+    Q_NOTIFY_ON,
+    Q_PACKED,
+    Q_PACKETS,
+    Q_SIGNALLED,
+    Q_SIGNALLED_VALID,
+    Q_SIZE,
+    Q_USED,
+    Q_USED_IDX,
+    Q_USED_WRAP,
+)
 
 KiB = 1024
 FILE_SIZE = 192 * KiB
@@ -61,9 +84,9 @@ GPA_B = GPA_A + (A_END - A_OFF)
 GPA_C = GPA_B + (B_END - B_OFF) + 64 * KiB
 CANARY = 0xA5
 MAX_N = 256
-MAX_IND = 64          # entries of each generated indirect table
+MAX_IND = 64  # entries of each generated indirect table
 N_TABLES = 6
-TABLES_OFF = C_OFF + 64 + 2 * 4096 + 64   # 6 tables of 1 KiB in region C
+TABLES_OFF = C_OFF + 64 + 2 * 4096 + 64  # 6 tables of 1 KiB in region C
 DATA = ((25 * KiB, A_END), (B_OFF, B_END - 8 * KiB), (C_OFF + 16 * KiB, C_END))
 MAX_FRAME = 2000
 
@@ -76,22 +99,32 @@ IDLE, MORE, BROKEN = 0, 1, -1
 
 # statistics slots
 S_STATES, S_DIRECT, S_COPY, S_COMPARED, S_IDLE, S_MORE, S_BROKEN, S_CHAINS, S_PACKETS, S_SEGS = range(10)
-S_OPS = 10          # 4 slots: states per op
-S_ERR = 16          # 16 slots: broken queues per QueueError
-S_PLACE = 32        # 8 slots: states per placement
+S_OPS = 10  # 4 slots: states per op
+S_ERR = 16  # 16 slots: broken queues per QueueError
+S_PLACE = 32  # 8 slots: states per placement
 S_FIELDS = 48
 
 # violation codes
 V_NAMES = {
-    1: "bad return value", 2: "BROKEN without an error (or an error without BROKEN)",
-    3: "used index / avail taken / chains disagree", 4: "more chains than were available",
-    5: "more chains than budget * batch", 6: "avail index jump did not break the queue",
-    7: "TX packets + drops != chains", 8: "RX packets + drops > chains or over the limit",
-    9: "a used entry does not name the head made available", 10: "a used entry past the index was written",
-    11: "walk_chain segment outside the regions", 12: "walk_chain byte counts do not add up",
-    13: "walk_chain direction", 14: "walk_chain failed without an error (or vice versa)",
-    15: "a canary byte changed", 16: "copy != direct: return value", 17: "copy != direct: queue state",
-    18: "copy != direct: guest memory", 19: "copy != direct: scatter list",
+    1: "bad return value",
+    2: "BROKEN without an error (or an error without BROKEN)",
+    3: "used index / avail taken / chains disagree",
+    4: "more chains than were available",
+    5: "more chains than budget * batch",
+    6: "avail index jump did not break the queue",
+    7: "TX packets + drops != chains",
+    8: "RX packets + drops > chains or over the limit",
+    9: "a used entry does not name the head made available",
+    10: "a used entry past the index was written",
+    11: "walk_chain segment outside the regions",
+    12: "walk_chain byte counts do not add up",
+    13: "walk_chain direction",
+    14: "walk_chain failed without an error (or vice versa)",
+    15: "a canary byte changed",
+    16: "copy != direct: return value",
+    17: "copy != direct: queue state",
+    18: "copy != direct: guest memory",
+    19: "copy != direct: scatter list",
     20: "an RX used length is longer than header + frame",
 }
 
@@ -113,8 +146,11 @@ def _or_u16(k):
 
 @njit(cache=True)
 def _in_region(lay, off, n):
-    return ((lay[L_A_OFF] <= off and off + n <= lay[L_A_END]) or (lay[L_B_OFF] <= off and off + n <= lay[L_B_END])
-            or (lay[L_C_OFF] <= off and off + n <= lay[L_C_END]))
+    return (
+        (lay[L_A_OFF] <= off and off + n <= lay[L_A_END])
+        or (lay[L_B_OFF] <= off and off + n <= lay[L_B_END])
+        or (lay[L_C_OFF] <= off and off + n <= lay[L_C_END])
+    )
 
 
 @njit(cache=True)
@@ -155,15 +191,22 @@ def _r16(ram, off):
 
 @njit(cache=True)
 def _r32(ram, off):
-    return np.int64(ram[off]) | (np.int64(ram[off + 1]) << 8) | (np.int64(ram[off + 2]) << 16) | \
-        (np.int64(ram[off + 3]) << 24)
+    return (
+        np.int64(ram[off])
+        | (np.int64(ram[off + 1]) << 8)
+        | (np.int64(ram[off + 2]) << 16)
+        | (np.int64(ram[off + 3]) << 24)
+    )
 
 
 @njit(cache=True)
 def _wdesc(ram, lay, off, addr, length, flags, nxt):
     _w64(ram, lay, off, np.uint64(addr))
-    word = np.uint64(length & 0xFFFFFFFF) | (np.uint64(flags & 0xFFFF) << np.uint64(32)) | \
-        (np.uint64(nxt & 0xFFFF) << np.uint64(48))
+    word = (
+        np.uint64(length & 0xFFFFFFFF)
+        | (np.uint64(flags & 0xFFFF) << np.uint64(32))
+        | (np.uint64(nxt & 0xFFFF) << np.uint64(48))
+    )
     _w64(ram, lay, off + 8, word)
 
 
@@ -380,10 +423,15 @@ def _gen_ring(ram, lay, data, slot, n, mode, gen, tables_used):
         elif kind == 8:  # an indirect descriptor of odd length, or the table of another
             i = np.random.randint(0, n)
             t = np.random.randint(0, N_TABLES)
-            _wdesc(ram, lay, d_off + 16 * i, _gpa(lay, TABLES_OFF + t * 1024),
-                   16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2)
-                                                             else 0),
-                   4 | (np.random.randint(0, 2) if np.random.randint(0, 4) == 0 else 0), 0)
+            _wdesc(
+                ram,
+                lay,
+                d_off + 16 * i,
+                _gpa(lay, TABLES_OFF + t * 1024),
+                16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2) else 0),
+                4 | (np.random.randint(0, 2) if np.random.randint(0, 4) == 0 else 0),
+                0,
+            )
         elif kind == 9:  # a whole-table loop, chain longer than the queue
             for i in range(n):
                 a, ln = _good_buf(lay, data, 64)
@@ -411,9 +459,11 @@ def _gen_ring(ram, lay, data, slot, n, mode, gen, tables_used):
 
 @njit(cache=True)
 def _bindable(table, uva, gen, n):
-    return (translate(table, SPACE_UVA, uva + gen[0], 16 * n)[0] >= 0
-            and translate(table, SPACE_UVA, uva + gen[1], 6 + 2 * n)[0] >= 0
-            and translate(table, SPACE_UVA, uva + gen[2], 6 + 8 * n)[0] >= 0)
+    return (
+        translate(table, SPACE_UVA, uva + gen[0], 16 * n)[0] >= 0
+        and translate(table, SPACE_UVA, uva + gen[1], 6 + 2 * n)[0] >= 0
+        and translate(table, SPACE_UVA, uva + gen[2], 6 + 8 * n)[0] >= 0
+    )
 
 
 @njit(cache=True)
@@ -449,13 +499,40 @@ def _views(arena, table, uva, gen, n, direct, empty64, empty16, empty32):
     a = translate(table, SPACE_UVA, uva + gen[1], 6 + 2 * n)[0]
     u = translate(table, SPACE_UVA, uva + gen[2], 6 + 8 * n)[0]
     u32_len = (6 + 8 * n - 2) // 4 * 4
-    return (arena[d:d + 16 * n].view(np.uint64), arena[a:a + 6 + 2 * n].view(np.uint16),
-            arena[u:u + 6 + 8 * n].view(np.uint16), arena[u:u + u32_len].view(np.uint32))
+    return (
+        arena[d : d + 16 * n].view(np.uint64),
+        arena[a : a + 6 + 2 * n].view(np.uint16),
+        arena[u : u + 6 + 8 * n].view(np.uint16),
+        arena[u : u + u32_len].view(np.uint32),
+    )
 
 
 @njit(cache=True)
-def _run(op, direct, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, hdrbuf, scratch, frame, budget, spins, want,
-         head, e64, e16, e32, walk_out):
+def _run(
+    op,
+    direct,
+    q0,
+    q1,
+    g0,
+    g1,
+    n,
+    arena,
+    table,
+    uva,
+    sg,
+    sgs,
+    hdrbuf,
+    scratch,
+    frame,
+    budget,
+    spins,
+    want,
+    head,
+    e64,
+    e16,
+    e32,
+    walk_out,
+):
     """Run one op on one path; queue states q0 (and q1 for loopback: q0 = RX, q1 = TX) are updated."""
     q0[Q_DIRECT] = 1 if direct else 0
     q1[Q_DIRECT] = 1 if direct else 0
@@ -466,8 +543,7 @@ def _run(op, direct, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, hdrbuf, scra
         return rx_source(q0, d0, a0, u0, w0, arena, table, sgs, hdrbuf, frame, budget, spins)
     if op == OP_LOOP:
         d1, a1, u1, w1 = _views(arena, table, uva, g1, n, direct, e64, e16, e32)
-        return loopback(q0, d0, a0, u0, w0, q1, d1, a1, u1, w1, arena, table, sg, sgs, hdrbuf, scratch, budget,
-                        spins)
+        return loopback(q0, d0, a0, u0, w0, q1, d1, a1, u1, w1, arena, table, sg, sgs, hdrbuf, scratch, budget, spins)
     nread, nseg, rb, wb = walk_chain(q0, d0, arena, table, head, sg, want)
     walk_out[0], walk_out[1], walk_out[2], walk_out[3] = nread, nseg, rb, wb
     return 0
@@ -564,8 +640,12 @@ def _check_walk(q, out, sg, want, regions):
 
 @njit(cache=True)
 def _canaries_ok(ram, lay):
-    for lo, hi in ((0, lay[L_A_OFF]), (lay[L_A_END], lay[L_B_OFF]), (lay[L_B_END], lay[L_C_OFF]),
-                   (lay[L_C_END], ram.shape[0])):
+    for lo, hi in (
+        (0, lay[L_A_OFF]),
+        (lay[L_A_END], lay[L_B_OFF]),
+        (lay[L_B_END], lay[L_C_OFF]),
+        (lay[L_C_END], ram.shape[0]),
+    ):
         for i in range(lo, hi):
             if ram[i] != CANARY:
                 return False
@@ -573,8 +653,26 @@ def _canaries_ok(ram, lay):
 
 
 @njit(cache=True)
-def fuzz_ring(seed, count, sample, ram, lay, data, arena, table, regions, callfd, frame_src, stats, info,
-              snap, ram_c, sgt_c, qs, gs):
+def fuzz_ring(
+    seed,
+    count,
+    sample,
+    ram,
+    lay,
+    data,
+    arena,
+    table,
+    regions,
+    callfd,
+    frame_src,
+    stats,
+    info,
+    snap,
+    ram_c,
+    sgt_c,
+    qs,
+    gs,
+):
     """Run ``count`` states seeded ``seed``; return 0, or a violation code with ``info`` = [state, op,
     placement, size, path (0 copy, 1 direct, 2 both)].  A state depends on the seed and on the states before
     it (memory is not cleared between states), so a failure replays by rerunning the chunk."""
@@ -639,8 +737,31 @@ def fuzz_ring(seed, count, sample, ram, lay, data, arena, table, regions, callfd
             snap[:] = ram
             q0i[:] = q0
             q1i[:] = q1
-            ret_c = _run(op, False, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, hdrbuf, scratch, frame, budget,
-                         spins, want, head, e64, e16, e32, walk_c)
+            ret_c = _run(
+                op,
+                False,
+                q0,
+                q1,
+                g0,
+                g1,
+                n,
+                arena,
+                table,
+                uva,
+                sg,
+                sgs,
+                hdrbuf,
+                scratch,
+                frame,
+                budget,
+                spins,
+                want,
+                head,
+                e64,
+                e16,
+                e32,
+                walk_c,
+            )
             q0c[:] = q0
             q1c[:] = q1
             ram_c[:] = ram
@@ -648,8 +769,31 @@ def fuzz_ring(seed, count, sample, ram, lay, data, arena, table, regions, callfd
             ram[:] = snap
             q0[:] = q0i
             q1[:] = q1i
-            ret = _run(op, True, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, hdrbuf, scratch, frame, budget,
-                       spins, want, head, e64, e16, e32, walk_out)
+            ret = _run(
+                op,
+                True,
+                q0,
+                q1,
+                g0,
+                g1,
+                n,
+                arena,
+                table,
+                uva,
+                sg,
+                sgs,
+                hdrbuf,
+                scratch,
+                frame,
+                budget,
+                spins,
+                want,
+                head,
+                e64,
+                e16,
+                e32,
+                walk_out,
+            )
             stats[S_COMPARED] += 1
             stats[S_DIRECT] += 1
             stats[S_COPY] += 1
@@ -671,8 +815,31 @@ def fuzz_ring(seed, count, sample, ram, lay, data, arena, table, regions, callfd
         else:
             direct = bind and np.random.randint(0, 2) == 1
             info[4] = 1 if direct else 0
-            ret = _run(op, direct, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, hdrbuf, scratch, frame, budget,
-                       spins, want, head, e64, e16, e32, walk_out)
+            ret = _run(
+                op,
+                direct,
+                q0,
+                q1,
+                g0,
+                g1,
+                n,
+                arena,
+                table,
+                uva,
+                sg,
+                sgs,
+                hdrbuf,
+                scratch,
+                frame,
+                budget,
+                spins,
+                want,
+                head,
+                e64,
+                e16,
+                e32,
+                walk_out,
+            )
             stats[S_DIRECT if direct else S_COPY] += 1
         # invariants
         if op == OP_WALK:
@@ -760,7 +927,7 @@ def _gen_packed(ram, lay, data, slot, n, mode, gen, tables_used):
     for i in range(n):
         w = aw if i >= a else aw ^ 1  # the lap position i is in, seen from the avail cursor
         if np.random.randint(0, 8):
-            fl = AVAIL_F | USED_F if w == 0 else 0   # used in the lap before: AVAIL = USED = !w
+            fl = AVAIL_F | USED_F if w == 0 else 0  # used in the lap before: AVAIL = USED = !w
         else:
             fl = np.random.randint(0, 0x10000)
         _wdesc(ram, lay, d_off + 16 * i, _bad_addr(lay), _bad_len(), 0, 0)
@@ -773,7 +940,7 @@ def _gen_packed(ram, lay, data, slot, n, mode, gen, tables_used):
     pos, w = a, aw
     used_desc = 0
     nheads = 0
-    chain_pos = np.zeros(n, np.int64)   # ring positions the chains use
+    chain_pos = np.zeros(n, np.int64)  # ring positions the chains use
     chain_last = np.zeros(n, np.int64)  # 1: the last descriptor of its chain
     nin = 0
     in_table = np.zeros((N_TABLES * MAX_IND, 2), np.int64)
@@ -861,9 +1028,15 @@ def _gen_packed(ram, lay, data, slot, n, mode, gen, tables_used):
                 _w16(ram, lay, to + 14, np.random.randint(0, 8))
         elif kind == 7:  # an indirect descriptor of odd length
             t = np.random.randint(0, N_TABLES)
-            _wdesc(ram, lay, o, _gpa(lay, TABLES_OFF + t * 1024),
-                   16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2)
-                                                             else 0), 0, 0)
+            _wdesc(
+                ram,
+                lay,
+                o,
+                _gpa(lay, TABLES_OFF + t * 1024),
+                16 * np.random.randint(0, MAX_IND + 1) + (np.random.randint(0, 16) if np.random.randint(0, 2) else 0),
+                0,
+                0,
+            )
             _w16(ram, lay, o + 12, np.random.randint(0, n))
             if _in_region(lay, o + 14, 2):
                 _w16(ram, lay, o + 14, (_r16(ram, o + 14) & (AVAIL_F | USED_F)) | 4)
@@ -890,9 +1063,11 @@ def _gen_packed(ram, lay, data, slot, n, mode, gen, tables_used):
 
 @njit(cache=True)
 def _pbindable(table, uva, gen, n):
-    return (translate(table, SPACE_UVA, uva + gen[0], 16 * n)[0] >= 0
-            and translate(table, SPACE_UVA, uva + gen[1], 4)[0] >= 0
-            and translate(table, SPACE_UVA, uva + gen[2], 4)[0] >= 0)
+    return (
+        translate(table, SPACE_UVA, uva + gen[0], 16 * n)[0] >= 0
+        and translate(table, SPACE_UVA, uva + gen[1], 4)[0] >= 0
+        and translate(table, SPACE_UVA, uva + gen[2], 4)[0] >= 0
+    )
 
 
 @njit(cache=True)
@@ -910,12 +1085,36 @@ def _pviews(arena, table, uva, gen, n, direct, empty64, empty16):
     d = translate(table, SPACE_UVA, uva + gen[0], 16 * n)[0]
     a = translate(table, SPACE_UVA, uva + gen[1], 4)[0]
     u = translate(table, SPACE_UVA, uva + gen[2], 4)[0]
-    return arena[d:d + 16 * n].view(np.uint64), arena[a:a + 4].view(np.uint16), arena[u:u + 4].view(np.uint16)
+    return arena[d : d + 16 * n].view(np.uint64), arena[a : a + 4].view(np.uint16), arena[u : u + 4].view(np.uint16)
 
 
 @njit(cache=True)
-def _run_packed(op, direct, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, sh0, sh1, hdrbuf, scratch, frame, budget,
-                spins, want, room, e64, e16, walk_out):
+def _run_packed(
+    op,
+    direct,
+    q0,
+    q1,
+    g0,
+    g1,
+    n,
+    arena,
+    table,
+    uva,
+    sg,
+    sgs,
+    sh0,
+    sh1,
+    hdrbuf,
+    scratch,
+    frame,
+    budget,
+    spins,
+    want,
+    room,
+    e64,
+    e16,
+    walk_out,
+):
     q0[Q_DIRECT] = 1 if direct else 0
     q1[Q_DIRECT] = 1 if direct else 0
     d0, r0, v0 = _pviews(arena, table, uva, g0, n, direct, e64, e16)
@@ -925,8 +1124,9 @@ def _run_packed(op, direct, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, sh0, 
         return NP.rx_source(q0, d0, r0, v0, arena, table, sgs, sh0, hdrbuf, frame, budget, spins)
     if op == OP_LOOP:
         d1, r1, v1 = _pviews(arena, table, uva, g1, n, direct, e64, e16)
-        return NP.loopback(q0, d0, r0, v0, q1, d1, r1, v1, arena, table, sg, sgs, sh0, sh1, hdrbuf, scratch, budget,
-                           spins)
+        return NP.loopback(
+            q0, d0, r0, v0, q1, d1, r1, v1, arena, table, sg, sgs, sh0, sh1, hdrbuf, scratch, budget, spins
+        )
     f = read_head(q0, d0, arena, table, q0[Q_LAST_AVAIL], q0[Q_AVAIL_WRAP])
     walk_out[:] = 0
     walk_out[6] = f
@@ -954,8 +1154,26 @@ def _pcheck_counts(q, g, n, budget, lead0):
 
 
 @njit(cache=True)
-def fuzz_packed(seed, count, sample, ram, lay, data, arena, table, regions, callfd, frame_src, stats, info,
-                snap, ram_c, sgt_c, qs, gs):
+def fuzz_packed(
+    seed,
+    count,
+    sample,
+    ram,
+    lay,
+    data,
+    arena,
+    table,
+    regions,
+    callfd,
+    frame_src,
+    stats,
+    info,
+    snap,
+    ram_c,
+    sgt_c,
+    qs,
+    gs,
+):
     """fuzz_ring for packed rings (the net_packed kernels and walk_packed)."""
     np.random.seed(seed)
     e64 = np.zeros(0, np.uint64)
@@ -994,8 +1212,11 @@ def fuzz_packed(seed, count, sample, ram, lay, data, arena, table, regions, call
             q1[:] = 0
         m = 2 * n
         lead0 = (_lin(q0[Q_LAST_AVAIL], q0[Q_AVAIL_WRAP], n) - _lin(q0[Q_USED_IDX], q0[Q_USED_WRAP], n) + m) % m
-        lead1 = (_lin(q1[Q_LAST_AVAIL], q1[Q_AVAIL_WRAP], n) - _lin(q1[Q_USED_IDX], q1[Q_USED_WRAP], n) + m) % m \
-            if op == OP_LOOP else 0
+        lead1 = (
+            (_lin(q1[Q_LAST_AVAIL], q1[Q_AVAIL_WRAP], n) - _lin(q1[Q_USED_IDX], q1[Q_USED_WRAP], n) + m) % m
+            if op == OP_LOOP
+            else 0
+        )
         budget = np.random.randint(1, 5)
         spins = np.random.randint(1, 3)
         flen = np.random.randint(60, MAX_FRAME + 1)
@@ -1017,8 +1238,32 @@ def fuzz_packed(seed, count, sample, ram, lay, data, arena, table, regions, call
             snap[:] = ram
             q0i[:] = q0
             q1i[:] = q1
-            ret_c = _run_packed(op, False, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, sh0, sh1, hdrbuf, scratch,
-                                frame, budget, spins, want, room, e64, e16, walk_c)
+            ret_c = _run_packed(
+                op,
+                False,
+                q0,
+                q1,
+                g0,
+                g1,
+                n,
+                arena,
+                table,
+                uva,
+                sg,
+                sgs,
+                sh0,
+                sh1,
+                hdrbuf,
+                scratch,
+                frame,
+                budget,
+                spins,
+                want,
+                room,
+                e64,
+                e16,
+                walk_c,
+            )
             q0c[:] = q0
             q1c[:] = q1
             ram_c[:] = ram
@@ -1026,8 +1271,32 @@ def fuzz_packed(seed, count, sample, ram, lay, data, arena, table, regions, call
             ram[:] = snap
             q0[:] = q0i
             q1[:] = q1i
-            ret = _run_packed(op, True, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, sh0, sh1, hdrbuf, scratch,
-                              frame, budget, spins, want, room, e64, e16, walk_out)
+            ret = _run_packed(
+                op,
+                True,
+                q0,
+                q1,
+                g0,
+                g1,
+                n,
+                arena,
+                table,
+                uva,
+                sg,
+                sgs,
+                sh0,
+                sh1,
+                hdrbuf,
+                scratch,
+                frame,
+                budget,
+                spins,
+                want,
+                room,
+                e64,
+                e16,
+                walk_out,
+            )
             stats[S_COMPARED] += 1
             stats[S_DIRECT] += 1
             stats[S_COPY] += 1
@@ -1049,8 +1318,32 @@ def fuzz_packed(seed, count, sample, ram, lay, data, arena, table, regions, call
         else:
             direct = bind and np.random.randint(0, 2) == 1
             info[4] = 1 if direct else 0
-            ret = _run_packed(op, direct, q0, q1, g0, g1, n, arena, table, uva, sg, sgs, sh0, sh1, hdrbuf, scratch,
-                              frame, budget, spins, want, room, e64, e16, walk_out)
+            ret = _run_packed(
+                op,
+                direct,
+                q0,
+                q1,
+                g0,
+                g1,
+                n,
+                arena,
+                table,
+                uva,
+                sg,
+                sgs,
+                sh0,
+                sh1,
+                hdrbuf,
+                scratch,
+                frame,
+                budget,
+                spins,
+                want,
+                room,
+                e64,
+                e16,
+                walk_out,
+            )
             stats[S_DIRECT if direct else S_COPY] += 1
         if op == OP_WALK:
             if walk_out[6] >= 0:  # the head was available: the walk ran
@@ -1079,8 +1372,9 @@ def fuzz_packed(seed, count, sample, ram, lay, data, arena, table, regions, call
                     return 7
             elif op == OP_TX and q0[Q_PACKETS] + q0[Q_DROPS] != q0[Q_CHAINS]:
                 return 7
-            elif op == OP_RX and (q0[Q_PACKETS] + q0[Q_DROPS] > q0[Q_CHAINS]
-                                  or (q0[Q_LIMIT] >= 0 and q0[Q_PACKETS] > q0[Q_LIMIT])):
+            elif op == OP_RX and (
+                q0[Q_PACKETS] + q0[Q_DROPS] > q0[Q_CHAINS] or (q0[Q_LIMIT] >= 0 and q0[Q_PACKETS] > q0[Q_LIMIT])
+            ):
                 return 8
             stats[S_IDLE if ret == IDLE else (S_MORE if ret == MORE else S_BROKEN)] += 1
             stats[S_CHAINS] += q0[Q_CHAINS] + q1[Q_CHAINS]
@@ -1107,9 +1401,11 @@ class RingFuzzEnv:
         self.lay = np.array([A_OFF, A_END, B_OFF, B_END, C_OFF, C_END, GPA_A, GPA_B, GPA_C, uva], np.int64)
         self.data = np.array(DATA, np.int64)
         self.mem = GuestMemory(arena_size=1 << 30)
-        regions = [MemRegion(GPA_A, A_END - A_OFF, uva + A_OFF, A_OFF),
-                   MemRegion(GPA_B, B_END - B_OFF, uva + B_OFF, B_OFF),
-                   MemRegion(GPA_C, C_END - C_OFF, uva + C_OFF, C_OFF)]
+        regions = [
+            MemRegion(GPA_A, A_END - A_OFF, uva + A_OFF, A_OFF),
+            MemRegion(GPA_B, B_END - B_OFF, uva + B_OFF, B_OFF),
+            MemRegion(GPA_C, C_END - C_OFF, uva + C_OFF, C_OFF),
+        ]
         self.mem.set_table(regions, [self.fd] * 3)
         self.regions = np.array([[r.offset, r.desc.memory_size] for r in self.mem.regions], np.int64)
         self.callfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -1120,12 +1416,32 @@ class RingFuzzEnv:
         self.qs = np.zeros((2, Q_FIELDS), np.int64)  # the queue states and generator outputs of the last state
         self.gs = np.zeros((2, 10), np.int64)
 
-    def run(self, seed: int, count: int, sample: int, stats: np.ndarray, info: np.ndarray,
-            layout: str = "split") -> int:
+    def run(
+        self, seed: int, count: int, sample: int, stats: np.ndarray, info: np.ndarray, layout: str = "split"
+    ) -> int:
         fn = fuzz_packed if layout == "packed" else fuzz_ring
-        return int(fn(seed, count, sample, self.ram, self.lay, self.data, self.mem.arena.view,
-                             self.mem.table, self.regions, self.callfd, self.frame, stats, info, self.snap,
-                             self.ram_c, self.sgt_c, self.qs, self.gs))
+        return int(
+            fn(
+                seed,
+                count,
+                sample,
+                self.ram,
+                self.lay,
+                self.data,
+                self.mem.arena.view,
+                self.mem.table,
+                self.regions,
+                self.callfd,
+                self.frame,
+                stats,
+                info,
+                self.snap,
+                self.ram_c,
+                self.sgt_c,
+                self.qs,
+                self.gs,
+            )
+        )
 
     def close(self) -> None:
         os.close(self.callfd)
@@ -1139,15 +1455,27 @@ def describe_stats(stats: np.ndarray) -> dict:
     return {
         "states": int(stats[S_STATES]),
         "per_op": {OP_NAMES[i]: int(stats[S_OPS + i]) for i in range(4)},
-        "per_placement": {p: int(stats[S_PLACE + i]) for i, p in enumerate(
-            ["all in A", "spread C/B", "desc straddles A end", "avail straddles B end", "used straddles C end",
-             "desc from hole into B"])},
-        "direct_runs": int(stats[S_DIRECT]), "copy_runs": int(stats[S_COPY]),
+        "per_placement": {
+            p: int(stats[S_PLACE + i])
+            for i, p in enumerate(
+                [
+                    "all in A",
+                    "spread C/B",
+                    "desc straddles A end",
+                    "avail straddles B end",
+                    "used straddles C end",
+                    "desc from hole into B",
+                ]
+            )
+        },
+        "direct_runs": int(stats[S_DIRECT]),
+        "copy_runs": int(stats[S_COPY]),
         "copy_vs_direct_compared": int(stats[S_COMPARED]),
         "returns": {"idle": int(stats[S_IDLE]), "more": int(stats[S_MORE]), "broken": int(stats[S_BROKEN])},
-        "chains": int(stats[S_CHAINS]), "packets": int(stats[S_PACKETS]), "walk_segments": int(stats[S_SEGS]),
-        "broken_by": {QueueError(i).name: int(stats[S_ERR + i]) for i in range(1, len(QueueError))
-                      if stats[S_ERR + i]},
+        "chains": int(stats[S_CHAINS]),
+        "packets": int(stats[S_PACKETS]),
+        "walk_segments": int(stats[S_SEGS]),
+        "broken_by": {QueueError(i).name: int(stats[S_ERR + i]) for i in range(1, len(QueueError)) if stats[S_ERR + i]},
     }
 
 
@@ -1170,7 +1498,8 @@ def campaign(states: int, seed: int = 1, sample: int = 16, chunk: int = 50_000, 
                     f"{layout} ring fuzzer: {V_NAMES.get(v, v)} at state {int(info[0])} of chunk seed {chunk_seed} "
                     f"(op {OP_NAMES[int(info[1])]}, placement {int(info[2])}, size {int(info[3])}, path "
                     f"{['copy', 'direct', 'both'][int(info[4])]}); replay: tools/fuzz.py ring --layout {layout} "
-                    f"--replay-seed {chunk_seed} --states {int(info[0]) + 1} --sample {sample}")
+                    f"--replay-seed {chunk_seed} --states {int(info[0]) + 1} --sample {sample}"
+                )
             done += n
             k += 1
     finally:
@@ -1191,5 +1520,10 @@ def replay(chunk_seed: int, states: int, sample: int = 16, layout: str = "split"
         gs = env.gs.copy()
     finally:
         env.close()
-    return {"violation": V_NAMES.get(v) if v else None, "info": info.tolist(), "q": qs.tolist(), "gen": gs.tolist(),
-            **describe_stats(stats)}
+    return {
+        "violation": V_NAMES.get(v) if v else None,
+        "info": info.tolist(),
+        "q": qs.tolist(),
+        "gen": gs.tolist(),
+        **describe_stats(stats),
+    }

@@ -21,8 +21,8 @@ import numpy as np
 from .memory import SPACE_UVA, GuestMemory
 from .protocol import VringAddr
 from .ring import packed
-from .ring.split import (AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, Q_AVAIL, Q_DESC, Q_DIRECT, Q_USED, avail_bytes,
-                         desc_bytes, used_bytes)
+from .ring.split import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, avail_bytes, desc_bytes, used_bytes
+from .ring.state import Q_AVAIL, Q_DESC, Q_DIRECT, Q_USED
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ _NO_U32 = np.zeros(0, dtype=np.uint32)
 class RingViews:
     """What the compiled loop gets for one split ring in one memory generation."""
 
-    desc: np.ndarray    # uint64, 2 words per descriptor
-    avail: np.ndarray   # uint16: flags, idx, ring[size], used_event
+    desc: np.ndarray  # uint64, 2 words per descriptor
+    avail: np.ndarray  # uint16: flags, idx, ring[size], used_event
     used16: np.ndarray  # uint16: flags, idx, ..., avail_event at 2 + 4*size
     used32: np.ndarray  # uint32: (flags|idx), then id, len per entry
     direct: bool
@@ -57,7 +57,7 @@ class RingViews:
 class PackedViews:
     """What the compiled loop gets for one packed ring in one memory generation."""
 
-    desc: np.ndarray    # uint64, 2 words per descriptor
+    desc: np.ndarray  # uint64, 2 words per descriptor
     driver: np.ndarray  # uint16: off_wrap, flags of the driver's event suppression area (read here)
     device: np.ndarray  # uint16: off_wrap, flags of the device's event suppression area (written here)
     direct: bool
@@ -69,10 +69,19 @@ class PackedViews:
 
 def check_alignment(addr: VringAddr, is_packed: bool = False) -> str | None:
     """The virtio alignment rules for split (or packed) rings; a text saying what is wrong, or None."""
-    parts = ((("descriptor table", addr.desc, DESC_ALIGN), ("avail ring", addr.avail, AVAIL_ALIGN),
-              ("used ring", addr.used, USED_ALIGN)) if not is_packed else
-             (("descriptor ring", addr.desc, packed.DESC_ALIGN), ("driver area", addr.avail, packed.EVENT_ALIGN),
-              ("device area", addr.used, packed.EVENT_ALIGN)))
+    parts = (
+        (
+            ("descriptor table", addr.desc, DESC_ALIGN),
+            ("avail ring", addr.avail, AVAIL_ALIGN),
+            ("used ring", addr.used, USED_ALIGN),
+        )
+        if not is_packed
+        else (
+            ("descriptor ring", addr.desc, packed.DESC_ALIGN),
+            ("driver area", addr.avail, packed.EVENT_ALIGN),
+            ("device area", addr.used, packed.EVENT_ALIGN),
+        )
+    )
     for name, value, align in parts:
         if value % align:
             return f"{name} address {value:#x} is not {align}-byte aligned"
@@ -93,10 +102,21 @@ def bind(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.nda
         if d is not None and a is not None and u is not None:
             q[Q_DIRECT] = 1
             u32_len = (used_bytes(size) - 2) // 4 * 4  # flags|idx and the entries; avail_event via used16
-            return RingViews(d.view(np.uint64), a.view(np.uint16), u.view(np.uint16), u[:u32_len].view(np.uint32),
-                             True, mem.generation)
-        log.warning("ring at desc=%#x avail=%#x used=%#x (size %d) does not lie in mapped memory; "
-                    "using the copy path", addr.desc, addr.avail, addr.used, size)
+            return RingViews(
+                d.view(np.uint64),
+                a.view(np.uint16),
+                u.view(np.uint16),
+                u[:u32_len].view(np.uint32),
+                True,
+                mem.generation,
+            )
+        log.warning(
+            "ring at desc=%#x avail=%#x used=%#x (size %d) does not lie in mapped memory; using the copy path",
+            addr.desc,
+            addr.avail,
+            addr.used,
+            size,
+        )
     q[Q_DIRECT] = 0
     return RingViews(_NO_U64, _NO_U16, _NO_U16, _NO_U32, False, mem.generation)
 
@@ -112,7 +132,13 @@ def bind_packed(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q:
         if d is not None and drv is not None and dev is not None:
             q[Q_DIRECT] = 1
             return PackedViews(d.view(np.uint64), drv.view(np.uint16), dev.view(np.uint16), True, mem.generation)
-        log.warning("packed ring at desc=%#x driver=%#x device=%#x (size %d) does not lie in mapped memory; "
-                    "using the copy path", addr.desc, addr.avail, addr.used, size)
+        log.warning(
+            "packed ring at desc=%#x driver=%#x device=%#x (size %d) does not lie in mapped memory; "
+            "using the copy path",
+            addr.desc,
+            addr.avail,
+            addr.used,
+            size,
+        )
     q[Q_DIRECT] = 0
     return PackedViews(_NO_U64, _NO_U16, _NO_U16, False, mem.generation)

@@ -30,7 +30,9 @@ def _make_load(bits: int, ordering: str, nbtype):
         def codegen(context, builder, sig, args):
             ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
             return builder.load_atomic(ptr, ordering=ordering, align=bits // 8)
+
         return nbtype(types.intp), codegen
+
     return _ld
 
 
@@ -42,7 +44,9 @@ def _make_store(bits: int, ordering: str, nbtype):
             v = context.cast(builder, args[1], sig.args[1], nbtype)
             builder.store_atomic(v, ptr, ordering=ordering, align=bits // 8)
             return context.get_dummy_value()
+
         return types.void(types.intp, val), codegen
+
     return _st
 
 
@@ -112,30 +116,36 @@ def st16_release(buf, off, v):
 @intrinsic
 def fence_full(typingctx):
     """Sequentially consistent fence (mfence on x86): orders a store before a later load."""
+
     def codegen(context, builder, sig, args):
         builder.fence("seq_cst")
         return context.get_dummy_value()
+
     return types.void(), codegen
 
 
 @intrinsic
 def fence_release(typingctx):
     """Release fence: earlier memory accesses stay before later stores."""
+
     def codegen(context, builder, sig, args):
         builder.fence("release")
         return context.get_dummy_value()
+
     return types.void(), codegen
 
 
 @intrinsic
 def eventfd_write(typingctx, fd, val):
     """glibc ``eventfd_write(fd, val)``; returns 0 or -1."""
+
     def codegen(context, builder, sig, args):
         fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32), ir.IntType(64)])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "eventfd_write")
         fdv = context.cast(builder, args[0], sig.args[0], types.int32)
         vv = context.cast(builder, args[1], sig.args[1], types.uint64)
         return builder.call(fn, [fdv, vv])
+
     return types.int32(fd, val), codegen
 
 
@@ -147,6 +157,7 @@ def _memcpy(typingctx, dst, src, n):
         sp = builder.inttoptr(args[1], i8p)
         cgutils.raw_memcpy(builder, d, sp, args[2], 1)
         return context.get_dummy_value()
+
     return types.void(types.intp, types.intp, types.intp), codegen
 
 

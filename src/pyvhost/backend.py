@@ -27,30 +27,66 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from . import inflight
 from . import protocol as P
 from . import sigbus
 from .access import Metadata, PackedViews, RingViews, bind, bind_packed, check_alignment
-from .devices.base import (VIRTIO_F_ANY_LAYOUT, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-                           VIRTIO_RING_F_INDIRECT_DESC, Device, Ring, Step)
+from .devices.base import (
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    Device,
+    Ring,
+    Step,
+)
 from .errors import describe
 from .memory import SPACE_UVA, GuestMemory, MappedRegion, MemoryError_
-from .protocol import ProtocolError, ProtocolFeature as PF, Request as R
+from .protocol import ProtocolError
+from .protocol import ProtocolFeature as PF
+from .protocol import Request as R
+from .ring import inflight
 from .ring import packed as PK
-from .ring.split import (MAX_QUEUE_SIZE, Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DROPS, Q_ERROR,
-                         Q_ERROR_VALUE, Q_EVENT_IDX, Q_LAST_AVAIL, Q_NOTIFY_ON, Q_PACKETS, Q_SIGNALLED_VALID,
-                         Q_STOP, Q_USED_IDX, Q_WAKEUPS, Q_AVAIL_WRAP, Q_USED_WRAP, new_queue_state)
+from .ring.split import MAX_QUEUE_SIZE
+from .ring.state import (
+    Q_AVAIL_WRAP,
+    Q_BATCH,
+    Q_BYTES,
+    Q_CALLFD,
+    Q_CALLS,
+    Q_CHAINS,
+    Q_DROPS,
+    Q_ERROR,
+    Q_ERROR_VALUE,
+    Q_EVENT_IDX,
+    Q_LAST_AVAIL,
+    Q_NOTIFY_ON,
+    Q_PACKETS,
+    Q_SIGNALLED_VALID,
+    Q_STOP,
+    Q_USED_IDX,
+    Q_USED_WRAP,
+    Q_WAKEUPS,
+    new_queue_state,
+)
 
 log = logging.getLogger(__name__)
 
-TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-                      | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_ANY_LAYOUT)
-                      | (1 << VIRTIO_F_RING_PACKED) | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES))
-PROTOCOL_FEATURES = ((1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.CONFIGURE_MEM_SLOTS)
-                     | (1 << PF.STATUS))
+TRANSPORT_FEATURES = (
+    (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_F_ANY_LAYOUT)
+    | (1 << VIRTIO_F_RING_PACKED)
+    | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
+)
+PROTOCOL_FEATURES = (
+    (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.STATUS)
+)
 #: Passes a worker's compiled loop makes before it returns to Python (bounds the stop latency).
 DEFAULT_BUDGET = 4096
 #: Seconds a peer may take to send the rest of a message it has begun (and to take a reply).
@@ -107,8 +143,7 @@ class Worker(threading.Thread):
     ``drain`` (if it has one, see devices/base.py), bounded in time: the worker is quiet only once nothing it
     handed out may still use the rings' memory.  ``held`` then says what is still out."""
 
-    def __init__(self, conn: "Connection", rings: list[Vring], step, budget: int,
-                 timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(self, conn: Connection, rings: list[Vring], step, budget: int, timeout: float = STOP_TIMEOUT) -> None:
         super().__init__(name=f"pyvhost-q{'-'.join(str(r.index) for r in rings)}", daemon=True)
         self.conn, self.rings, self.step, self.budget = conn, rings, step, budget
         self.timeout = timeout
@@ -167,9 +202,13 @@ class Worker(threading.Thread):
             log.exception("worker %s: draining its queues failed; their memory stays mapped", self.name)
             self.held = None
         if self.held:
-            log.error("queues %s: requests still in flight after %.1f s (heads %s); their buffers stay mapped "
-                      "until they complete", "/".join(str(r.index) for r in self.rings), timeout,
-                      " ".join(map(str, self.held)))
+            log.error(
+                "queues %s: requests still in flight after %.1f s (heads %s); their buffers stay mapped "
+                "until they complete",
+                "/".join(str(r.index) for r in self.rings),
+                timeout,
+                " ".join(map(str, self.held)),
+            )
         with self.wake_lock:
             os.close(self.wake_fd)
             self.wake_fd = -1
@@ -216,8 +255,16 @@ class Worker(threading.Thread):
 class Connection:
     """One front-end connection: message handlers and device state."""
 
-    def __init__(self, sock: socket.socket, device: Device, metadata: Metadata, budget: int = DEFAULT_BUDGET,
-                 batch: int = 256, fault_fd: int = -1, stop_timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        device: Device,
+        metadata: Metadata,
+        budget: int = DEFAULT_BUDGET,
+        batch: int = 256,
+        fault_fd: int = -1,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
         self.sock = sock
         self.device = device
         self.metadata = metadata
@@ -242,24 +289,43 @@ class Connection:
         self.discarding: dict[int, Worker] = {}
         self.lock = threading.Lock()
         self.handlers = {
-            R.GET_FEATURES: self.get_features, R.SET_FEATURES: self.set_features,
+            R.GET_FEATURES: self.get_features,
+            R.SET_FEATURES: self.set_features,
             R.GET_PROTOCOL_FEATURES: self.get_protocol_features,
             R.SET_PROTOCOL_FEATURES: self.set_protocol_features,
-            R.SET_OWNER: self.set_owner, R.RESET_OWNER: self.reset_owner,
-            R.SET_MEM_TABLE: self.set_mem_table, R.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
-            R.ADD_MEM_REG: self.add_mem_reg, R.REM_MEM_REG: self.rem_mem_reg,
-            R.SET_VRING_NUM: self.set_vring_num, R.SET_VRING_ADDR: self.set_vring_addr,
-            R.SET_VRING_BASE: self.set_vring_base, R.GET_VRING_BASE: self.get_vring_base,
-            R.SET_VRING_KICK: self.set_vring_kick, R.SET_VRING_CALL: self.set_vring_call,
-            R.SET_VRING_ERR: self.set_vring_err, R.SET_VRING_ENABLE: self.set_vring_enable,
-            R.GET_QUEUE_NUM: self.get_queue_num, R.SET_STATUS: self.set_status,
-            R.GET_STATUS: self.get_status, R.GET_CONFIG: self.get_config, R.SET_CONFIG: self.set_config,
-            R.GET_INFLIGHT_FD: self.get_inflight_fd, R.SET_INFLIGHT_FD: self.set_inflight_fd,
+            R.SET_OWNER: self.set_owner,
+            R.RESET_OWNER: self.reset_owner,
+            R.SET_MEM_TABLE: self.set_mem_table,
+            R.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
+            R.ADD_MEM_REG: self.add_mem_reg,
+            R.REM_MEM_REG: self.rem_mem_reg,
+            R.SET_VRING_NUM: self.set_vring_num,
+            R.SET_VRING_ADDR: self.set_vring_addr,
+            R.SET_VRING_BASE: self.set_vring_base,
+            R.GET_VRING_BASE: self.get_vring_base,
+            R.SET_VRING_KICK: self.set_vring_kick,
+            R.SET_VRING_CALL: self.set_vring_call,
+            R.SET_VRING_ERR: self.set_vring_err,
+            R.SET_VRING_ENABLE: self.set_vring_enable,
+            R.GET_QUEUE_NUM: self.get_queue_num,
+            R.SET_STATUS: self.set_status,
+            R.GET_STATUS: self.get_status,
+            R.GET_CONFIG: self.get_config,
+            R.SET_CONFIG: self.set_config,
+            R.GET_INFLIGHT_FD: self.get_inflight_fd,
+            R.SET_INFLIGHT_FD: self.set_inflight_fd,
         }
         #: requests whose reply is their answer (a failure still owes one, of the right shape)
-        self.replies = {R.GET_FEATURES: 8, R.GET_PROTOCOL_FEATURES: 8, R.GET_VRING_BASE: 8, R.GET_QUEUE_NUM: 8,
-                        R.GET_MAX_MEM_SLOTS: 8, R.GET_STATUS: 8, R.GET_CONFIG: None,
-                        R.GET_INFLIGHT_FD: inflight.PAYLOAD_SIZE}
+        self.replies: dict[int, int | None] = {
+            R.GET_FEATURES: 8,
+            R.GET_PROTOCOL_FEATURES: 8,
+            R.GET_VRING_BASE: 8,
+            R.GET_QUEUE_NUM: 8,
+            R.GET_MAX_MEM_SLOTS: 8,
+            R.GET_STATUS: 8,
+            R.GET_CONFIG: None,
+            R.GET_INFLIGHT_FD: inflight.PAYLOAD_SIZE,
+        }
         self.inflight: inflight.InflightArea | None = None
         #: counters of queue states that were replaced (a ring set up again, the connection reset): stats()
         #: adds the live ones, so counters are cumulative over ring restarts
@@ -288,7 +354,7 @@ class Connection:
     def answer(self, msg: P.Message, reply: bytes | None, ok: bool) -> None:
         """Send what ``msg`` is owed: its reply (of the right shape even on failure), or a REPLY_ACK status."""
         if msg.request in self.replies:
-            fds = None
+            fds: list[int] | None = None
             if isinstance(reply, tuple):  # a reply that carries fds
                 reply, fds = reply
             if reply is None:
@@ -380,7 +446,7 @@ class Connection:
         space = self.device.config_space()
         if offset + size > len(space):
             raise ProtocolError(f"GET_CONFIG offset {offset} size {size} beyond the {len(space)}-byte config")
-        return P.CONFIG_HDR.pack(offset, size, flags) + space[offset:offset + size]
+        return P.CONFIG_HDR.pack(offset, size, flags) + space[offset : offset + size]
 
     def set_config(self, msg: P.Message) -> None:
         offset, size, _flags, data = msg.config()
@@ -418,8 +484,11 @@ class Connection:
                 mem.close()
             self.kept_memory.clear()
         elif old:
-            log.error("%d replaced region(s) left mapped: requests in flight on queue(s) %s may still use them",
-                      len(old), self._stuck_queues())
+            log.error(
+                "%d replaced region(s) left mapped: requests in flight on queue(s) %s may still use them",
+                len(old),
+                self._stuck_queues(),
+            )
 
     def settled(self) -> bool:
         """No worker's requests hold guest memory any more (workers that were stuck are forgotten once quiet)."""
@@ -439,7 +508,12 @@ class Connection:
         if len(msg.fds) != 1:
             raise ProtocolError(f"ADD_MEM_REG with {len(msg.fds)} fds, expected 1")
         region = msg.single_region()
-        self._memory_change(lambda: (self.mem.add_region(region, msg.fds[0]), [])[1])
+
+        def add() -> list:
+            self.mem.add_region(region, msg.fds[0])
+            return []  # nothing to unmap
+
+        self._memory_change(add)
 
     def rem_mem_reg(self, msg: P.Message) -> None:
         region = msg.single_region()
@@ -488,8 +562,10 @@ class Connection:
             raise VringError(f"vring {index}: packed base {num:#x} has a position beyond the ring size {size}")
         lead = (PK.linear(avail, aw, size) - PK.linear(used, uw, size)) % (2 * size)
         if lead > size:
-            raise VringError(f"vring {index}: packed base {num:#x}: the avail cursor is {lead} descriptors ahead "
-                             f"of the used one, more than the ring holds ({size})")
+            raise VringError(
+                f"vring {index}: packed base {num:#x}: the avail cursor is {lead} descriptors ahead "
+                f"of the used one, more than the ring holds ({size})"
+            )
 
     @staticmethod
     def _apply_packed_base(vr: Vring) -> None:
@@ -625,7 +701,8 @@ class Connection:
         ``stop_timeout``.  A worker that does not end in time, or whose requests still hold guest memory,
         breaks its queues (logged, ERR signalled) and pins guest memory until it is quiet (see ``_unmap``)."""
         chosen: list[Worker] = []
-        for table in (self.workers, self.discarding):
+        tables: tuple[dict[Any, Worker], ...] = (self.workers, self.discarding)
+        for table in tables:
             for key, w in list(table.items()):
                 group = key if isinstance(key, tuple) else (key,)
                 if indices is None or any(i in group for i in indices):
@@ -646,8 +723,10 @@ class Connection:
         elif w.held is None:
             why = "its worker could not drain its requests"
         else:
-            why = (f"request(s) still in flight after {self.stop_timeout:.1f} s (queue {queues}, head(s) "
-                   f"{' '.join(map(str, w.held))})")
+            why = (
+                f"request(s) still in flight after {self.stop_timeout:.1f} s (queue {queues}, head(s) "
+                f"{' '.join(map(str, w.held))})"
+            )
         log.error("queues %s: %s; the queue is broken and guest memory stays mapped until it is quiet", queues, why)
         self.ring_broken([vr for vr in w.rings if not vr.broken], why)
         self.stuck.append(w)
@@ -693,11 +772,21 @@ class Connection:
                 self.stop_workers(discarding)
             handles = [self._ring(vr) for vr in rings]
             self.workers[group] = self._start(rings, self.device.make_step(handles))
-            log.info("queues %s started (%s path, %s rings)", group,
-                     "/".join("direct" if vr.q[2] else "copy" for vr in rings), "packed" if self.packed else "split")
+            log.info(
+                "queues %s started (%s path, %s rings)",
+                group,
+                "/".join("direct" if vr.q[2] else "copy" for vr in rings),
+                "packed" if self.packed else "split",
+            )
         for vr in self.vrings:
-            if vr.index in self.discarding or not vr.started or vr.enabled or vr.broken or not vr.size \
-                    or vr.addr is None:
+            if (
+                vr.index in self.discarding
+                or not vr.started
+                or vr.enabled
+                or vr.broken
+                or not vr.size
+                or vr.addr is None
+            ):
                 continue
             if not self.device.discards_when_disabled(vr.index):
                 continue
@@ -760,8 +849,9 @@ class Connection:
         self.kept_memory.append(self.mem)
         self._unmap(self.mem.clear())
         if self.kept_memory:
-            log.error("guest memory left mapped: requests in flight on queue(s) %s may still use it",
-                      self._stuck_queues())
+            log.error(
+                "guest memory left mapped: requests in flight on queue(s) %s may still use it", self._stuck_queues()
+            )
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
@@ -789,18 +879,30 @@ def add_stats(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]
 
 
 def queue_stats(q: np.ndarray) -> dict[str, int]:
-    return {"packets": int(q[Q_PACKETS]), "bytes": int(q[Q_BYTES]), "drops": int(q[Q_DROPS]),
-            "chains": int(q[Q_CHAINS]), "calls": int(q[Q_CALLS]), "wakeups": int(q[Q_WAKEUPS]),
-            "error": int(q[Q_ERROR])}
+    return {
+        "packets": int(q[Q_PACKETS]),
+        "bytes": int(q[Q_BYTES]),
+        "drops": int(q[Q_DROPS]),
+        "chains": int(q[Q_CHAINS]),
+        "calls": int(q[Q_CALLS]),
+        "wakeups": int(q[Q_WAKEUPS]),
+        "error": int(q[Q_ERROR]),
+    }
 
 
 class Server:
     """Listen on a Unix socket and serve one front-end at a time; a disconnect tears the device down and the
     next connection gets a fresh one."""
 
-    def __init__(self, device: Device, socket_path: str | None, metadata: Metadata = Metadata.DIRECT,
-                 batch: int = 256, listener: socket.socket | None = None,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        device: Device,
+        socket_path: str | None,
+        metadata: Metadata = Metadata.DIRECT,
+        batch: int = 256,
+        listener: socket.socket | None = None,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
         """Listen on ``socket_path`` (created, replacing what is there), or on ``listener``, a listening Unix
         socket passed in (socket activation: its path belongs to whoever made it and is left in place)."""
         if listener is None and socket_path is None:
@@ -852,8 +954,14 @@ class Server:
                     # a message is read only once select() says it has begun; a peer that stalls in the
                     # middle of one is dropped after this long instead of blocking the server
                     sock.settimeout(MESSAGE_TIMEOUT)
-                    self.connection = Connection(sock, self.device, self.metadata, batch=self.batch,
-                                                 fault_fd=self.fault_fd, stop_timeout=self.stop_timeout)
+                    self.connection = Connection(
+                        sock,
+                        self.device,
+                        self.metadata,
+                        batch=self.batch,
+                        fault_fd=self.fault_fd,
+                        stop_timeout=self.stop_timeout,
+                    )
                     sel.unregister(self.listener)
                     sel.register(sock, selectors.EVENT_READ, "conn")
                     log.info("front-end connected")

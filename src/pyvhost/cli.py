@@ -7,8 +7,8 @@ import json
 import logging
 import os
 import signal
-import sys
 import socket
+import sys
 import threading
 
 from .bench import add_arguments as add_bench_arguments
@@ -78,9 +78,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGUSR1, lambda s, f: log.info("stats %s", json.dumps(server.stats())))
     done = threading.Event()
     if args.stats_interval:
+
         def tick():
             while not done.wait(args.stats_interval):
                 log.info("stats %s", json.dumps(server.stats()))
+
         threading.Thread(target=tick, daemon=True).start()
     log.info("serving %s (%s path) on %s", spec.name, args.metadata, server.socket_path)
     if args.ready_file:
@@ -103,16 +105,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_drive(args: argparse.Namespace) -> int:
     import time
 
-    from .frontend import Frontend, warm_up
+    from .frontend.net import Frontend, warm_up
 
     _pin(args.cpu)
     warm_up()
     t_connect = time.perf_counter()
-    with Frontend(args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx,
-                  packed=args.packed) as fe:
+    with Frontend(
+        args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx, packed=args.packed
+    ) as fe:
         fe.setup()
-        result = fe.run(args.direction, seconds=args.seconds, count=args.count, pkt_size=args.pkt_size,
-                        warmup=args.warmup, batch=args.batch)
+        result = fe.run(
+            args.direction,
+            seconds=args.seconds,
+            count=args.count,
+            pkt_size=args.pkt_size,
+            warmup=args.warmup,
+            batch=args.batch,
+        )
         result["final"] = fe.drain(args.direction)
     first = result.pop("first_completion_at")
     result["first_packet_s"] = None if first is None else first - t_connect
@@ -126,7 +135,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     from .devices.net import warm_up as warm_net
     from .devices.tap import warm_up as warm_tap
-    from .frontend import warm_up as warm_frontend
+    from .frontend.net import warm_up as warm_frontend
 
     t = time.perf_counter()
     warm_net()
@@ -147,11 +156,19 @@ def serve_arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket-path", help="listen on this Unix socket path (created; replaced if it exists)")
-    where.add_argument("--socket-fd", type=int, metavar="N",
-                       help="serve on the listening Unix socket already open as fd N (socket activation; "
-                       "without either option, systemd's LISTEN_FDS socket is used)")
-    p.add_argument("--metadata", choices=METADATA_PATHS, default="direct",
-                   help="ring metadata access: direct (validated-once views) or copy (checked every access)")
+    where.add_argument(
+        "--socket-fd",
+        type=int,
+        metavar="N",
+        help="serve on the listening Unix socket already open as fd N (socket activation; "
+        "without either option, systemd's LISTEN_FDS socket is used)",
+    )
+    p.add_argument(
+        "--metadata",
+        choices=METADATA_PATHS,
+        default="direct",
+        help="ring metadata access: direct (validated-once views) or copy (checked every access)",
+    )
     p.add_argument("--batch", type=int, default=256, help="most chains taken per pass")
     p.add_argument("--cpu", type=int, help="pin to this CPU")
     p.add_argument("--connections", type=int, help="exit after this many connections have ended")
@@ -203,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve" and args.socket_path is None and args.socket_fd is None and not socket_activated():
         parser.error("serve: one of --socket-path or --socket-fd is required")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
     log.setLevel(logging.INFO if args.verbose <= 1 else logging.DEBUG)
     return args.func(args)
 

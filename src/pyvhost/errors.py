@@ -46,8 +46,8 @@ _TEXT = {
     QueueError.BAD_ADDRESS: "a buffer does not lie inside guest memory",
     QueueError.BAD_DIRECTION: "a buffer's direction is wrong for this queue (or readable after writable)",
     QueueError.PACKED_BAD_WRAP: "a packed descriptor's AVAIL/USED bits do not fit the wrap counter (a used "
-                                "descriptor of this lap at the next avail position, or a chain continuing into "
-                                "a descriptor that is not available; value: position << 16 | flags)",
+    "descriptor of this lap at the next avail position, or a chain continuing into "
+    "a descriptor that is not available; value: position << 16 | flags)",
     QueueError.PACKED_BAD_ID: "a packed chain's buffer id is not below the queue size",
     QueueError.PACKED_INDIRECT_IN_CHAIN: "a packed chain mixes an indirect descriptor with chained ones",
 }

@@ -27,7 +27,7 @@ def _cache_dir() -> str:
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
-    numba.config.CACHE_DIR = _cache_dir()
+    numba.config.CACHE_DIR = _cache_dir()  # type: ignore[attr-defined]  # set at run time by numba
 
 
 def helper(fn):

@@ -65,8 +65,9 @@ def _arena_released(base: int, size: int) -> None:
 
 def _reserve(addr: int, length: int) -> bool:
     """Replace [addr, addr+length) by PROT_NONE reserved space (dropping whatever was mapped there)."""
-    got = _libc.mmap(addr, length, _PROT_NONE,
-                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1, 0)
+    got = _libc.mmap(
+        addr, length, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1, 0
+    )
     return got == addr
 
 
@@ -81,8 +82,12 @@ class Arena:
     def __init__(self, size: int = ARENA_SIZE, notify_fd: int = -1) -> None:
         self.size = size
         # Created writable (so NumPy views are writable), then made PROT_NONE until regions are placed.
-        self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.mm = mmap.mmap(
+            -1,
+            size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
         self.view = np.frombuffer(self.mm, dtype=np.uint8)
         self.base = self.view.ctypes.data
         if _libc.mprotect(ctypes.c_void_p(self.base), ctypes.c_size_t(size), _PROT_NONE) != 0:
@@ -121,8 +126,9 @@ class Arena:
         delta = file_offset - foff
         maplen = -(-(length + delta) // PAGE) * PAGE
         off = self._find(maplen, align)
-        addr = _libc.mmap(self.base + off, maplen, mmap.PROT_READ | mmap.PROT_WRITE,
-                          mmap.MAP_SHARED | _MAP_FIXED, fd, foff)
+        addr = _libc.mmap(
+            self.base + off, maplen, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, foff
+        )
         if addr == _MAP_FAILED or addr != self.base + off:
             err = ctypes.get_errno()
             raise MemoryError_(f"mmap of fd {fd} ({maplen} bytes at file offset {foff}) failed: {os.strerror(err)}")
@@ -137,8 +143,13 @@ class Arena:
                 if not _reserve(self.base + off, n):
                     err = ctypes.get_errno()
                     self.stuck.add(off)
-                    log.error("unmapping %d bytes at arena offset %#x failed (%s): the old mapping stays, "
-                              "reserved, and nothing is placed there again", n, off, os.strerror(err))
+                    log.error(
+                        "unmapping %d bytes at arena offset %#x failed (%s): the old mapping stays, "
+                        "reserved, and nothing is placed there again",
+                        n,
+                        off,
+                        os.strerror(err),
+                    )
                     return False
                 del self.placements[off]
                 self.stuck.discard(off)
@@ -162,15 +173,19 @@ class Arena:
             weakref.finalize(mm, _arena_released, self.base, self.size)
             if self.stuck:
                 log.error("arena at %#x: %d placement(s) could not be unmapped", self.base, len(self.stuck))
-            log.error("arena at %#x closed with views still alive: it stays mapped (%d such arena(s)) until the "
-                      "last view is released", self.base, len(_pending_arenas))
+            log.error(
+                "arena at %#x closed with views still alive: it stays mapped (%d such arena(s)) until the "
+                "last view is released",
+                self.base,
+                len(_pending_arenas),
+            )
 
 
 @dataclass
 class MappedRegion:
     desc: MemRegion
-    offset: int         # arena offset of the region's first byte
-    view: np.ndarray    # uint8 view of exactly memory_size bytes
+    offset: int  # arena offset of the region's first byte
+    view: np.ndarray  # uint8 view of exactly memory_size bytes
 
     @property
     def gpa_end(self) -> int:
@@ -207,8 +222,12 @@ def sealed_against_shrinking(fd: int) -> bool:
 def map_region(arena: Arena, region: MemRegion, fd: int) -> MappedRegion:
     """Map one region from its fd into the arena; the fd itself is not kept (the mapping holds the file)."""
     size, off = region.memory_size, region.mmap_offset
-    for name, v in (("guest_phys_addr", region.guest_phys_addr), ("userspace_addr", region.userspace_addr),
-                    ("memory_size", size), ("mmap_offset", off)):
+    for name, v in (
+        ("guest_phys_addr", region.guest_phys_addr),
+        ("userspace_addr", region.userspace_addr),
+        ("memory_size", size),
+        ("mmap_offset", off),
+    ):
         if v >= ADDR_LIMIT:
             raise MemoryError_(f"region {name} {v:#x} out of range")
     if size == 0:
@@ -217,7 +236,7 @@ def map_region(arena: Arena, region: MemRegion, fd: int) -> MappedRegion:
         raise MemoryError_(f"region addresses/offset not 8-byte aligned: {region}")
     blksize = _check_fd(fd, off + size)
     start = arena.place(fd, off, size, blksize)
-    return MappedRegion(region, start, arena.view[start:start + size])
+    return MappedRegion(region, start, arena.view[start : start + size])
 
 
 def unmap_region(arena: Arena, r: MappedRegion) -> bool:
@@ -242,9 +261,11 @@ class GuestMemory:
         unsealed = [fd for fd in fds if not sealed_against_shrinking(fd)]
         if unsealed and not self.warned_unsealed:
             self.warned_unsealed = True
-            log.warning("%d region fd(s) not sealed against shrinking (F_SEAL_SHRINK): a front-end that truncates "
-                        "its memory file makes the next access to it fault (SIGBUS) and ends its connection",
-                        len(unsealed))
+            log.warning(
+                "%d region fd(s) not sealed against shrinking (F_SEAL_SHRINK): a front-end that truncates "
+                "its memory file makes the next access to it fault (SIGBUS) and ends its connection",
+                len(unsealed),
+            )
 
     # -- changes ---------------------------------------------------------------------------------------
     def set_table(self, regions: list[MemRegion], fds: list[int]) -> list[MappedRegion]:
@@ -262,7 +283,7 @@ class GuestMemory:
             raise
         old, self.regions = self.regions, new
         self._rebuild()
-        self._check_seals(fds[:len(regions)])
+        self._check_seals(fds[: len(regions)])
         return old
 
     def add_region(self, region: MemRegion, fd: int) -> None:
@@ -283,7 +304,10 @@ class GuestMemory:
         for i, r in enumerate(self.regions):
             d = r.desc
             if (d.guest_phys_addr, d.memory_size, d.userspace_addr) == (
-                    region.guest_phys_addr, region.memory_size, region.userspace_addr):
+                region.guest_phys_addr,
+                region.memory_size,
+                region.userspace_addr,
+            ):
                 del self.regions[i]
                 self._rebuild()
                 return r
@@ -304,8 +328,10 @@ class GuestMemory:
             return None
         for i, r in enumerate(self.regions):
             if r.offset - PAGE < off < r.offset + r.desc.memory_size:
-                where = (f"region {i} backing file truncated (guest-physical {r.desc.guest_phys_addr:#x}, "
-                         f"{r.desc.memory_size} bytes; first fault at byte {off - r.offset} of it")
+                where = (
+                    f"region {i} backing file truncated (guest-physical {r.desc.guest_phys_addr:#x}, "
+                    f"{r.desc.memory_size} bytes; first fault at byte {off - r.offset} of it"
+                )
                 break
         else:
             where = f"a region's backing file truncated (first fault at arena offset {off:#x}, no longer mapped"
@@ -313,8 +339,10 @@ class GuestMemory:
 
     @staticmethod
     def _check_overlaps(regions: list[MappedRegion]) -> None:
-        for key, end in ((lambda r: r.desc.guest_phys_addr, lambda r: r.gpa_end),
-                         (lambda r: r.desc.userspace_addr, lambda r: r.uva_end)):
+        for key, end in (
+            (lambda r: r.desc.guest_phys_addr, lambda r: r.gpa_end),
+            (lambda r: r.desc.userspace_addr, lambda r: r.uva_end),
+        ):
             srt = sorted(regions, key=key)
             for a, b in zip(srt, srt[1:]):
                 if end(a) > key(b):
@@ -325,8 +353,10 @@ class GuestMemory:
         n = len(self.regions)
         table = np.zeros((2, max(n, 1), 3), dtype=np.int64)
         table[:, :, 0] = ADDR_LIMIT  # an empty table translates nothing
-        for space, key in ((SPACE_GPA, lambda i: self.regions[i].desc.guest_phys_addr),
-                           (SPACE_UVA, lambda i: self.regions[i].desc.userspace_addr)):
+        for space, key in (
+            (SPACE_GPA, lambda i: self.regions[i].desc.guest_phys_addr),
+            (SPACE_UVA, lambda i: self.regions[i].desc.userspace_addr),
+        ):
             for row, i in enumerate(sorted(range(n), key=key)):
                 r = self.regions[i]
                 table[space, row] = (key(i), r.desc.memory_size, r.offset)
@@ -352,7 +382,7 @@ class GuestMemory:
     def view(self, space: int, addr: int, length: int) -> np.ndarray | None:
         """uint8 view of [addr, addr+length) if it lies whole in one region."""
         at = self.translate(space, addr, length)
-        return None if at is None else self.arena.view[at:at + length]
+        return None if at is None else self.arena.view[at : at + length]
 
     def close(self) -> None:
         for r in self.clear():

@@ -111,7 +111,7 @@ class ProtocolError(Exception):
 
     ``message`` is set when the header was read whole, so that a reply still owed can be sent."""
 
-    def __init__(self, text: str, message: "Message | None" = None) -> None:
+    def __init__(self, text: str, message: Message | None = None) -> None:
         super().__init__(text)
         self.message = message
 
@@ -220,8 +220,10 @@ class Message:
         if nregions > MEMORY_BASELINE_NREGIONS:
             raise ProtocolError(f"SET_MEM_TABLE: {nregions} regions, at most {MEMORY_BASELINE_NREGIONS}")
         self._need(MEM_TABLE_HDR.size + nregions * MEM_REGION.size)
-        regions = [MemRegion(*MEM_REGION.unpack_from(self.payload, MEM_TABLE_HDR.size + i * MEM_REGION.size))
-                   for i in range(nregions)]
+        regions = [
+            MemRegion(*MEM_REGION.unpack_from(self.payload, MEM_TABLE_HDR.size + i * MEM_REGION.size))
+            for i in range(nregions)
+        ]
         if len(self.fds) != nregions:
             raise ProtocolError(f"SET_MEM_TABLE: {nregions} regions but {len(self.fds)} fds")
         return regions
@@ -235,7 +237,7 @@ class Message:
         offset, size, flags = CONFIG_HDR.unpack_from(self.payload)
         if size > VHOST_USER_MAX_CONFIG_SIZE or offset > VHOST_USER_MAX_CONFIG_SIZE:
             raise ProtocolError(f"{self.name}: config offset {offset} size {size} over {VHOST_USER_MAX_CONFIG_SIZE}")
-        data = self.payload[CONFIG_HDR.size:CONFIG_HDR.size + size]
+        data = self.payload[CONFIG_HDR.size : CONFIG_HDR.size + size]
         return offset, size, flags, data
 
 
@@ -271,7 +273,7 @@ def _recv_part(sock: socket.socket, n: int, fds: list[int]) -> tuple[bytes, bool
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             got = array.array("i")
-            got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
+            got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
             fds.extend(got)
     return data, bool(flags & socket.MSG_CTRUNC)
 
@@ -322,8 +324,9 @@ def recv_message(sock: socket.socket) -> Message:
     if truncated:
         n = len(msg.fds)
         msg.close_fds()
-        raise ProtocolError(f"{msg.name}: fd list truncated (more than {MAX_FDS} fds sent, {n} received); "
-                            "all closed", msg)
+        raise ProtocolError(
+            f"{msg.name}: fd list truncated (more than {MAX_FDS} fds sent, {n} received); all closed", msg
+        )
     if (flags & VHOST_USER_VERSION_MASK) != VHOST_USER_VERSION:
         msg.close_fds()
         raise ProtocolError(f"request {request}: unsupported version in flags {flags:#x}", msg)
@@ -342,8 +345,13 @@ def pack_message(request: int, payload: bytes = b"", flags: int = VHOST_USER_VER
     return HEADER.pack(request, flags, len(payload)) + payload
 
 
-def send_message(sock: socket.socket, request: int, payload: bytes = b"", fds: list[int] | None = None,
-                 flags: int = VHOST_USER_VERSION) -> None:
+def send_message(
+    sock: socket.socket,
+    request: int,
+    payload: bytes = b"",
+    fds: list[int] | None = None,
+    flags: int = VHOST_USER_VERSION,
+) -> None:
     """Send one message with optional fds (SCM_RIGHTS)."""
     data = pack_message(request, payload, flags)
     if fds:

@@ -22,18 +22,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyvhost import inflight as INF
+from pyvhost import protocol as P
 from pyvhost.access import Metadata
 from pyvhost.backend import Server
-from pyvhost.devices.blk import (OUTHDR, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-                                 VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
-                                 VIRTIO_BLK_T_FLUSH,
-                                 VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, BlkDevice)
-from pyvhost import protocol as P
-from pyvhost.devices.blk import VIRTIO_BLK_F_CONFIG_WCE
-from pyvhost.frontend import FrontendError
-from pyvhost.frontend_blk import BlkFrontend
-from pyvhost.protocol import ProtocolFeature as PF, Request as R
+from pyvhost.devices.blk import (
+    OUTHDR,
+    VIRTIO_BLK_F_CONFIG_WCE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    BlkDevice,
+)
+from pyvhost.frontend.blk import BlkFrontend
+from pyvhost.frontend.net import FrontendError
+from pyvhost.protocol import ProtocolFeature as PF
+from pyvhost.protocol import Request as R
+from pyvhost.ring import inflight as INF
 
 from ..conftest import assert_log_path, assert_path
 
@@ -146,7 +158,7 @@ def test_checksummed_data_survives_backend_restart(image, sock_path, metadata):
         status, data = fe.read(0, 64 * BLOCK)  # a large read across written and unwritten blocks
         assert status == VIRTIO_BLK_S_OK
         for i in range(64):
-            chunk = data[i * BLOCK:(i + 1) * BLOCK]
+            chunk = data[i * BLOCK : (i + 1) * BLOCK]
             assert chunk == (payload(blocks.index(i), i) if i in blocks else bytes(BLOCK))
     dev.close()
     with open(image, "rb") as f:  # and on the file itself
@@ -187,8 +199,9 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
         (c,) = fe.wait()
         assert c.status == VIRTIO_BLK_S_OK and c.length == 1
         # no status byte at all: nothing can be reported; the chain completes with length 0, the queue goes on
-        fe.post_chain([("hdr", 16, False), ("data", 512, False)], header=OUTHDR.pack(VIRTIO_BLK_T_OUT, 0, 0),
-                      data=b"\xaa" * 512)
+        fe.post_chain(
+            [("hdr", 16, False), ("data", 512, False)], header=OUTHDR.pack(VIRTIO_BLK_T_OUT, 0, 0), data=b"\xaa" * 512
+        )
         (c,) = fe.wait()
         assert c.length == 0 and fe.ram.buf[fe.queues[0].status_off + c.slot] == 0xFF
         # and a good request still works
@@ -334,9 +347,9 @@ def _recording(a: np.ndarray, stores: Stores) -> RecordingArray:
 def _as_run(kernel, stores: Stores):
     """The kernel's own Python source, run with its inflight stores counted and the used-index publication
     (flush_used, one store) counted too; fences are no-ops in one thread."""
-    from pyvhost.devices import base
+    from pyvhost.devices import chain_device
 
-    real_flush = base.flush_used
+    real_flush = chain_device.flush_used
 
     def flush_used(*args):
         stores.store()  # the crash may come before the publication ...
@@ -354,15 +367,15 @@ def test_inflight_recovery_after_a_crash_at_every_step():
     once: completed (in the used ring the driver sees), resubmitted (in the order it was taken), or taken anew
     after the resubmitted ones."""
     from pyvhost.access import bind
-    from pyvhost.chain import new_sg
-    from pyvhost.devices.base import C_HEAD, IST_COUNTER, IST_TRACK, pop_chains, push_used
-    from pyvhost.frontend import GuestRam
+    from pyvhost.devices.chain_device import C_HEAD, IST_COUNTER, IST_TRACK, pop_chains, push_used
+    from pyvhost.frontend.ram import GuestRam
     from pyvhost.memory import GuestMemory
-    from pyvhost.ring.split import Q_EVENT_IDX, Q_LAST_AVAIL, Q_USED_IDX, new_queue_state
+    from pyvhost.ring.chain import new_sg
+    from pyvhost.ring.state import Q_EVENT_IDX, Q_LAST_AVAIL, Q_USED_IDX, new_queue_state
 
-    size, before = 8, 3          # 3 requests completed before this batch
-    taken = [5, 2, 7, 0]         # heads in avail order
-    completing = [7, 2]          # completed together, out of order
+    size, before = 8, 3  # 3 requests completed before this batch
+    taken = [5, 2, 7, 0]  # heads in avail order
+    completing = [7, 2]  # completed together, out of order
     total = None
     cut = 0
     while total is None or cut <= total:
@@ -372,11 +385,11 @@ def test_inflight_recovery_after_a_crash_at_every_step():
             mem.set_table([ram.region()], [ram.fd])
             d, a, u = ram.alloc(16 * size, 4096), ram.alloc(6 + 2 * size, 64), ram.alloc(6 + 8 * size, 4096)
             data = ram.alloc(size * 512, 4096)
-            desc = ram.buf[d:d + 16 * size].view(np.uint64)
+            desc = ram.buf[d : d + 16 * size].view(np.uint64)
             for i in range(size):
                 desc[2 * i], desc[2 * i + 1] = ram.gpa(data + 512 * i), 512
-            avail = ram.buf[a:a + 6 + 2 * size].view(np.uint16)
-            used16 = ram.buf[u:u + 6 + 8 * size].view(np.uint16)
+            avail = ram.buf[a : a + 6 + 2 * size].view(np.uint16)
+            used16 = ram.buf[u : u + 6 + 8 * size].view(np.uint16)
             for k, h in enumerate([1, 3, 4] + taken):
                 avail[2 + k % size] = h
             avail[1] = before + len(taken)
@@ -394,13 +407,15 @@ def test_inflight_recovery_after_a_crash_at_every_step():
             i8, i16, i64 = (_recording(x, stores) for x in (region.u8, region.u16, region.u64))
             sg, chains = new_sg(2 * size), np.zeros((size, 4), dtype=np.int64)
             try:
-                n = _as_run(pop_chains, stores)(q, dv, av, u16v, mem.arena.view, mem.table, sg, chains, size, 4,
-                                                i8, i64, ist)
+                n = _as_run(pop_chains, stores)(
+                    q, dv, av, u16v, mem.arena.view, mem.table, sg, chains, size, 4, i8, i64, ist
+                )
                 assert [int(h) for h in chains[:n, C_HEAD]] == taken
                 heads = np.array(completing + [0] * (size - len(completing)), dtype=np.int64)
                 lens = np.zeros(size, dtype=np.int64)
-                assert _as_run(push_used, stores)(q, av, u16v, u32v, mem.arena.view, mem.table, heads, lens,
-                                                  len(completing), i8, i16, 1)
+                assert _as_run(push_used, stores)(
+                    q, av, u16v, u32v, mem.arena.view, mem.table, heads, lens, len(completing), i8, i16, 1
+                )
                 total = stores.done  # no crash: every store made
             except Crash:
                 pass
@@ -410,8 +425,8 @@ def test_inflight_recovery_after_a_crash_at_every_step():
             heads_back, counter = region.recover(seen)
             next_avail = seen + len(heads_back)  # where ChainDevice.make_step goes on taking new chains
             served = sorted(completed + heads_back)
-            assert served == sorted(taken[:next_avail - before]), (cut, completed, heads_back)
-            assert heads_back == [h for h in taken[:next_avail - before] if h not in completed], (cut, heads_back)
+            assert served == sorted(taken[: next_avail - before]), (cut, completed, heads_back)
+            assert heads_back == [h for h in taken[: next_avail - before] if h not in completed], (cut, heads_back)
             assert int(region.u16[INF.U16_USED_IDX]) == seen
             assert region.recover(seen) == (heads_back, counter)  # recovery is idempotent
             if heads_back:
@@ -428,8 +443,8 @@ def test_inflight_area_from_a_hostile_frontend_is_bounded():
     r = _region(8)
     r.recover(0)
     r.u16[INF.U16_LAST_BATCH_HEAD] = 999  # out of range
-    r.u16[INF.U16_USED_IDX] = 40000       # the batch would be huge
-    r.u8[INF.desc_inflight(3)] = 7        # any non-zero value counts
+    r.u16[INF.U16_USED_IDX] = 40000  # the batch would be huge
+    r.u8[INF.desc_inflight(3)] = 7  # any non-zero value counts
     heads, _ = r.recover(0)
     assert heads == [3]
     for bad in [dict(mmap_size=10), dict(queue_size=0), dict(num_queues=0), dict(mmap_offset=1)]:
@@ -449,7 +464,7 @@ def _map_region(fe: BlkFrontend, queue: int = 0) -> tuple[mmap.mmap, INF.QueueRe
     mm = mmap.mmap(fe.inflight_fd, size, offset=offset)
     buf = np.frombuffer(mm, np.uint8)
     rs = INF.queue_region_size(fe.queue_size)
-    return mm, INF.QueueRegion(buf[queue * rs:(queue + 1) * rs], fe.queue_size)
+    return mm, INF.QueueRegion(buf[queue * rs : (queue + 1) * rs], fe.queue_size)
 
 
 class Recorder(BlkDevice):
@@ -484,8 +499,7 @@ def test_restart_resubmits_in_counter_order_and_repeats_nothing(image, sock_path
         mm, region = _map_region(fe)
         assert region.version == 1 and int(region.u16[INF.U16_USED_IDX]) == 3 and not len(region.inflight_heads())
         # six writes posted while no back-end runs
-        slots = [fe.post(VIRTIO_BLK_T_OUT, 8 * (k + 1), data=payload(k + 1, k + 1), tag=f"w{k + 1}")
-                 for k in range(6)]
+        slots = [fe.post(VIRTIO_BLK_T_OUT, 8 * (k + 1), data=payload(k + 1, k + 1), tag=f"w{k + 1}") for k in range(6)]
         heads = [3 * s for s in slots]
         # what the dead back-end did: took all six (counters in taking order: w1..w4, w6, w5) ...
         for h, counter in zip(heads, [10, 11, 12, 13, 15, 14]):
@@ -537,8 +551,21 @@ def test_restart_resubmits_in_counter_order_and_repeats_nothing(image, sock_path
 class Backend:
     def __init__(self, tmp: Path, image: str, sock: str, metadata: str, delay_ms: float) -> None:
         self.tmp, self.n = tmp, 0
-        self.cmd = [sys.executable, "-m", "pyvhost", "serve", "blk", "--socket-path", sock, "--file", image,
-                    "--metadata", metadata, "--io-delay-ms", str(delay_ms)]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "serve",
+            "blk",
+            "--socket-path",
+            sock,
+            "--file",
+            image,
+            "--metadata",
+            metadata,
+            "--io-delay-ms",
+            str(delay_ms),
+        ]
         self.sock = sock
         self.proc: subprocess.Popen | None = None
 
@@ -589,8 +616,8 @@ def test_kill9_during_writes_loses_and_repeats_nothing(tmp_path, image, metadata
         fe.setup()
         assert_log_path(be.log.read_text(), metadata)
         mm, region = _map_region(fe)
-        latest: dict[int, int] = {}   # block -> newest seq posted
-        busy: set[int] = set()        # blocks with a write in flight
+        latest: dict[int, int] = {}  # block -> newest seq posted
+        busy: set[int] = set()  # blocks with a write in flight
         completed: set[int] = set()
         posted = 0
         kills = 0
@@ -663,9 +690,31 @@ def test_bench_blk(tmp_path):
     import shutil
 
     out = tmp_path / "rows.json"
-    p = subprocess.run([sys.executable, "-m", "pyvhost", "bench", "--device", "blk", "--seconds", "1.5",
-                        "--warmup", "0.2", "--runs", "1", "--image-mb", "16", "--queue-size", "128",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "bench",
+            "--device",
+            "blk",
+            "--seconds",
+            "1.5",
+            "--warmup",
+            "0.2",
+            "--runs",
+            "1",
+            "--image-mb",
+            "16",
+            "--queue-size",
+            "128",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(out.read_text())
     backends = {"pyvhost"} | ({"qsd"} if shutil.which("qemu-storage-daemon") else set())

@@ -12,7 +12,7 @@ import pytest
 from pyvhost.access import Metadata
 from pyvhost.backend import Server
 from pyvhost.devices.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN
-from pyvhost.frontend_blk import BlkFrontend
+from pyvhost.frontend.blk import BlkFrontend
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "writing-a-device.md"
 

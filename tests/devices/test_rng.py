@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyvhost.devices.base import ChainDevice
+from pyvhost.devices.chain_device import ChainDevice
 from pyvhost.devices.rng import RngDevice
-from pyvhost.frontend import BUF_SIZE, Frontend
+from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.ram import BUF_SIZE
 
 
 @pytest.mark.parametrize("metadata", ["direct", "copy"])
@@ -20,9 +21,9 @@ def test_rng_fills_every_buffer(serve, sock_path, metadata):
         r = fe.run("rx", count=5000)
         ring = fe.rings[0]
         assert r["packets"] == 5000
-        lens = ring.used32[2::2][:ring.size]
+        lens = ring.used32[2::2][: ring.size]
         assert (lens == BUF_SIZE).all()  # every completion says the whole buffer was written
-        bufs = fe.ram.buf[ring.bufs_off:ring.bufs_off + ring.size * BUF_SIZE]
+        bufs = fe.ram.buf[ring.bufs_off : ring.bufs_off + ring.size * BUF_SIZE]
         assert np.count_nonzero(bufs) > 0.99 * bufs.size  # random, not the zeros the driver left
         final = fe.drain("rx")
     assert final["packets"] == 5000
@@ -58,7 +59,7 @@ def test_device_exception_completes_the_chain_and_goes_on(serve, sock_path, erro
         ram = fe.ram
         for i, payload in enumerate((b"hello", b"boom!", b"again")):
             src, dst = ring.bufs_off + 2 * i * BUF_SIZE, ring.bufs_off + (2 * i + 1) * BUF_SIZE
-            ram.buf[src:src + len(payload)] = np.frombuffer(payload, np.uint8)
+            ram.buf[src : src + len(payload)] = np.frombuffer(payload, np.uint8)
             d = 2 * i
             ring.desc[2 * d] = ram.gpa(src)
             ring.desc[2 * d + 1] = len(payload) | (VRING_DESC_F_NEXT << 32) | ((d + 1) << 48)
@@ -68,13 +69,14 @@ def test_device_exception_completes_the_chain_and_goes_on(serve, sock_path, erro
         ring.avail[1] = 3
         os.eventfd_write(ring.kick_fd, 1)
         import time
+
         deadline = time.monotonic() + 10
         while ring.used16[1] != 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ring.used16[1] == 3  # every chain completed, the failing one too
         assert [int(x) for x in ring.used32[2:8:2]] == [5, 0, 5]
         dst = ring.bufs_off + 5 * BUF_SIZE
-        assert bytes(ram.buf[dst:dst + 5]) == b"again"
+        assert bytes(ram.buf[dst : dst + 5]) == b"again"
     assert any("handling a chain of queue 0 failed" in m for m in errors())
 
 

@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from pyvhost.frontend import Frontend
-from pyvhost.ring.split import Q_LAST_AVAIL, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from pyvhost.frontend.net import Frontend
+from pyvhost.ring.split import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from pyvhost.ring.state import Q_LAST_AVAIL
 
 from ..conftest import needs_root, needs_tun
 
@@ -38,7 +39,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def frame(size: int, seq: int) -> bytes:
     """An Ethernet frame of ``size`` bytes with a recognisable body."""
-    head = bytes.fromhex("525400123456" "02000000aa01") + struct.pack("!HI", ETHERTYPE, seq)
+    head = bytes.fromhex("52540012345602000000aa01") + struct.pack("!HI", ETHERTYPE, seq)
     body = bytes((seq + i) & 0xFF for i in range(size - len(head)))
     return head + body
 
@@ -118,7 +119,7 @@ class Driver:
         """Guest memory holding ``data`` (or ``data`` zeroed bytes): (offset, length)."""
         n = data if isinstance(data, int) else len(data)
         off = self.ram.alloc(n, 64)
-        self.ram.buf[off:off + n] = 0 if isinstance(data, int) else np.frombuffer(data, np.uint8)
+        self.ram.buf[off : off + n] = 0 if isinstance(data, int) else np.frombuffer(data, np.uint8)
         return off, n
 
     def post(self, bufs: list[tuple[int, int]], write: bool, bad_next: bool = False) -> int:
@@ -157,7 +158,7 @@ class Driver:
         return (int(self.ring.used16[1]) - self.last_used) & 0xFFFF
 
     def read(self, off: int, n: int) -> bytes:
-        return bytes(self.ram.buf[off:off + n])
+        return bytes(self.ram.buf[off : off + n])
 
 
 @pytest.fixture
@@ -216,8 +217,9 @@ def test_tx_frames_reach_the_tap_intact(tap, metadata):
     # header and frame in one buffer; header apart; the frame split over three buffers
     tx.post([tx.buffer(vnet_hdr() + frames[0])], write=False)
     tx.post([tx.buffer(vnet_hdr()), tx.buffer(frames[1])], write=False)
-    tx.post([tx.buffer(vnet_hdr() + frames[2][:7]), tx.buffer(frames[2][7:500]), tx.buffer(frames[2][500:])],
-            write=False)
+    tx.post(
+        [tx.buffer(vnet_hdr() + frames[2][:7]), tx.buffer(frames[2][7:500]), tx.buffer(frames[2][500:])], write=False
+    )
     assert wire.recv(3) == frames
     assert [ln for _, ln in tx.used(3)] == [0, 0, 0]
     assert dev.counters["tx_frames"] == 3 and dev.counters["tx_drops"] == 0
@@ -253,7 +255,7 @@ def test_mergeable_frame_spans_buffers_with_num_buffers(tap):
     data = b"".join(rx.read(off, ln) for (off, _), (_, ln) in zip(bufs, used))
     assert data == vnet_hdr(6) + f
     wire.send(frame(100, 5))  # the next frame starts in the next buffer
-    (h, ln), = rx.used(1)
+    ((h, ln),) = rx.used(1)
     assert ln == HDR + 100 and rx.read(bufs[6][0], ln) == vnet_hdr(1) + frame(100, 5)
 
 
@@ -314,7 +316,7 @@ def test_stopping_the_ring_gives_held_buffers_back(tap):
     assert base == 1  # one completed; the five held were given back
     fe.start_ring(rx.ring, base)
     wire.send(frame(120, 2))
-    (h, ln), = rx.used(1)
+    ((h, ln),) = rx.used(1)
     assert h == 1 and ln == HDR + 120 and rx.read(bufs[1][0], ln) == vnet_hdr(1) + frame(120, 2)
 
 
@@ -327,7 +329,7 @@ def test_without_mergeable_buffers_a_frame_too_big_is_dropped(tap):
     rx.post([(off, 600)], write=True)
     wire.send(frame(1000, 1))
     wire.send(frame(500, 2))
-    (h, ln), = rx.used(1)
+    ((h, ln),) = rx.used(1)
     assert ln == HDR + 500 and rx.read(off, ln) == vnet_hdr(1) + frame(500, 2)
     assert dev.counters["rx_drops"] == 1
 
@@ -378,5 +380,5 @@ def test_broken_tx_ring_stops_only_that_queue(tap, errors):
     buf = rx.buffer(2048)
     rx.post([buf], write=True)
     wire.send(frame(200, 3))
-    (h, ln), = rx.used(1)
+    ((h, ln),) = rx.used(1)
     assert rx.read(buf[0], ln) == vnet_hdr(1) + frame(200, 3)

@@ -11,26 +11,62 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings, strategies as st
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 
 from pyvhost.access import Metadata, bind_packed
-from pyvhost.chain import ANY, MAX_INDIRECT, READ_ONLY, WRITE_ONLY, new_sg
 from pyvhost.devices.net import make_frame
 from pyvhost.devices.net_packed import loopback, rx_source, tx_sink
 from pyvhost.errors import QueueError
-from pyvhost.frontend import D_BATCH, D_BUFLEN, D_BYTES, D_EVENT_IDX, D_HDR, D_LIMIT, GPA_BASE, GuestRam
-from pyvhost.frontend_packed import D_BAD_IDS, D_DONE, D_POSTED, D_USED_WRAP, PackedDriverRing, drive_rx, drive_tx
+from pyvhost.frontend.packed import D_BAD_IDS, D_DONE, D_POSTED, D_USED_WRAP, PackedDriverRing, drive_rx, drive_tx
+from pyvhost.frontend.ram import GPA_BASE, GuestRam
+from pyvhost.frontend.split import D_BATCH, D_BUFLEN, D_BYTES, D_EVENT_IDX, D_HDR, D_LIMIT
 from pyvhost.memory import SPACE_UVA, GuestMemory
 from pyvhost.protocol import ADDR_LIMIT, MemRegion, VringAddr
-from pyvhost.ring.packed import (NOT_AVAIL, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
-                                 VRING_PACKED_DESC_F_AVAIL as AV, VRING_PACKED_DESC_F_USED as US, decode_base,
-                                 encode_base, flush_used, new_packed_state, new_shadow, read_head, ring_bytes,
-                                 walk_packed)
-from pyvhost.ring.split import (Q_AVAIL_WRAP, Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DESC, Q_DIRECT,
-                                Q_DROPS, Q_ERROR, Q_ERROR_VALUE, Q_EVENT_IDX, Q_HDR_LEN, Q_LAST_AVAIL, Q_LIMIT, Q_MRG,
-                                Q_NOTIFY_ON, Q_PACKETS, Q_SIGNALLED, Q_SIGNALLED_VALID, Q_USED_IDX, Q_USED_WRAP,
-                                VRING_DESC_F_INDIRECT as INDIRECT, VRING_DESC_F_NEXT as NEXT,
-                                VRING_DESC_F_WRITE as WRITE)
+from pyvhost.ring.chain import ANY, MAX_INDIRECT, READ_ONLY, WRITE_ONLY, new_sg
+from pyvhost.ring.packed import (
+    NOT_AVAIL,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    decode_base,
+    encode_base,
+    flush_used,
+    new_packed_state,
+    new_shadow,
+    read_head,
+    ring_bytes,
+    walk_packed,
+)
+from pyvhost.ring.packed import VRING_PACKED_DESC_F_AVAIL as AV
+from pyvhost.ring.packed import VRING_PACKED_DESC_F_USED as US
+from pyvhost.ring.split import VRING_DESC_F_INDIRECT as INDIRECT
+from pyvhost.ring.split import VRING_DESC_F_NEXT as NEXT
+from pyvhost.ring.split import VRING_DESC_F_WRITE as WRITE
+from pyvhost.ring.state import (
+    Q_AVAIL_WRAP,
+    Q_BATCH,
+    Q_BYTES,
+    Q_CALLFD,
+    Q_CALLS,
+    Q_CHAINS,
+    Q_DESC,
+    Q_DIRECT,
+    Q_DROPS,
+    Q_ERROR,
+    Q_ERROR_VALUE,
+    Q_EVENT_IDX,
+    Q_HDR_LEN,
+    Q_LAST_AVAIL,
+    Q_LIMIT,
+    Q_MRG,
+    Q_NOTIFY_ON,
+    Q_PACKETS,
+    Q_SIGNALLED,
+    Q_SIGNALLED_VALID,
+    Q_USED_IDX,
+    Q_USED_WRAP,
+)
 
 KiB = 1 << 10
 IDLE, MORE, BROKEN = 0, 1, -1
@@ -43,8 +79,8 @@ RAM_SIZE = 256 * KiB
 REGION = 64 * KiB
 MAPPED = 2 * REGION
 DESC_OFF, DRV_OFF, DEV_OFF = 0, 1536, 2048
-IND_OFF, IND_TABLES, IND_ENTRIES = 4 * KiB, 4, 64   # indirect tables at 4 KiB + t KiB
-DATA_OFF = 8 * KiB                                  # buffers live in [DATA_OFF, MAPPED)
+IND_OFF, IND_TABLES, IND_ENTRIES = 4 * KiB, 4, 64  # indirect tables at 4 KiB + t KiB
+DATA_OFF = 8 * KiB  # buffers live in [DATA_OFF, MAPPED)
 UNMAPPED = 160 * KiB
 
 
@@ -53,8 +89,10 @@ class Env:
         self.ram = GuestRam(RAM_SIZE)
         self.G = self.ram.gpa_base
         self.mem = GuestMemory(arena_size=1 << 30)
-        regions = [MemRegion(self.ram.gpa(0), REGION, self.ram.uva(0), 0),
-                   MemRegion(self.ram.gpa(REGION), REGION, self.ram.uva(REGION), REGION)]
+        regions = [
+            MemRegion(self.ram.gpa(0), REGION, self.ram.uva(0), 0),
+            MemRegion(self.ram.gpa(REGION), REGION, self.ram.uva(REGION), REGION),
+        ]
         self.mem.set_table(regions, [self.ram.fd, self.ram.fd])
         self.callfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -117,15 +155,26 @@ def used_bits(wrap: int) -> int:
 
 def run_tx(env: Env, q, views, budget: int = 1, spins: int = 1) -> int:
     n = int(q[0])
-    return int(tx_sink(q, *views.args(), env.mem.arena.view, env.mem.table, new_sg(n), new_shadow(n), budget,
-                       spins))
+    return int(tx_sink(q, *views.args(), env.mem.arena.view, env.mem.table, new_sg(n), new_shadow(n), budget, spins))
 
 
 def run_rx(env: Env, q, views, frame, budget: int = 1, spins: int = 1) -> int:
     n = int(q[0])
     sgs = np.stack([new_sg(n)] * 2)
-    return int(rx_source(q, *views.args(), env.mem.arena.view, env.mem.table, sgs, new_shadow(n),
-                         np.zeros(16, np.uint8), frame, budget, spins))
+    return int(
+        rx_source(
+            q,
+            *views.args(),
+            env.mem.arena.view,
+            env.mem.table,
+            sgs,
+            new_shadow(n),
+            np.zeros(16, np.uint8),
+            frame,
+            budget,
+            spins,
+        )
+    )
 
 
 # =========================================================================================================
@@ -135,8 +184,8 @@ u16 = st.integers(0, 0xFFFF)
 
 @dataclass
 class Chain:
-    pos: int      # position of its first descriptor
-    wrap: int     # the avail wrap counter there
+    pos: int  # position of its first descriptor
+    wrap: int  # the avail wrap counter there
     ndesc: int
     bid: int
     slots: list[int]
@@ -148,12 +197,12 @@ class State:
     direction: str
     size: int
     placement: str
-    offs: tuple[int, int, int]          # desc, driver area, device area offsets in RAM
-    ring: list[list[int]]               # [addr, len, id, flags] per position
+    offs: tuple[int, int, int]  # desc, driver area, device area offsets in RAM
+    ring: list[list[int]]  # [addr, len, id, flags] per position
     tables: list[list[list[int]]]
-    drv_event: tuple[int, int]          # off_wrap, flags
+    drv_event: tuple[int, int]  # off_wrap, flags
     dev_event: tuple[int, int]
-    avail: tuple[int, int]              # the device's avail cursor (position, wrap)
+    avail: tuple[int, int]  # the device's avail cursor (position, wrap)
     used: tuple[int, int]
     chains: list[Chain]
     mutations: list[str] = field(default_factory=list)
@@ -180,8 +229,8 @@ def adv(pos: int, wrap: int, n: int, size: int) -> tuple[int, int]:
 
 PLACEMENTS = {
     "normal": lambda n: (DESC_OFF, DRV_OFF, DEV_OFF),
-    "desc_at_end": lambda n: (MAPPED - 16 * (n // 2), DRV_OFF, DEV_OFF),      # the ring's end unmapped
-    "desc_on_seam": lambda n: (REGION - 16 * (n // 2), DRV_OFF, DEV_OFF),     # mapped, in two regions
+    "desc_at_end": lambda n: (MAPPED - 16 * (n // 2), DRV_OFF, DEV_OFF),  # the ring's end unmapped
+    "desc_on_seam": lambda n: (REGION - 16 * (n // 2), DRV_OFF, DEV_OFF),  # mapped, in two regions
     "driver_unmapped": lambda n: (DESC_OFF, UNMAPPED, DEV_OFF),
     "device_unmapped": lambda n: (DESC_OFF, DRV_OFF, UNMAPPED),
 }
@@ -198,8 +247,10 @@ def any_addr(G: int):
     )
 
 
-any_len = st.one_of(st.integers(0, 700), st.sampled_from([0, 1, 15, 16, 17, 32, 1024, 16 * MAX_INDIRECT,
-                                                          16 * (MAX_INDIRECT + 1), 0xFFFF_FFFF]))
+any_len = st.one_of(
+    st.integers(0, 700),
+    st.sampled_from([0, 1, 15, 16, 17, 32, 1024, 16 * MAX_INDIRECT, 16 * (MAX_INDIRECT + 1), 0xFFFF_FFFF]),
+)
 
 
 @st.composite
@@ -231,8 +282,9 @@ def ring_states(draw, G: int, direction: str) -> State:
     for i in range(size):
         f = (draw(u16) & ~(AV | US)) | (0 if lap(i) else AV) | draw(st.sampled_from([0, US]))
         ring.append([draw(any_addr(G)), draw(any_len), draw(u16), f])
-    tables = [[[draw(any_addr(G)), draw(any_len), draw(u16), draw(u16)] for _ in range(8)]
-              for _ in range(IND_TABLES)]  # the rest of each table stays zero
+    tables = [
+        [[draw(any_addr(G)), draw(any_len), draw(u16), draw(u16)] for _ in range(8)] for _ in range(IND_TABLES)
+    ]  # the rest of each table stays zero
     # then a driver makes chains available from the avail cursor
     ids = draw(st.permutations(range(size)))
     chains: list[Chain] = []
@@ -272,17 +324,32 @@ def ring_states(draw, G: int, direction: str) -> State:
         off_wrap = (e | 0x8000) if e < size else (e - size)
     else:
         off_wrap = draw(u16)
-    state = State(direction=direction, size=size, placement=placement, offs=PLACEMENTS[placement](size), ring=ring,
-                  tables=tables, drv_event=(off_wrap, draw(st.sampled_from([0, 0, 1, 2, 2, 3, 0xFFFF]))),
-                  dev_event=(draw(u16), draw(u16)), avail=(pos, wrap), used=(upos, uwrap), chains=chains,
-                  budget=draw(st.integers(1, 3)), frame_size=draw(st.integers(60, 600)))
+    state = State(
+        direction=direction,
+        size=size,
+        placement=placement,
+        offs=PLACEMENTS[placement](size),
+        ring=ring,
+        tables=tables,
+        drv_event=(off_wrap, draw(st.sampled_from([0, 0, 1, 2, 2, 3, 0xFFFF]))),
+        dev_event=(draw(u16), draw(u16)),
+        avail=(pos, wrap),
+        used=(upos, uwrap),
+        chains=chains,
+        budget=draw(st.integers(1, 3)),
+        frame_size=draw(st.integers(60, 600)),
+    )
     state.q = {
-        Q_LAST_AVAIL: pos, Q_AVAIL_WRAP: wrap, Q_USED_IDX: upos, Q_USED_WRAP: uwrap,
+        Q_LAST_AVAIL: pos,
+        Q_AVAIL_WRAP: wrap,
+        Q_USED_IDX: upos,
+        Q_USED_WRAP: uwrap,
         Q_HDR_LEN: draw(st.sampled_from([12, 12, 10, 0])),
         Q_BATCH: draw(st.one_of(st.integers(1, 8), st.just(256))),
         Q_EVENT_IDX: int(draw(st.booleans())),
         Q_NOTIFY_ON: draw(st.sampled_from([-1, 0, 1])),
-        Q_SIGNALLED: draw(st.integers(0, m - 1)), Q_SIGNALLED_VALID: int(draw(st.booleans())),
+        Q_SIGNALLED: draw(st.integers(0, m - 1)),
+        Q_SIGNALLED_VALID: int(draw(st.booleans())),
         Q_MRG: int(draw(st.booleans())) if rx else 0,
         Q_LIMIT: draw(st.one_of(st.just(-1), st.integers(0, 6))) if rx else -1,
     }
@@ -290,8 +357,23 @@ def ring_states(draw, G: int, direction: str) -> State:
     direct_chains = [c for c in chains if c.table < 0]
     ind_chains = [c for c in chains if c.table >= 0]
     for _ in range(draw(st.integers(0, 3)) if draw(st.integers(0, 2)) else 0):
-        kind = draw(st.sampled_from(["flags", "head_used", "id", "next_tail", "ind_in_chain", "ind_next",
-                                     "ind_len", "nest", "zero", "field", "dir"]))
+        kind = draw(
+            st.sampled_from(
+                [
+                    "flags",
+                    "head_used",
+                    "id",
+                    "next_tail",
+                    "ind_in_chain",
+                    "ind_next",
+                    "ind_len",
+                    "nest",
+                    "zero",
+                    "field",
+                    "dir",
+                ]
+            )
+        )
         c = draw(st.sampled_from(chains)) if chains else None
         if kind == "flags":
             i = draw(st.sampled_from(c.slots) if c and draw(st.integers(0, 3)) else st.integers(0, size - 1))
@@ -372,8 +454,10 @@ def check_copy_equals_direct(env: Env, s: State) -> None:
 
     # only a ring whose parts each lie whole in one region is direct; the others fall back to copy
     d_off, drv_off, dev_off = s.offs
-    whole = all(env.mem.translate(SPACE_UVA, env.uva(o), n) is not None
-                for o, n in ((d_off, ring_bytes(s.size)), (drv_off, 4), (dev_off, 4)))
+    whole = all(
+        env.mem.translate(SPACE_UVA, env.uva(o), n) is not None
+        for o, n in ((d_off, ring_bytes(s.size)), (drv_off, 4), (dev_off, 4))
+    )
     assert q_d[Q_DIRECT] == int(whole) and q_c[Q_DIRECT] == 0
     event(f"{s.direction} {QueueError(int(q_c[Q_ERROR])).name} direct={int(q_d[Q_DIRECT])}")
 
@@ -403,15 +487,15 @@ def check_copy_equals_direct(env: Env, s: State) -> None:
         return
     # --- a well-behaved driver: no error, chains taken in order, used descriptors exactly where they belong --
     assert q[Q_ERROR] == QueueError.NONE, QueueError(int(q[Q_ERROR])).name
-    done = s.chains[:int(q[Q_CHAINS])]
+    done = s.chains[: int(q[Q_CHAINS])]
     assert taken == sum(c.ndesc for c in done)
     written = {}
     p, w = s.used
     for c in done:
         written[p] = (c.bid, w)
         p, w = adv(p, w, c.ndesc, n)
-    before = snapshot[DESC_OFF:DESC_OFF + 16 * n]
-    after = ram_c[DESC_OFF:DESC_OFF + 16 * n]
+    before = snapshot[DESC_OFF : DESC_OFF + 16 * n]
+    after = ram_c[DESC_OFF : DESC_OFF + 16 * n]
     for i in range(n):
         old = struct.unpack_from(DESC_FMT, before, 16 * i)
         new = struct.unpack_from(DESC_FMT, after, 16 * i)
@@ -427,8 +511,11 @@ def check_copy_equals_direct(env: Env, s: State) -> None:
             assert new[3] == used_bits(w) | (WRITE if new[1] else 0)
 
 
-SETTINGS = settings(max_examples=int(os.environ.get("PACKED_EXAMPLES", 200)), deadline=None, suppress_health_check=[
-    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.large_base_example])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("PACKED_EXAMPLES", 200)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.large_base_example],
+)
 
 
 def _unpublishable(direction: str) -> State:
@@ -439,14 +526,42 @@ def _unpublishable(direction: str) -> State:
     broken with PACKED_BAD_ID, not RING_UNMAPPED.  Now nothing is taken."""
     G = GPA_BASE
     wflag = WRITE if direction == "rx" else 0
-    ring = [[G + DATA_OFF, 300, 0, AV | wflag], [G + DATA_OFF + 512, 300, 4, AV | wflag],
-            [G, 0, 0, US], [G, 0, 0, AV | US]]  # 2 and 3 unmapped: the previous lap's, used
-    return State(direction=direction, size=4, placement="desc_at_end", offs=PLACEMENTS["desc_at_end"](4),
-                 ring=ring, tables=[[[0, 0, 0, 0]] * 8] * IND_TABLES, drv_event=(0, RING_EVENT_FLAGS_ENABLE),
-                 dev_event=(0, 0), avail=(0, 1), used=(3, 0), chains=[Chain(0, 1, 1, 0, [0])], mutations=["id"],
-                 q={Q_LAST_AVAIL: 0, Q_AVAIL_WRAP: 1, Q_USED_IDX: 3, Q_USED_WRAP: 0, Q_HDR_LEN: 12, Q_BATCH: 256,
-                    Q_EVENT_IDX: 0, Q_NOTIFY_ON: -1, Q_SIGNALLED: 0, Q_SIGNALLED_VALID: 0, Q_MRG: 0, Q_LIMIT: -1},
-                 budget=1, frame_size=64)
+    ring = [
+        [G + DATA_OFF, 300, 0, AV | wflag],
+        [G + DATA_OFF + 512, 300, 4, AV | wflag],
+        [G, 0, 0, US],
+        [G, 0, 0, AV | US],
+    ]  # 2 and 3 unmapped: the previous lap's, used
+    return State(
+        direction=direction,
+        size=4,
+        placement="desc_at_end",
+        offs=PLACEMENTS["desc_at_end"](4),
+        ring=ring,
+        tables=[[[0, 0, 0, 0]] * 8] * IND_TABLES,
+        drv_event=(0, RING_EVENT_FLAGS_ENABLE),
+        dev_event=(0, 0),
+        avail=(0, 1),
+        used=(3, 0),
+        chains=[Chain(0, 1, 1, 0, [0])],
+        mutations=["id"],
+        q={
+            Q_LAST_AVAIL: 0,
+            Q_AVAIL_WRAP: 1,
+            Q_USED_IDX: 3,
+            Q_USED_WRAP: 0,
+            Q_HDR_LEN: 12,
+            Q_BATCH: 256,
+            Q_EVENT_IDX: 0,
+            Q_NOTIFY_ON: -1,
+            Q_SIGNALLED: 0,
+            Q_SIGNALLED_VALID: 0,
+            Q_MRG: 0,
+            Q_LIMIT: -1,
+        },
+        budget=1,
+        frame_size=64,
+    )
 
 
 @SETTINGS
@@ -477,9 +592,15 @@ class Driver:
         # rings of up to 64 descriptors at the usual places with 2 KiB buffers; bigger ones at 80 KiB with their
         # areas at 100 KiB and 64-byte buffers
         offs = (DESC_OFF, DRV_OFF, DEV_OFF) if size <= 64 else (80 * KiB, 100 * KiB, 100 * KiB + 64)
-        self.ring = PackedDriverRing(0, size, *offs, DATA_OFF, env.ram,
-                                     os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
-                                     os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self.ring = PackedDriverRing(
+            0,
+            size,
+            *offs,
+            DATA_OFF,
+            env.ram,
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+        )
         if size > 64:
             self.ring.d[D_BUFLEN] = 64
         self.ring.d[D_EVENT_IDX] = int(event_idx)
@@ -509,6 +630,7 @@ def driver(env):
         d = Driver(env, *a, **kw)
         made.append(d)
         return d
+
     yield make
     for d in made:
         d.close()
@@ -551,8 +673,8 @@ def test_many_laps_rx_mergeable(env, driver, mode, size):
     p = (drv.q[Q_USED_IDX] - 2) % size
     (_, l1, id1, f1), (_, l2, id2, f2) = env.get(p), env.get((p + 1) % size)
     assert (l1, l2) == (2048, 3000 + 12 - 2048) and f1 & WRITE and f2 & WRITE
-    b1 = env.ram.buf[DATA_OFF + id1 * 2048:][:l1]
-    b2 = env.ram.buf[DATA_OFF + id2 * 2048:][:l2]
+    b1 = env.ram.buf[DATA_OFF + id1 * 2048 :][:l1]
+    b2 = env.ram.buf[DATA_OFF + id2 * 2048 :][:l2]
     assert int(b1[10]) | int(b1[11]) << 8 == 2
     assert np.array_equal(np.concatenate([b1[12:], b2]), frame)
 
@@ -562,8 +684,7 @@ def test_loopback_over_laps(env, mode):
     """Two packed rings (RX at 0, TX at 32 KiB) of odd sizes; every TX frame comes back on RX."""
     env.ram.buf[:] = 0
     rx = PackedDriverRing(0, 5, DESC_OFF, DRV_OFF, DEV_OFF, DATA_OFF, env.ram, os.eventfd(0), os.eventfd(0))
-    tx = PackedDriverRing(1, 3, 4 * KiB, 4 * KiB + 512, 4 * KiB + 576, 32 * KiB, env.ram, os.eventfd(0),
-                          os.eventfd(0))
+    tx = PackedDriverRing(1, 3, 4 * KiB, 4 * KiB + 512, 4 * KiB + 576, 32 * KiB, env.ram, os.eventfd(0), os.eventfd(0))
     try:
         for r in (rx, tx):
             r.d[D_HDR] = 12
@@ -574,14 +695,27 @@ def test_loopback_over_laps(env, mode):
         frame = make_frame(100)
         for i in range(3):
             o = 32 * KiB + i * 2048
-            env.ram.buf[o:o + 12] = 0
-            env.ram.buf[o + 12:o + 112] = frame
+            env.ram.buf[o : o + 12] = 0
+            env.ram.buf[o + 12 : o + 112] = frame
         for _ in range(40):
             drive_rx(*rx.views(), rx.buf_gpa(0), 1)
             drive_tx(*tx.views(), tx.buf_gpa(0), 112, 1)
-            ret = loopback(rq, *rv.args(), tq, *tv.args(), env.mem.arena.view, env.mem.table, new_sg(3),
-                           np.stack([new_sg(5)] * 2), new_shadow(5), new_shadow(3), np.zeros(16, np.uint8),
-                           np.zeros(4096, np.uint8), 2, 1)
+            ret = loopback(
+                rq,
+                *rv.args(),
+                tq,
+                *tv.args(),
+                env.mem.arena.view,
+                env.mem.table,
+                new_sg(3),
+                np.stack([new_sg(5)] * 2),
+                new_shadow(5),
+                new_shadow(3),
+                np.zeros(16, np.uint8),
+                np.zeros(4096, np.uint8),
+                2,
+                1,
+            )
             assert ret in (MORE, IDLE) and rq[Q_ERROR] == tq[Q_ERROR] == 0
         drive_rx(*rx.views(), rx.buf_gpa(0), 1)
         drive_tx(*tx.views(), tx.buf_gpa(0), 112, 1)
@@ -600,8 +734,13 @@ def test_driver_event_flags(env, driver, mode):
     asks for them; DESC is only meaningful with EVENT_IDX."""
     drv = driver(8, mode)
     area = drv.ring.driver
-    for flags, want in ((RING_EVENT_FLAGS_DISABLE, 0), (RING_EVENT_FLAGS_ENABLE, 1), (RING_EVENT_FLAGS_DESC, 1),
-                        (3, 1), (RING_EVENT_FLAGS_DISABLE, 0)):
+    for flags, want in (
+        (RING_EVENT_FLAGS_DISABLE, 0),
+        (RING_EVENT_FLAGS_ENABLE, 1),
+        (RING_EVENT_FLAGS_DESC, 1),
+        (3, 1),
+        (RING_EVENT_FLAGS_DISABLE, 0),
+    ):
         area[1] = flags
         drive_tx(*drv.ring.views(), drv.ring.buf_gpa(0), 100, 1)
         assert run_tx(env, drv.q, drv.views) == MORE
@@ -625,13 +764,13 @@ def test_driver_event_desc(env, driver, mode):
         return env.take_calls()
 
     # used cursor (linear, wrap 1 = first lap): 0 -> 2 -> 4 -> 6(=1, wrap 0) -> 8(=3, wrap 0) -> 10(=0, wrap 1)
-    assert step(4, 1) == 1          # the first publish always signals; used 0 -> 2
-    assert step(4, 1) == 0          # 2 -> 4 does not cross 4
-    assert step(4, 1) == 1          # 4 -> 6 crosses it
-    assert step(4, 1) == 0          # 6 -> 8: behind
-    assert step(4, 0) == 1          # 8 -> 10: position 4 of the second lap (wrap 0) is linear 9: crossed
+    assert step(4, 1) == 1  # the first publish always signals; used 0 -> 2
+    assert step(4, 1) == 0  # 2 -> 4 does not cross 4
+    assert step(4, 1) == 1  # 4 -> 6 crosses it
+    assert step(4, 1) == 0  # 6 -> 8: behind
+    assert step(4, 0) == 1  # 8 -> 10: position 4 of the second lap (wrap 0) is linear 9: crossed
     assert drv.q[Q_USED_IDX] == 0 and drv.q[Q_USED_WRAP] == 1
-    assert step(1, 0) == 0          # 10 -> 12: position 1 of the second lap is linear 6: long behind
+    assert step(1, 0) == 0  # 10 -> 12: position 1 of the second lap is linear 6: long behind
     assert drv.q[Q_CALLS] == 3
 
 
@@ -730,8 +869,9 @@ HALF, OTHER = MAPPED - 32, (3 * KiB, 3 * KiB + 512, 3 * KiB + 576)
 
 
 def _counters(q) -> tuple[int, ...]:
-    return tuple(int(q[i]) for i in (Q_LAST_AVAIL, Q_AVAIL_WRAP, Q_USED_IDX, Q_USED_WRAP, Q_CHAINS, Q_PACKETS,
-                                     Q_BYTES, Q_DROPS))
+    return tuple(
+        int(q[i]) for i in (Q_LAST_AVAIL, Q_AVAIL_WRAP, Q_USED_IDX, Q_USED_WRAP, Q_CHAINS, Q_PACKETS, Q_BYTES, Q_DROPS)
+    )
 
 
 def _half_mapped(env: Env, mode: Metadata, wflag: int):
@@ -758,9 +898,24 @@ def _other(env: Env, mode: Metadata, wflag: int, length: int):
 
 
 def _run_loopback(env: Env, rq, rv, tq, tv) -> int:
-    return int(loopback(rq, *rv.args(), tq, *tv.args(), env.mem.arena.view, env.mem.table, new_sg(4),
-                        np.stack([new_sg(4)] * 2), new_shadow(4), new_shadow(4), np.zeros(16, np.uint8),
-                        np.zeros(4096, np.uint8), 1, 1))
+    return int(
+        loopback(
+            rq,
+            *rv.args(),
+            tq,
+            *tv.args(),
+            env.mem.arena.view,
+            env.mem.table,
+            new_sg(4),
+            np.stack([new_sg(4)] * 2),
+            new_shadow(4),
+            new_shadow(4),
+            np.zeros(16, np.uint8),
+            np.zeros(4096, np.uint8),
+            1,
+            1,
+        )
+    )
 
 
 @pytest.mark.parametrize("mode", PATHS)
@@ -880,51 +1035,135 @@ def _err_cases(G):
         def write(env):
             for j, e in enumerate(entries):
                 struct.pack_into(DESC_FMT, env.ram.mm, IND_OFF + 16 * j, *e)
+
         return write
 
     # (name, ring descriptors from position 0 (addr, len, id, flags without AVAIL/USED), table, cursor wrap,
     #  want, error, value or None); size 4, cursor at 0 with wrap 1 unless told
     return [
         ("head used this lap", [(data, 8, 0, AV | US)], None, ANY, QueueError.PACKED_BAD_WRAP, AV | US),
-        ("chain into a used descriptor", [(data, 8, 0, NEXT | AV), (data, 8, 1, AV | US)], None, ANY,
-         QueueError.PACKED_BAD_WRAP, 1 << 16 | AV | US),
-        ("chain into a descriptor not made available", [(data, 8, 0, NEXT | AV), (data, 8, 1, US)], None, ANY,
-         QueueError.PACKED_BAD_WRAP, 1 << 16 | US),
-        ("chain into a stale descriptor", [(data, 8, 0, NEXT | AV), (data, 8, 1, 0)], None, ANY,
-         QueueError.PACKED_BAD_WRAP, 1 << 16),
+        (
+            "chain into a used descriptor",
+            [(data, 8, 0, NEXT | AV), (data, 8, 1, AV | US)],
+            None,
+            ANY,
+            QueueError.PACKED_BAD_WRAP,
+            1 << 16 | AV | US,
+        ),
+        (
+            "chain into a descriptor not made available",
+            [(data, 8, 0, NEXT | AV), (data, 8, 1, US)],
+            None,
+            ANY,
+            QueueError.PACKED_BAD_WRAP,
+            1 << 16 | US,
+        ),
+        (
+            "chain into a stale descriptor",
+            [(data, 8, 0, NEXT | AV), (data, 8, 1, 0)],
+            None,
+            ANY,
+            QueueError.PACKED_BAD_WRAP,
+            1 << 16,
+        ),
         ("chain over the ring size", [(data, 8, 0, NEXT | AV)] * 4, None, ANY, QueueError.CHAIN_TOO_LONG, 0),
         ("id out of range", [(data, 8, 4, AV)], None, ANY, QueueError.PACKED_BAD_ID, 4),
-        ("id 0xffff", [(data, 8, 9, NEXT | AV), (data, 8, 0xFFFF, AV)], None, ANY, QueueError.PACKED_BAD_ID,
-         0xFFFF),
-        ("indirect id out of range", [(ind0, 16, 4, INDIRECT | AV)], table([(data, 8, 0, 0)]), ANY,
-         QueueError.PACKED_BAD_ID, 4),
-        ("indirect after chained", [(data, 8, 0, NEXT | AV), (ind0, 16, 1, INDIRECT | AV)],
-         table([(data, 8, 0, 0)]), ANY, QueueError.PACKED_INDIRECT_IN_CHAIN, 1),
-        ("indirect with next", [(ind0, 16, 0, INDIRECT | NEXT | AV)], table([(data, 8, 0, 0)]), ANY,
-         QueueError.INDIRECT_WITH_NEXT, 0),
+        ("id 0xffff", [(data, 8, 9, NEXT | AV), (data, 8, 0xFFFF, AV)], None, ANY, QueueError.PACKED_BAD_ID, 0xFFFF),
+        (
+            "indirect id out of range",
+            [(ind0, 16, 4, INDIRECT | AV)],
+            table([(data, 8, 0, 0)]),
+            ANY,
+            QueueError.PACKED_BAD_ID,
+            4,
+        ),
+        (
+            "indirect after chained",
+            [(data, 8, 0, NEXT | AV), (ind0, 16, 1, INDIRECT | AV)],
+            table([(data, 8, 0, 0)]),
+            ANY,
+            QueueError.PACKED_INDIRECT_IN_CHAIN,
+            1,
+        ),
+        (
+            "indirect with next",
+            [(ind0, 16, 0, INDIRECT | NEXT | AV)],
+            table([(data, 8, 0, 0)]),
+            ANY,
+            QueueError.INDIRECT_WITH_NEXT,
+            0,
+        ),
         ("indirect len 0", [(ind0, 0, 0, INDIRECT | AV)], None, ANY, QueueError.INDIRECT_BAD_SIZE, 0),
         ("indirect len 15", [(ind0, 15, 0, INDIRECT | AV)], None, ANY, QueueError.INDIRECT_BAD_SIZE, 15),
-        ("indirect too big", [(ind0, 16 * (MAX_INDIRECT + 1), 0, INDIRECT | AV)], None, ANY,
-         QueueError.INDIRECT_BAD_SIZE, 16 * (MAX_INDIRECT + 1)),
-        ("indirect unmapped", [(G(MAPPED + 4096), 32, 0, INDIRECT | AV)], None, ANY, QueueError.INDIRECT_UNMAPPED,
-         G(MAPPED + 4096)),
-        ("indirect straddles end", [(G(MAPPED - 16), 32, 0, INDIRECT | AV)], None, ANY,
-         QueueError.INDIRECT_UNMAPPED, G(MAPPED - 16)),
-        ("indirect huge addr", [((1 << 64) - 16, 16, 0, INDIRECT | AV)], None, ANY, QueueError.INDIRECT_UNMAPPED,
-         (1 << 64) - 16),
-        ("indirect nested", [(ind0, 32, 0, INDIRECT | AV)], table([(data, 8, 0, 0), (data, 16, 0, INDIRECT)]), ANY,
-         QueueError.INDIRECT_NESTED, 1),
+        (
+            "indirect too big",
+            [(ind0, 16 * (MAX_INDIRECT + 1), 0, INDIRECT | AV)],
+            None,
+            ANY,
+            QueueError.INDIRECT_BAD_SIZE,
+            16 * (MAX_INDIRECT + 1),
+        ),
+        (
+            "indirect unmapped",
+            [(G(MAPPED + 4096), 32, 0, INDIRECT | AV)],
+            None,
+            ANY,
+            QueueError.INDIRECT_UNMAPPED,
+            G(MAPPED + 4096),
+        ),
+        (
+            "indirect straddles end",
+            [(G(MAPPED - 16), 32, 0, INDIRECT | AV)],
+            None,
+            ANY,
+            QueueError.INDIRECT_UNMAPPED,
+            G(MAPPED - 16),
+        ),
+        (
+            "indirect huge addr",
+            [((1 << 64) - 16, 16, 0, INDIRECT | AV)],
+            None,
+            ANY,
+            QueueError.INDIRECT_UNMAPPED,
+            (1 << 64) - 16,
+        ),
+        (
+            "indirect nested",
+            [(ind0, 32, 0, INDIRECT | AV)],
+            table([(data, 8, 0, 0), (data, 16, 0, INDIRECT)]),
+            ANY,
+            QueueError.INDIRECT_NESTED,
+            1,
+        ),
         ("zero length", [(data, 0, 0, AV)], None, ANY, QueueError.ZERO_LENGTH, data),
-        ("zero length in indirect", [(ind0, 32, 0, INDIRECT | AV)], table([(data, 8, 0, 0), (data + 8, 0, 0, 0)]),
-         ANY, QueueError.ZERO_LENGTH, data + 8),
+        (
+            "zero length in indirect",
+            [(ind0, 32, 0, INDIRECT | AV)],
+            table([(data, 8, 0, 0), (data + 8, 0, 0, 0)]),
+            ANY,
+            QueueError.ZERO_LENGTH,
+            data + 8,
+        ),
         ("address above memory", [(G(MAPPED), 8, 0, AV)], None, ANY, QueueError.BAD_ADDRESS, G(MAPPED)),
         ("address >= 2**62", [(ADDR_LIMIT, 8, 0, AV)], None, ANY, QueueError.BAD_ADDRESS, ADDR_LIMIT),
         ("write for a reader", [(data, 8, 0, WRITE | AV)], None, READ_ONLY, QueueError.BAD_DIRECTION, 0),
         ("read for a writer", [(data, 8, 0, AV)], None, WRITE_ONLY, QueueError.BAD_DIRECTION, 0),
-        ("read after write", [(data, 8, 0, WRITE | NEXT | AV), (data, 8, 1, AV)], None, ANY,
-         QueueError.BAD_DIRECTION, 1),
-        ("read after write (indirect)", [(ind0, 32, 0, INDIRECT | AV)], table([(data, 8, 0, WRITE), (data, 8, 0, 0)]),
-         ANY, QueueError.BAD_DIRECTION, 1),
+        (
+            "read after write",
+            [(data, 8, 0, WRITE | NEXT | AV), (data, 8, 1, AV)],
+            None,
+            ANY,
+            QueueError.BAD_DIRECTION,
+            1,
+        ),
+        (
+            "read after write (indirect)",
+            [(ind0, 32, 0, INDIRECT | AV)],
+            table([(data, 8, 0, WRITE), (data, 8, 0, 0)]),
+            ANY,
+            QueueError.BAD_DIRECTION,
+            1,
+        ),
     ]
 
 

@@ -10,21 +10,51 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from pyvhost.access import Metadata, bind
-from pyvhost.chain import ANY, MAX_INDIRECT, READ_ONLY, WRITE_ONLY, new_sg, walk_chain
 from pyvhost.devices.net import make_frame, rx_source, tx_sink
 from pyvhost.errors import QueueError
-from pyvhost.frontend import DriverRing, GuestRam
+from pyvhost.frontend.ram import GuestRam
+from pyvhost.frontend.split import DriverRing
 from pyvhost.memory import SPACE_GPA, GuestMemory
 from pyvhost.protocol import ADDR_LIMIT, MemRegion, VringAddr
-from pyvhost.ring.split import (Q_BATCH, Q_BYTES, Q_CALLFD, Q_CALLS, Q_CHAINS, Q_DESC, Q_DIRECT, Q_DROPS,
-                                Q_ERROR, Q_ERROR_VALUE, Q_EVENT_IDX, Q_HDR_LEN, Q_LAST_AVAIL, Q_LIMIT, Q_MRG,
-                                Q_NOTIFY_ON, Q_PACKETS, Q_SIGNALLED, Q_SIGNALLED_VALID, Q_USED_IDX,
-                                VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
-                                VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, avail_bytes, desc_bytes,
-                                need_event, new_queue_state, used_bytes)
+from pyvhost.ring.chain import ANY, MAX_INDIRECT, READ_ONLY, WRITE_ONLY, new_sg, walk_chain
+from pyvhost.ring.split import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    avail_bytes,
+    desc_bytes,
+    need_event,
+    used_bytes,
+)
+from pyvhost.ring.state import (
+    Q_BATCH,
+    Q_BYTES,
+    Q_CALLFD,
+    Q_CALLS,
+    Q_CHAINS,
+    Q_DESC,
+    Q_DIRECT,
+    Q_DROPS,
+    Q_ERROR,
+    Q_ERROR_VALUE,
+    Q_EVENT_IDX,
+    Q_HDR_LEN,
+    Q_LAST_AVAIL,
+    Q_LIMIT,
+    Q_MRG,
+    Q_NOTIFY_ON,
+    Q_PACKETS,
+    Q_SIGNALLED,
+    Q_SIGNALLED_VALID,
+    Q_USED_IDX,
+    new_queue_state,
+)
 
 KiB = 1 << 10
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
@@ -37,8 +67,8 @@ RAM_SIZE = 256 * KiB
 REGION = 64 * KiB
 MAPPED = 2 * REGION
 DESC_OFF, AVAIL_OFF, USED_OFF = 0, 1 * KiB, 2 * KiB
-IND_OFF, IND_TABLES, IND_ENTRIES = 4 * KiB, 4, 64   # indirect tables at 4 KiB + t KiB
-DATA_OFF = 8 * KiB                                  # buffers live in [DATA_OFF, MAPPED)
+IND_OFF, IND_TABLES, IND_ENTRIES = 4 * KiB, 4, 64  # indirect tables at 4 KiB + t KiB
+DATA_OFF = 8 * KiB  # buffers live in [DATA_OFF, MAPPED)
 
 
 class Env:
@@ -46,8 +76,10 @@ class Env:
         self.ram = GuestRam(RAM_SIZE)
         self.G = self.ram.gpa_base
         self.mem = GuestMemory(arena_size=1 << 30)
-        regions = [MemRegion(self.ram.gpa(0), REGION, self.ram.uva(0), 0),
-                   MemRegion(self.ram.gpa(REGION), REGION, self.ram.uva(REGION), REGION)]
+        regions = [
+            MemRegion(self.ram.gpa(0), REGION, self.ram.uva(0), 0),
+            MemRegion(self.ram.gpa(REGION), REGION, self.ram.uva(REGION), REGION),
+        ]
         self.mem.set_table(regions, [self.ram.fd, self.ram.fd])
         self.callfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -94,8 +126,11 @@ def run_tx(env: Env, q, views, budget: int = 1, spins: int = 1) -> int:
 
 def run_rx(env: Env, q, views, frame, budget: int = 1, spins: int = 1) -> int:
     sgs = np.stack([new_sg(int(q[0]))] * 2)
-    return int(rx_source(q, *views.args(), env.mem.arena.view, env.mem.table, sgs, np.zeros(16, np.uint8),
-                         frame, budget, spins))
+    return int(
+        rx_source(
+            q, *views.args(), env.mem.arena.view, env.mem.table, sgs, np.zeros(16, np.uint8), frame, budget, spins
+        )
+    )
 
 
 # =========================================================================================================
@@ -105,11 +140,11 @@ u16 = st.integers(0, 0xFFFF)
 
 @dataclass
 class State:
-    direction: str                 # "tx" (tx_sink, READ_ONLY) or "rx" (rx_source, WRITE_ONLY)
+    direction: str  # "tx" (tx_sink, READ_ONLY) or "rx" (rx_source, WRITE_ONLY)
     size: int
     placement: str
-    offs: tuple[int, int, int]     # desc, avail, used offsets in RAM
-    desc: list[list[int]]          # [addr, len, flags, next]
+    offs: tuple[int, int, int]  # desc, avail, used offsets in RAM
+    desc: list[list[int]]  # [addr, len, flags, next]
     tables: list[list[list[int]]]  # indirect tables, entries as desc
     avail_ring: list[int]
     avail_flags: int
@@ -119,7 +154,7 @@ class State:
     used_idx: int
     avail_event: int
     last_avail: int
-    nchains: int                   # chains the (unmutated) driver made available
+    nchains: int  # chains the (unmutated) driver made available
     q: dict[int, int] = field(default_factory=dict)
     budget: int = 1
     frame_size: int = 64
@@ -132,11 +167,11 @@ class State:
 PLACEMENTS = {
     # name: (desc, avail, used) offsets; size is known only later, so these are functions of it
     "normal": lambda n: (DESC_OFF, AVAIL_OFF, USED_OFF),
-    "desc_at_end": lambda n: (MAPPED - desc_bytes(n) // 2, AVAIL_OFF, USED_OFF),     # half the table unmapped
-    "desc_on_seam": lambda n: (REGION - desc_bytes(n) // 2, AVAIL_OFF, USED_OFF),    # mapped, two regions
+    "desc_at_end": lambda n: (MAPPED - desc_bytes(n) // 2, AVAIL_OFF, USED_OFF),  # half the table unmapped
+    "desc_on_seam": lambda n: (REGION - desc_bytes(n) // 2, AVAIL_OFF, USED_OFF),  # mapped, two regions
     "avail_unmapped": lambda n: (DESC_OFF, 160 * KiB, USED_OFF),
-    "avail_on_seam": lambda n: (DESC_OFF, REGION - 4, USED_OFF),                     # idx in A, ring in B
-    "used_at_end": lambda n: (DESC_OFF, AVAIL_OFF, MAPPED - 8),                      # idx mapped, entries not
+    "avail_on_seam": lambda n: (DESC_OFF, REGION - 4, USED_OFF),  # idx in A, ring in B
+    "used_at_end": lambda n: (DESC_OFF, AVAIL_OFF, MAPPED - 8),  # idx mapped, entries not
 }
 
 
@@ -151,8 +186,10 @@ def any_addr(G: int):
     )
 
 
-any_len = st.one_of(st.integers(0, 700), st.sampled_from([0, 1, 15, 16, 17, 32, 1024, 16 * MAX_INDIRECT,
-                                                          16 * (MAX_INDIRECT + 1), 0xFFFF_FFFF]))
+any_len = st.one_of(
+    st.integers(0, 700),
+    st.sampled_from([0, 1, 15, 16, 17, 32, 1024, 16 * MAX_INDIRECT, 16 * (MAX_INDIRECT + 1), 0xFFFF_FFFF]),
+)
 any_flags = st.one_of(st.integers(0, 7), u16)
 
 
@@ -179,13 +216,15 @@ def ring_states(draw, G: int, direction: str) -> State:
     mask = size - 1
     # every descriptor starts as garbage (reachable only through a mutated next/head)
     desc = [[draw(any_addr(G)), draw(any_len), draw(any_flags), draw(any_next(size))] for _ in range(size)]
-    tables = [[[draw(any_addr(G)), draw(any_len), draw(any_flags), draw(any_next(IND_ENTRIES))]
-               for _ in range(8)] for _ in range(IND_TABLES)]  # the rest of each table stays zero
+    tables = [
+        [[draw(any_addr(G)), draw(any_len), draw(any_flags), draw(any_next(IND_ENTRIES))] for _ in range(8)]
+        for _ in range(IND_TABLES)
+    ]  # the rest of each table stays zero
     # then a driver builds well-formed chains over a permutation of the descriptors
     free = draw(st.permutations(range(size)))
     heads = []
-    in_chains: list[int] = []                 # descriptors the chains use
-    in_tables: list[tuple[int, int]] = []     # (table, entry) the chains use
+    in_chains: list[int] = []  # descriptors the chains use
+    in_tables: list[tuple[int, int]] = []  # (table, entry) the chains use
     dirflag = WRITE if rx else 0
     ntables = 0
     target = draw(st.integers(0, size))
@@ -223,20 +262,33 @@ def ring_states(draw, G: int, direction: str) -> State:
         avail_ring[(last_avail + c) & mask] = h
     used_idx = draw(u16)
     state = State(
-        direction=direction, size=size, placement=placement, offs=PLACEMENTS[placement](size), desc=desc,
-        tables=tables, avail_ring=avail_ring, avail_flags=draw(st.sampled_from([0, 0, 1, 0xFFFF])),
+        direction=direction,
+        size=size,
+        placement=placement,
+        offs=PLACEMENTS[placement](size),
+        desc=desc,
+        tables=tables,
+        avail_ring=avail_ring,
+        avail_flags=draw(st.sampled_from([0, 0, 1, 0xFFFF])),
         avail_idx=(last_avail + len(heads)) & 0xFFFF,
         used_event=(used_idx + draw(st.integers(-4, 2 * size))) & 0xFFFF if draw(st.booleans()) else draw(u16),
-        used_flags=draw(st.sampled_from([0, 1])), used_idx=used_idx, avail_event=draw(u16),
-        last_avail=last_avail, nchains=len(heads), budget=draw(st.integers(1, 4)),
-        frame_size=draw(st.integers(60, 600)))
+        used_flags=draw(st.sampled_from([0, 1])),
+        used_idx=used_idx,
+        avail_event=draw(u16),
+        last_avail=last_avail,
+        nchains=len(heads),
+        budget=draw(st.integers(1, 4)),
+        frame_size=draw(st.integers(60, 600)),
+    )
     state.q = {
-        Q_LAST_AVAIL: last_avail, Q_USED_IDX: used_idx,
+        Q_LAST_AVAIL: last_avail,
+        Q_USED_IDX: used_idx,
         Q_HDR_LEN: draw(st.sampled_from([12, 12, 10, 0])),
         Q_BATCH: draw(st.one_of(st.integers(1, 8), st.just(256))),
         Q_EVENT_IDX: int(draw(st.booleans())),
         Q_NOTIFY_ON: draw(st.sampled_from([-1, 0, 1])),  # -1: as the back-end starts a worker
-        Q_SIGNALLED: draw(u16), Q_SIGNALLED_VALID: int(draw(st.booleans())),
+        Q_SIGNALLED: draw(u16),
+        Q_SIGNALLED_VALID: int(draw(st.booleans())),
         Q_MRG: int(draw(st.booleans())) if rx else 0,
         Q_LIMIT: draw(st.one_of(st.just(-1), st.integers(0, 6))) if rx else -1,
     }
@@ -249,19 +301,25 @@ def ring_states(draw, G: int, direction: str) -> State:
             f = draw(st.integers(0, 3))
             desc[i][f] = draw([any_addr(G), any_len, any_flags, any_next(size)][f])
         elif kind == "table":
-            t, j = draw(st.sampled_from(in_tables) if in_tables and draw(st.integers(0, 3)) else
-                        st.tuples(st.integers(0, IND_TABLES - 1), st.integers(0, 7)))
+            t, j = draw(
+                st.sampled_from(in_tables)
+                if in_tables and draw(st.integers(0, 3))
+                else st.tuples(st.integers(0, IND_TABLES - 1), st.integers(0, 7))
+            )
             f = draw(st.integers(0, 3))
             tables[t][j][f] = draw([any_addr(G), any_len, any_flags, any_next(IND_ENTRIES)][f])
         elif kind == "head":
             avail_ring[draw(st.integers(0, mask))] = draw(st.one_of(st.integers(0, mask), u16))
         elif kind == "delta":
-            state.avail_idx = (last_avail + draw(st.one_of(st.integers(0, size), st.integers(size + 1, 0xFFFF),
-                                                           st.just(size + 1), st.just(0xFFFF)))) & 0xFFFF
+            state.avail_idx = (
+                last_avail
+                + draw(
+                    st.one_of(st.integers(0, size), st.integers(size + 1, 0xFFFF), st.just(size + 1), st.just(0xFFFF))
+                )
+            ) & 0xFFFF
         elif kind == "indlen":
             i = draw(st.integers(0, mask))
-            desc[i][1] = draw(st.sampled_from([0, 8, 15, 16 * IND_ENTRIES, 16 * MAX_INDIRECT,
-                                               16 * (MAX_INDIRECT + 1)]))
+            desc[i][1] = draw(st.sampled_from([0, 8, 15, 16 * IND_ENTRIES, 16 * MAX_INDIRECT, 16 * (MAX_INDIRECT + 1)]))
         elif kind == "loop":  # a descriptor (or table entry) continuing to one of its chain's or itself
             if in_tables and draw(st.booleans()):
                 t, j = draw(st.sampled_from(in_tables))
@@ -294,7 +352,7 @@ def lay_out(env: Env, s: State) -> None:
         struct.pack_into("<QIHH", img, d_off + 16 * i, a, n, f, x)
     struct.pack_into(f"<HH{s.size}HH", img, a_off, s.avail_flags, s.avail_idx, *s.avail_ring, s.used_event)
     struct.pack_into("<HH", img, u_off, s.used_flags, s.used_idx)
-    img[u_off + 4:u_off + 4 + 8 * s.size] = b"\xEE" * (8 * s.size)  # garbage the device must overwrite
+    img[u_off + 4 : u_off + 4 + 8 * s.size] = b"\xee" * (8 * s.size)  # garbage the device must overwrite
     struct.pack_into("<H", img, u_off + 4 + 8 * s.size, s.avail_event)
     env.ram.buf[:] = np.frombuffer(bytes(img), np.uint8)
 
@@ -361,10 +419,10 @@ def check_copy_equals_direct(env: Env, s: State) -> None:
         assert q[Q_PACKETS] + q[Q_DROPS] == q[Q_CHAINS]
     if s.placement == "normal":
         # publish after fill: the ring's index is the one we published, and every entry below it is filled
-        used = ram_c[USED_OFF:USED_OFF + used_bytes(s.size)]
+        used = ram_c[USED_OFF : USED_OFF + used_bytes(s.size)]
         assert int(used[2:4].view(np.uint16)[0]) == q[Q_USED_IDX]
-        u32 = used[4:4 + 8 * s.size].view(np.uint32)
-        avail = ram_c[AVAIL_OFF:AVAIL_OFF + avail_bytes(s.size)].view(np.uint16)
+        u32 = used[4 : 4 + 8 * s.size].view(np.uint32)
+        avail = ram_c[AVAIL_OFF : AVAIL_OFF + avail_bytes(s.size)].view(np.uint16)
         for k in range(advanced):
             slot = (s.used_idx + k) & (s.size - 1)
             assert u32[2 * slot] == avail[2 + ((s.last_avail + k) & (s.size - 1))]
@@ -379,15 +437,21 @@ def check_copy_equals_direct(env: Env, s: State) -> None:
             assert u32[2 * slot] == 0xEEEEEEEE and u32[2 * slot + 1] == 0xEEEEEEEE
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow, HealthCheck.large_base_example])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.large_base_example],
+)
 @given(data=st.data())
 def test_tx_copy_is_reference(env, data):
     check_copy_equals_direct(env, data.draw(ring_states(env.G, "tx"), label="state"))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow, HealthCheck.large_base_example])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.large_base_example],
+)
 @given(data=st.data())
 def test_rx_copy_is_reference(env, data):
     check_copy_equals_direct(env, data.draw(ring_states(env.G, "rx"), label="state"))
@@ -402,9 +466,18 @@ def test_need_event_is_the_spec_formula():
         spec = ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         crossed = any(((old + i) & 0xFFFF) == event_idx for i in range((new - old) & 0xFFFF))
         assert bool(need_event(event_idx, new, old)) == spec == crossed
+
     check()
-    for e, n, o, want in [(0, 1, 0, True), (0, 0, 0, False), (1, 1, 0, False), (0xFFFF, 0, 0xFFFF, True),
-                          (0xFFFF, 1, 0xFFFE, True), (5, 5, 5, False), (4, 6, 4, True), (3, 8, 6, False)]:
+    for e, n, o, want in [
+        (0, 1, 0, True),
+        (0, 0, 0, False),
+        (1, 1, 0, False),
+        (0xFFFF, 0, 0xFFFF, True),
+        (0xFFFF, 1, 0xFFFE, True),
+        (5, 5, 5, False),
+        (4, 6, 4, True),
+        (3, 8, 6, False),
+    ]:
         assert bool(need_event(e, n, o)) == want
 
 
@@ -414,8 +487,17 @@ class Driver:
     def __init__(self, env: Env, size: int = 8, event_idx: bool = False) -> None:
         env.ram.buf[:] = 0
         self.env = env
-        self.ring = DriverRing(0, size, DESC_OFF, AVAIL_OFF, USED_OFF, DATA_OFF, env.ram,
-                               os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC))
+        self.ring = DriverRing(
+            0,
+            size,
+            DESC_OFF,
+            AVAIL_OFF,
+            USED_OFF,
+            DATA_OFF,
+            env.ram,
+            os.eventfd(0, os.EFD_CLOEXEC),
+            os.eventfd(0, os.EFD_CLOEXEC),
+        )
         self.size = size
         self.avail_idx = 0
         self.event_idx = event_idx
@@ -452,6 +534,7 @@ def driver(env):
         d = Driver(env, **kw)
         made.append(d)
         return d
+
     yield make
     for d in made:
         d.close()
@@ -470,12 +553,12 @@ def test_event_idx_suppresses_calls(env, driver, mode):
         assert run_tx(env, q, views) == MORE
         return env.take_calls()
 
-    assert step(2, 1000) == 1          # the first publish always signals (nothing signalled yet)
+    assert step(2, 1000) == 1  # the first publish always signals (nothing signalled yet)
     assert q[Q_SIGNALLED_VALID] == 1 and q[Q_SIGNALLED] == 2
-    assert step(2, 1000) == 0          # used 2 -> 4 does not cross entry 1000
-    assert step(2, 4) == 1             # used 4 -> 6 crosses entry 4
-    assert step(2, 3) == 0             # 6 -> 8: entry 3 is behind
-    assert step(1, 8) == 1             # 8 -> 9 crosses entry 8
+    assert step(2, 1000) == 0  # used 2 -> 4 does not cross entry 1000
+    assert step(2, 4) == 1  # used 4 -> 6 crosses entry 4
+    assert step(2, 3) == 0  # 6 -> 8: entry 3 is behind
+    assert step(1, 8) == 1  # 8 -> 9 crosses entry 8
     assert step(3, 0xFFFF) == 0
     assert q[Q_CALLS] == 3 and q[Q_ERROR] == 0
     # going idle with EVENT_IDX asks for the next kick through avail_event, not the flags
@@ -535,7 +618,7 @@ def test_used_entries_filled_below_used_idx(env, driver, mode, direction):
         assert ring.used32[1 + 2 * slot] == ring.used32[2 + 2 * slot] == 0xFFFFFFFF
     if direction == "rx":
         for h in heads:
-            got = env.ram.buf[DATA_OFF + h * 2048:DATA_OFF + h * 2048 + 112]
+            got = env.ram.buf[DATA_OFF + h * 2048 : DATA_OFF + h * 2048 + 112]
             assert got[10] == 1 and got[11] == 0  # num_buffers
             assert np.array_equal(got[12:], frame)
     assert q[Q_PACKETS] == 11 and q[Q_CHAINS] == 11
@@ -569,11 +652,12 @@ class Chains:
         env = self.env
         if q is None:
             q = new_queue_state(SIZE)
-        views = env.bind(VringAddr(0, 0, env.uva(self.desc_off), env.uva(USED_OFF), env.uva(AVAIL_OFF), 0),
-                         SIZE, mode, q)
+        views = env.bind(
+            VringAddr(0, 0, env.uva(self.desc_off), env.uva(USED_OFF), env.uva(AVAIL_OFF), 0), SIZE, mode, q
+        )
         sg = new_sg(SIZE)
         nread, nseg, rb, wb = walk_chain(q, views.desc, env.mem.arena.view, env.mem.table, head, sg, want)
-        return (int(nread), int(nseg), int(rb), int(wb)), [tuple(r) for r in sg[:max(nseg, 0)]], q
+        return (int(nread), int(nseg), int(rb), int(wb)), [tuple(r) for r in sg[: max(nseg, 0)]], q
 
 
 def seg(env: Env, gpa: int, length: int) -> tuple[int, int]:
@@ -650,12 +734,14 @@ def _err_cases(env: Env):
             gpa, n = c.table(0, entries)
             c.set(2, gpa, n if length is None else length, flags)
             return 2, ANY
+
         return build
 
     def one(addr, length, flags=0, want=ANY):
         def build(c):
             c.set(3, addr, length, flags)
             return 3, want
+
         return build
 
     def read_after_write(c):
@@ -672,22 +758,28 @@ def _err_cases(env: Env):
     return [
         ("head out of range", lambda c: (SIZE, ANY), QueueError.HEAD_OUT_OF_RANGE, SIZE),
         ("head 0xffff", lambda c: (0xFFFF, ANY), QueueError.HEAD_OUT_OF_RANGE, 0xFFFF),
-        ("next out of range", lambda c: (c.set(0, data, 8, NEXT, SIZE), 0, ANY)[1:], QueueError.NEXT_OUT_OF_RANGE,
-         SIZE),
-        ("indirect next out of range", ind([(data, 8, NEXT, 1), (data, 8, NEXT, 2)]),
-         QueueError.NEXT_OUT_OF_RANGE, 2),
+        (
+            "next out of range",
+            lambda c: (c.set(0, data, 8, NEXT, SIZE), 0, ANY)[1:],
+            QueueError.NEXT_OUT_OF_RANGE,
+            SIZE,
+        ),
+        ("indirect next out of range", ind([(data, 8, NEXT, 1), (data, 8, NEXT, 2)]), QueueError.NEXT_OUT_OF_RANGE, 2),
         ("loop", loop, QueueError.CHAIN_TOO_LONG, 0),
         ("indirect loop", ind([(data, 8, NEXT, 1), (data, 8, NEXT, 0)]), QueueError.CHAIN_TOO_LONG, 2),
         ("too many segments", many_segments, QueueError.CHAIN_TOO_LONG, SIZE + MAX_INDIRECT),
         ("indirect len 0", ind([(data, 8)], length=0), QueueError.INDIRECT_BAD_SIZE, 0),
         ("indirect len 15", ind([(data, 8)], length=15), QueueError.INDIRECT_BAD_SIZE, 15),
-        ("indirect too big", ind([(data, 8)], length=16 * (MAX_INDIRECT + 1)), QueueError.INDIRECT_BAD_SIZE,
-         16 * (MAX_INDIRECT + 1)),
+        (
+            "indirect too big",
+            ind([(data, 8)], length=16 * (MAX_INDIRECT + 1)),
+            QueueError.INDIRECT_BAD_SIZE,
+            16 * (MAX_INDIRECT + 1),
+        ),
         ("indirect nested", ind([(data, 8, NEXT, 1), (data, 16, INDIRECT)]), QueueError.INDIRECT_NESTED, 1),
         ("indirect with next", ind([(data, 8)], flags=INDIRECT | NEXT), QueueError.INDIRECT_WITH_NEXT, 2),
         ("indirect unmapped", one(G(MAPPED + 4096), 32, INDIRECT), QueueError.INDIRECT_UNMAPPED, G(MAPPED + 4096)),
-        ("indirect straddles end", one(G(MAPPED - 16), 32, INDIRECT), QueueError.INDIRECT_UNMAPPED,
-         G(MAPPED - 16)),
+        ("indirect straddles end", one(G(MAPPED - 16), 32, INDIRECT), QueueError.INDIRECT_UNMAPPED, G(MAPPED - 16)),
         ("indirect huge addr", one((1 << 64) - 16, 16, INDIRECT), QueueError.INDIRECT_UNMAPPED, (1 << 64) - 16),
         ("zero length", one(data, 0), QueueError.ZERO_LENGTH, data),
         ("zero length in indirect", ind([(data, 8, NEXT, 1), (data + 8, 0)]), QueueError.ZERO_LENGTH, data + 8),

@@ -32,8 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: virtio modules the guest loads, in load order (their dependencies are added before them).
-MODULES = ["virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-           "failover", "net_failover", "virtio_net", "virtio_blk"]
+MODULES = [
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_blk",
+]
 
 QEMU = "qemu-system-x86_64"
 
@@ -124,8 +133,11 @@ def resolve_modules(moddir: Path, wanted: list[str]) -> list[tuple[str, bytes]]:
     builtin = set()
     bfile = moddir / "modules.builtin"
     if bfile.exists():
-        builtin = {Path(line.strip()).name.split(".ko")[0].replace("-", "_")
-                   for line in bfile.read_text().splitlines() if line.strip()}
+        builtin = {
+            Path(line.strip()).name.split(".ko")[0].replace("-", "_")
+            for line in bfile.read_text().splitlines()
+            if line.strip()
+        }
     paths = {}
     for p in (moddir / "kernel").rglob("*.ko*"):
         paths[p.name.split(".ko")[0].replace("-", "_")] = p
@@ -161,8 +173,9 @@ class Cpio:
 
     def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1) -> None:
         nameb = name.encode() + b"\x00"
-        hdr = "070701" + "".join(f"{v:08X}" for v in (
-            self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(nameb), 0))
+        hdr = "070701" + "".join(
+            f"{v:08X}" for v in (self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(nameb), 0)
+        )
         self.ino += 1
         self.buf.write(hdr.encode() + nameb)
         self.buf.write(b"\x00" * (-(110 + len(nameb)) % 4))
@@ -212,8 +225,21 @@ def build(force: bool = False, log=print) -> Kit:
         mods = resolve_modules(moddir, MODULES)
         busybox = (t / "b" / "bin" / "busybox").read_bytes()
         c = Cpio()
-        for d in ("bin", "sbin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp", "root", "usr",
-                  "usr/bin", "usr/sbin"):
+        for d in (
+            "bin",
+            "sbin",
+            "dev",
+            "etc",
+            "lib",
+            "lib/modules",
+            "proc",
+            "sys",
+            "tmp",
+            "root",
+            "usr",
+            "usr/bin",
+            "usr/sbin",
+        ):
             c.dir(d)
         c.file("bin/busybox", busybox, 0o755)
         c.symlink("bin/sh", "busybox")
@@ -251,7 +277,7 @@ def parse_result(line: str) -> dict[str, str]:
     if i < 0:
         return {}
     out = {}
-    for tok in line[i + 7:].split():
+    for tok in line[i + 7 :].split():
         if "=" in tok:
             k, v = tok.split("=", 1)
             out[k] = v
@@ -286,21 +312,51 @@ class Guest:
     def command(self, initrd: str) -> list[str]:
         chardev = f"socket,id=c0,path={self.socket_path}" + (",reconnect=1" if self.reconnect else "")
         m = self.memory_mb
-        return [QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(m),
-                "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on", "-numa", "node,memdev=mem",
-                "-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
-                "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile="
-                + (f",{self.device_opts}" if self.device_opts else ""),
-                "-kernel", str(self.kit.kernel), "-initrd", initrd,
-                "-append", f"console=ttyS0 quiet panic=-1 oops=panic {self.append}".strip(),
-                "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-monitor", "none",
-                *self.extra_args]
+        return [
+            QEMU,
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            str(m),
+            "-object",
+            f"memory-backend-memfd,id=mem,size={m}M,share=on",
+            "-numa",
+            "node,memdev=mem",
+            "-chardev",
+            chardev,
+            "-netdev",
+            "vhost-user,id=n0,chardev=c0",
+            "-device",
+            f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile="
+            + (f",{self.device_opts}" if self.device_opts else ""),
+            "-kernel",
+            str(self.kit.kernel),
+            "-initrd",
+            initrd,
+            "-append",
+            f"console=ttyS0 quiet panic=-1 oops=panic {self.append}".strip(),
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            *self.extra_args,
+        ]
 
-    def start(self) -> "Guest":
+    def start(self) -> Guest:
         initrd = Path(self._tmp) / "initrd.gz"
         initrd.write_bytes(self.kit.initrd.read_bytes() + script_archive(self.script))
-        self.proc = subprocess.Popen(self.command(str(initrd)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.command(str(initrd)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -344,7 +400,7 @@ class Guest:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise TimeoutError(f"guest still running after {timeout:.0f} s (killed)\n{self.tail()}")
+            raise TimeoutError(f"guest still running after {timeout:.0f} s (killed)\n{self.tail()}") from None
         if self._reader:
             self._reader.join(5)
         return self.results
@@ -363,7 +419,7 @@ class Guest:
         self.kill()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> "Guest":
+    def __enter__(self) -> Guest:
         return self.start()
 
     def __exit__(self, *exc) -> None:

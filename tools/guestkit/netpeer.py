@@ -54,8 +54,12 @@ def recv(port: int, timeout: float) -> dict:
     secs = time.monotonic() - start if start is not None else 0.0
     conn.close()
     srv.close()
-    return {"bytes": total, "md5": h.hexdigest(), "seconds": round(secs, 3),
-            "mbit_s": round(total * 8 / secs / 1e6, 1) if secs > 0 else 0}
+    return {
+        "bytes": total,
+        "md5": h.hexdigest(),
+        "seconds": round(secs, 3),
+        "mbit_s": round(total * 8 / secs / 1e6, 1) if secs > 0 else 0,
+    }
 
 
 def send(host: str, port: int, size: int, seed: int, timeout: float) -> dict:
@@ -83,8 +87,12 @@ def send(host: str, port: int, size: int, seed: int, timeout: float) -> dict:
         pass
     secs = time.monotonic() - start
     conn.close()
-    return {"bytes": size, "md5": h.hexdigest(), "seconds": round(secs, 3),
-            "mbit_s": round(size * 8 / secs / 1e6, 1) if secs > 0 else 0}
+    return {
+        "bytes": size,
+        "md5": h.hexdigest(),
+        "seconds": round(secs, 3),
+        "mbit_s": round(size * 8 / secs / 1e6, 1) if secs > 0 else 0,
+    }
 
 
 def sniff(iface: str) -> dict:

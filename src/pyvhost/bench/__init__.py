@@ -10,15 +10,27 @@ from . import blk, net
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["net", "blk"], default="net",
-                   help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py)")
+    p.add_argument(
+        "--device",
+        choices=["net", "blk"],
+        default="net",
+        help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py)",
+    )
     p.add_argument("--image-mb", type=int, default=256, help="blk: size of the benchmark image")
-    p.add_argument("--peer", choices=["pyvhost", "dpdk"], default="pyvhost",
-                   help="pyvhost: pyvhost's own front-end (default); dpdk: add DPDK's vhost PMD and virtio-user")
+    p.add_argument(
+        "--peer",
+        choices=["pyvhost", "dpdk"],
+        default="pyvhost",
+        help="pyvhost: pyvhost's own front-end (default); dpdk: add DPDK's vhost PMD and virtio-user",
+    )
     p.add_argument("--metadata", choices=["copy", "direct", "both"], default="both")
     p.add_argument("--direction", choices=["tx", "rx", "both"], default="both")
-    p.add_argument("--ring", choices=["split", "packed", "both"], default="split",
-                   help="virtqueue layout the front-ends negotiate (packed: VIRTIO_F_RING_PACKED)")
+    p.add_argument(
+        "--ring",
+        choices=["split", "packed", "both"],
+        default="split",
+        help="virtqueue layout the front-ends negotiate (packed: VIRTIO_F_RING_PACKED)",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")

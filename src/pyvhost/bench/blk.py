@@ -53,16 +53,33 @@ def start_backend(kind: str, image: Path, sock: Path, logfile: Path) -> subproce
     if sock.exists():
         sock.unlink()
     if kind == "pyvhost":
-        cmd = [sys.executable, "-m", "pyvhost", "serve", "blk", "--socket-path", str(sock), "--file", str(image),
-               "--cpu", str(BACKEND_CPU)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pyvhost",
+            "serve",
+            "blk",
+            "--socket-path",
+            str(sock),
+            "--file",
+            str(image),
+            "--cpu",
+            str(BACKEND_CPU),
+        ]
     else:
         qsd = qsd_binary()
         if qsd is None:
             raise RuntimeError("qemu-storage-daemon not found (tools/install-debian-deps.sh installs it)")
-        cmd = ["taskset", "-c", str(BACKEND_CPU), qsd,
-               "--blockdev", f"driver=file,node-name=file0,filename={image}",
-               "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},"
-                           "writable=on,num-queues=1"]
+        cmd = [
+            "taskset",
+            "-c",
+            str(BACKEND_CPU),
+            qsd,
+            "--blockdev",
+            f"driver=file,node-name=file0,filename={image}",
+            "--export",
+            f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
+        ]
     proc = subprocess.Popen(cmd, stdout=open(logfile, "w"), stderr=subprocess.STDOUT)
     wait_for(sock, proc, 60.0, logfile)
     return proc
@@ -124,7 +141,7 @@ def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup
 
 
 def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRow]:
-    from ..frontend_blk import BlkFrontend
+    from ..frontend.blk import BlkFrontend
 
     sock = workdir / f"blk-{backend}-{run}.sock"
     log = workdir / f"blk-{backend}-{run}.log"
@@ -137,15 +154,14 @@ def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRo
             fill = os.urandom(max_bs)
             for s in range(fe.queues[0].slots):  # what every write sends
                 off = fe.queues[0].data_off + s * max_bs
-                fe.ram.mm[off:off + max_bs] = fill
+                fe.ram.mm[off : off + max_bs] = fill
             nbytes = fe.capacity() * 512
             for name, bs, depth, rand in WORKLOADS:
                 depth = min(depth, fe.queues[0].slots)
                 c0 = cpu_seconds(proc.pid)
                 r = drive(fe, name, bs, depth, rand, a.seconds, a.warmup, nbytes)
                 cpu = (cpu_seconds(proc.pid) - c0) / max(1, r["total"]) * 1e6
-                rows.append(BlkRow(backend, name, bs, depth, r["iops"], r["mbps"], r["ops"], r["errors"], run,
-                                   cpu))
+                rows.append(BlkRow(backend, name, bs, depth, r["iops"], r["mbps"], r["ops"], r["errors"], run, cpu))
             if fe.anomalies:
                 rows[-1].errors += len(fe.anomalies)
                 rows[-1].note = fe.anomalies[0]
@@ -155,8 +171,10 @@ def measure(backend: str, run: int, image: Path, workdir: Path, a) -> list[BlkRo
 
 
 def table(rows: list[BlkRow]) -> str:
-    lines = [f"{'workload':10} {'bs':>7} {'qd':>3}  {'pyvhost':>22}  {'qemu-storage-daemon':>22}  pyvhost/qsd"
-             "   back-end CPU per request: pyvhost / qsd   (pyvhost/qsd of each pair of runs)"]
+    lines = [
+        f"{'workload':10} {'bs':>7} {'qd':>3}  {'pyvhost':>22}  {'qemu-storage-daemon':>22}  pyvhost/qsd"
+        "   back-end CPU per request: pyvhost / qsd   (pyvhost/qsd of each pair of runs)"
+    ]
     for name, bs, _depth, _rand in WORKLOADS:
         cells, meds = [], {}
         for be in ("pyvhost", "qsd"):
@@ -168,8 +186,11 @@ def table(rows: list[BlkRow]) -> str:
             v = [getattr(r, unit) for r in rs]
             meds[be] = statistics.median(v)
             fmt = (lambda x: f"{x / 1000:.1f}k") if unit == "iops" else (lambda x: f"{x:.0f}")
-            cells.append(f"{fmt(meds[be]) + (' IOPS' if unit == 'iops' else ' MB/s'):>11} "
-                         f"({fmt(min(v))}–{fmt(max(v))})".rjust(22))
+            cells.append(
+                f"{fmt(meds[be]) + (' IOPS' if unit == 'iops' else ' MB/s'):>11} ({fmt(min(v))}–{fmt(max(v))})".rjust(
+                    22
+                )
+            )
         # per pair of runs (pyvhost's run i against qemu-storage-daemon's run i, measured next to each other)
         unit = "iops" if bs <= 4096 else "mbps"
         mine = {r.run: getattr(r, unit) for r in rows if r.backend == "pyvhost" and r.workload == name}
@@ -178,14 +199,17 @@ def table(rows: list[BlkRow]) -> str:
         ratio = f"{statistics.median(pairs):.2f}x" if pairs else ""
         runs = f" (runs {', '.join(f'{x:.2f}' for x in pairs)})" if len(pairs) > 1 else ""
         depth = next((r.iodepth for r in rows if r.workload == name), 0)
-        cpu = " / ".join(f"{statistics.median(r.cpu_us_per_op for r in rows if r.backend == be and r.workload == name):.1f} us"
-                         for be in ("pyvhost", "qsd") if any(r.backend == be and r.workload == name for r in rows))
+        cpu = " / ".join(
+            f"{statistics.median(r.cpu_us_per_op for r in rows if r.backend == be and r.workload == name):.1f} us"
+            for be in ("pyvhost", "qsd")
+            if any(r.backend == be and r.workload == name for r in rows)
+        )
         lines.append(f"{name:10} {bs:7d} {depth:3d}  {cells[0]}  {cells[1]}  {ratio:>11}   {cpu}{runs}")
     return "\n".join(lines)
 
 
 def main(a) -> int:
-    if os.cpu_count() and os.cpu_count() >= 2:
+    if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {FRONTEND_CPU})
     backends = ["pyvhost"] + (["qsd"] if qsd_binary() else [])
     if len(backends) == 1:
@@ -205,10 +229,13 @@ def main(a) -> int:
                 try:
                     got = measure(be, run, image, workdir, a)
                 except (RuntimeError, OSError, ValueError) as e:
-                    got = [BlkRow(be, w[0], w[1], w[2], 0.0, 0.0, 0, 1, run, str(e)[:300]) for w in WORKLOADS]
+                    got = [BlkRow(be, w[0], w[1], w[2], 0.0, 0.0, 0, 1, run, note=str(e)[:300]) for w in WORKLOADS]
                 rows += got
-                print(" " + ", ".join(f"{r.workload} {r.iops / 1000:.1f}k IOPS {r.mbps:.0f} MB/s" for r in got),
-                      file=sys.stderr, flush=True)
+                print(
+                    " " + ", ".join(f"{r.workload} {r.iops / 1000:.1f}k IOPS {r.mbps:.0f} MB/s" for r in got),
+                    file=sys.stderr,
+                    flush=True,
+                )
     print(table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
@@ -222,6 +249,7 @@ def main(a) -> int:
 
 def plot(rows: list[BlkRow], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -229,9 +257,8 @@ def plot(rows: list[BlkRow], path: str) -> None:
     for ax, (name, bs, _d, _r) in zip(axes, WORKLOADS):
         unit = "iops" if bs <= 4096 else "mbps"
         bes = [b for b in ("pyvhost", "qsd") if any(r.backend == b for r in rows)]
-        meds = [statistics.median(getattr(r, unit) for r in rows if r.backend == b and r.workload == name)
-                for b in bes]
-        ax.bar(bes, meds, color=["#ee6677", "#888888"][:len(bes)])
+        meds = [statistics.median(getattr(r, unit) for r in rows if r.backend == b and r.workload == name) for b in bes]
+        ax.bar(bes, meds, color=["#ee6677", "#888888"][: len(bes)])
         ax.set_title(f"{name} ({'IOPS' if unit == 'iops' else 'MB/s'})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -48,10 +48,10 @@ class Row:
 
 @dataclass
 class Config:
-    backend: str      # pyvhost | dpdk
-    frontend: str     # pyvhost | dpdk
-    direction: str    # tx | rx
-    metadata: str     # copy | direct | "-" for DPDK's back-end
+    backend: str  # pyvhost | dpdk
+    frontend: str  # pyvhost | dpdk
+    direction: str  # tx | rx
+    metadata: str  # copy | direct | "-" for DPDK's back-end
     ring: str = "split"  # split | packed (VIRTIO_F_RING_PACKED, negotiated by the front-end)
     rows: list[Row] = field(default_factory=list)
 
@@ -70,9 +70,28 @@ class Runner:
     def startpyvhost_cmd(self, mode: str, metadata: str, sock: Path, count: int = -1):
         ready, stats = self.dir / f"ready{self.n}", self.dir / f"stats{self.n}.json"
         log = open(self.dir / f"pyvhost{self.n}.log", "w")
-        cmd = pyvhost_cmd("serve", "net", "--socket-path", str(sock), "--mode", mode, "--metadata", metadata,
-                       "--pkt-size", str(self.a.pkt_size), "--connections", "1", "--cpu", str(BACKEND_CPU),
-                       "--ready-file", str(ready), "--stats-json", str(stats), "--count", str(count))
+        cmd = pyvhost_cmd(
+            "serve",
+            "net",
+            "--socket-path",
+            str(sock),
+            "--mode",
+            mode,
+            "--metadata",
+            metadata,
+            "--pkt-size",
+            str(self.a.pkt_size),
+            "--connections",
+            "1",
+            "--cpu",
+            str(BACKEND_CPU),
+            "--ready-file",
+            str(ready),
+            "--stats-json",
+            str(stats),
+            "--count",
+            str(count),
+        )
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         wait_for(ready, proc)
         return proc, stats
@@ -87,10 +106,26 @@ class Runner:
 
     # -- pyvhost front-end ------------------------------------------------------------------------------
     def drive(self, sock: Path, direction: str, ring: str = "split") -> dict:
-        cmd = pyvhost_cmd("drive", "net", "--socket-path", str(sock), "--direction", direction,
-                       "--seconds", str(self.a.seconds), "--warmup", str(self.a.warmup),
-                       "--pkt-size", str(self.a.pkt_size), "--queue-size", str(self.a.queue_size),
-                       "--batch", str(self.a.batch), "--cpu", str(FRONTEND_CPU))
+        cmd = pyvhost_cmd(
+            "drive",
+            "net",
+            "--socket-path",
+            str(sock),
+            "--direction",
+            direction,
+            "--seconds",
+            str(self.a.seconds),
+            "--warmup",
+            str(self.a.warmup),
+            "--pkt-size",
+            str(self.a.pkt_size),
+            "--queue-size",
+            str(self.a.queue_size),
+            "--batch",
+            str(self.a.batch),
+            "--cpu",
+            str(FRONTEND_CPU),
+        )
         if ring == "packed":
             cmd.append("--packed")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.seconds + self.a.warmup + 120)
@@ -100,8 +135,15 @@ class Runner:
 
     # -- DPDK -------------------------------------------------------------------------------------------
     def testpmd(self, vdev: str, fwd: str, cpu: int, tag: str, interactive: bool = False):
-        return start_testpmd(self.dir / f"testpmd-{tag}{self.n}.log", vdev, fwd, cpu, f"{tag}-{os.getpid()}",
-                             self.a.queue_size, interactive)
+        return start_testpmd(
+            self.dir / f"testpmd-{tag}{self.n}.log",
+            vdev,
+            fwd,
+            cpu,
+            f"{tag}-{os.getpid()}",
+            self.a.queue_size,
+            interactive,
+        )
 
     def dpdk_backend(self, sock: Path, fwd: str) -> tuple[subprocess.Popen, Path]:
         proc, out = self.testpmd(f"net_vhost0,iface={sock},queues=1", fwd, BACKEND_CPU, "vhost")
@@ -145,8 +187,7 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     r.n += 1
     sock = r.dir / f"vhost{r.n}.sock"
     a = r.a
-    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 0, ring=c.ring,
-              run=run)
+    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 0, ring=c.ring, run=run)
     mode = "sink" if c.direction == "tx" else "source"
     dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
     fe_fwd = "txonly" if c.direction == "tx" else "rxonly"
@@ -225,19 +266,32 @@ def table(cs: list[Config]) -> str:
     lines = []
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
-        lines.append(f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'Mpps median (min–max)':24} {'errors':>6}  ratio")
+        lines.append(
+            f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'Mpps median (min–max)':24} {'errors':>6}  ratio"
+        )
         for c in (c for c in cs if c.frontend == fe):
             if not c.rows:
                 continue
             med = statistics.median(x.mpps for x in c.rows)
             ratio = ""
-            same = {x.metadata: x for x in cs
-                    if x.frontend == fe and x.direction == c.direction and x.ring == c.ring and x.rows}
+            same = {
+                x.metadata: x
+                for x in cs
+                if x.frontend == fe and x.direction == c.direction and x.ring == c.ring and x.rows
+            }
             if c.backend == "pyvhost" and c.metadata == "direct" and "copy" in same:
                 base = statistics.median(x.mpps for x in same["copy"].rows)
                 ratio = f"direct/copy {med / base:.2f}x" if base else ""
-            split = [x for x in cs if x.frontend == fe and x.backend == c.backend and x.direction == c.direction
-                     and x.metadata == c.metadata and x.ring == "split" and x.rows]
+            split = [
+                x
+                for x in cs
+                if x.frontend == fe
+                and x.backend == c.backend
+                and x.direction == c.direction
+                and x.metadata == c.metadata
+                and x.ring == "split"
+                and x.rows
+            ]
             if c.ring == "packed" and split:
                 base = statistics.median(x.mpps for x in split[0].rows)
                 ratio += (" " if ratio else "") + (f"packed/split {med / base:.2f}x" if base else "")
@@ -245,20 +299,26 @@ def table(cs: list[Config]) -> str:
                 dp = same["-"].rows
                 pairs = [p.mpps / d.mpps for p, d in zip(c.rows, dp) if d.mpps]
                 if pairs:
-                    ratio += (" " if ratio else "") + f"pyvhost/DPDK {statistics.median(pairs):.2f}x " \
-                        f"(runs {', '.join(f'{x:.2f}' for x in pairs)})"
+                    ratio += (
+                        " " if ratio else ""
+                    ) + f"pyvhost/DPDK {statistics.median(pairs):.2f}x (runs {', '.join(f'{x:.2f}' for x in pairs)})"
             errs = sum(x.errors for x in c.rows)
-            lines.append(f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {_fmt(c.rows):24} {errs:6d}  {ratio}")
+            lines.append(
+                f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {_fmt(c.rows):24} {errs:6d}  {ratio}"
+            )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
         if fp:
-            lines.append(f"connect → first completion (pyvhost front-end, warm cache): median {statistics.median(fp):.3f} s, "
-                         f"max {max(fp):.3f} s")
+            lines.append(
+                f"connect → first completion (pyvhost front-end, warm cache): median {statistics.median(fp):.3f} s, "
+                f"max {max(fp):.3f} s"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def plot(cs: list[Config], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -267,8 +327,7 @@ def plot(cs: list[Config], path: str) -> None:
     lo = [m - min(x.mpps for x in c.rows) for m, c in zip(meds, done)]
     hi = [max(x.mpps for x in c.rows) - m for m, c in zip(meds, done)]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(done)), 4))
-    colors = ["#888888" if c.backend == "dpdk" else ("#4477aa" if c.metadata == "copy" else "#ee6677")
-              for c in done]
+    colors = ["#888888" if c.backend == "dpdk" else ("#4477aa" if c.metadata == "copy" else "#ee6677") for c in done]
     bars = ax.bar(range(len(done)), meds, yerr=[lo, hi], color=colors, capsize=4)
     for bar, c in zip(bars, done):
         if c.ring == "packed":
@@ -281,7 +340,7 @@ def plot(cs: list[Config], path: str) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    if os.cpu_count() and os.cpu_count() < 2:
+    if (os.cpu_count() or 1) < 2:
         print("note: fewer than 2 CPUs; back-end and front-end share one", file=sys.stderr)
     cs = configs(a)
     total = len(cs) * a.runs
@@ -298,12 +357,27 @@ def main(a: argparse.Namespace) -> int:
                 try:
                     row = measure(r, c, run)
                 except (RuntimeError, OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
-                    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 1,
-                              run=run, note=str(e)[:300])
+                    row = Row(
+                        c.backend,
+                        c.frontend,
+                        c.direction,
+                        c.metadata,
+                        a.pkt_size,
+                        a.queue_size,
+                        0.0,
+                        0,
+                        1,
+                        run=run,
+                        note=str(e)[:300],
+                    )
                 c.rows.append(row)
                 eta = (time.monotonic() - t0) / done * (total - done)
-                print(f" {row.mpps:7.2f} Mpps  errors {row.errors}  (eta {eta:4.0f} s){'  ' + row.note if row.note else ''}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f" {row.mpps:7.2f} Mpps  errors {row.errors}  (eta {eta:4.0f} s)"
+                    f"{'  ' + row.note if row.note else ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     print(table(cs))
     rows = [asdict(x) for c in cs for x in c.rows]
     if a.json:

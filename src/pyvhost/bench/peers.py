@@ -27,7 +27,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0, log: Pa
     while not path.exists():
         if proc.poll() is not None:
             tail = f": {log.read_text(errors='replace')[-1500:]}" if log else ""
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode} before it was ready{tail}")
+            raise RuntimeError(f"{str(proc.args)[:200]} exited with {proc.returncode} before it was ready{tail}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear in {timeout} s")
         time.sleep(0.02)
@@ -44,21 +44,43 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0
             proc.wait()
 
 
-def start_testpmd(log: Path, vdev: str, fwd: str, cpu: int, prefix: str, queue_size: int,
-                  interactive: bool = False) -> tuple[subprocess.Popen, Path]:
+def start_testpmd(
+    log: Path, vdev: str, fwd: str, cpu: int, prefix: str, queue_size: int, interactive: bool = False
+) -> tuple[subprocess.Popen, Path]:
     """DPDK's testpmd with one vdev (a virtio-user front-end or a vhost PMD back-end) on ``cpu``, its output
     line-buffered into ``log``; interactive (commands through :class:`PmdConsole`) or started at once."""
     testpmd = shutil.which("dpdk-testpmd")
     if testpmd is None:
         raise RuntimeError("dpdk-testpmd not found (make deps installs Debian's DPDK)")
-    cmd = ["stdbuf", "-oL", testpmd, "--no-huge", "-m", "1024", "--no-pci",
-           "--file-prefix", f"pyvhost-{prefix}", "--lcores", f"0@{cpu},1@{cpu}",
-           "--vdev", vdev, "--", f"--forward-mode={fwd}", f"--txd={queue_size}",
-           f"--rxd={queue_size}", "--no-flush-rx"]  # count every received packet
+    cmd = [
+        "stdbuf",
+        "-oL",
+        testpmd,
+        "--no-huge",
+        "-m",
+        "1024",
+        "--no-pci",
+        "--file-prefix",
+        f"pyvhost-{prefix}",
+        "--lcores",
+        f"0@{cpu},1@{cpu}",
+        "--vdev",
+        vdev,
+        "--",
+        f"--forward-mode={fwd}",
+        f"--txd={queue_size}",
+        f"--rxd={queue_size}",
+        "--no-flush-rx",
+    ]  # count every received packet
     # non-interactive testpmd waits for Enter unless it has a stats period; stdin is /dev/null here
     cmd += ["-i"] if interactive else ["--auto-start", "--stats-period", "1"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
+        text=True,
+    )
     return proc, log
 
 

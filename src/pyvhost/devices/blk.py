@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 
-from .base import ChainDevice, Request, warm_up
+from .chain_device import ChainDevice, Request
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ VIRTIO_BLK_S_UNSUPP = 2
 SECTOR_SIZE = 512
 VIRTIO_BLK_ID_BYTES = 20
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-OUTHDR = struct.Struct("<IIQ")        # type, reserved (ioprio), sector
-DISCARD_WZ = struct.Struct("<QII")    # sector, num_sectors, flags
+OUTHDR = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
+DISCARD_WZ = struct.Struct("<QII")  # sector, num_sectors, flags
 #: struct virtio_blk_config (§5.2.4), zoned characteristics included: 96 bytes
 CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIII B3x III IIIIIB3x")
 IOV_MAX = 1024
@@ -134,10 +134,20 @@ class BlkDevice(ChainDevice):
 
     device_id = VIRTIO_ID_BLOCK
 
-    def __init__(self, path: str, readonly: bool = False, num_queues: int = 1, io_threads: int = 4,
-                 serial: str | None = None, seg_max: int = 126, size_max: int = 1 << 20,
-                 max_discard_sectors: int = (1 << 22) - 1, max_discard_seg: int = 32, io_delay: float = 0.0,
-                 nowait: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        readonly: bool = False,
+        num_queues: int = 1,
+        io_threads: int = 4,
+        serial: str | None = None,
+        seg_max: int = 126,
+        size_max: int = 1 << 20,
+        max_discard_sectors: int = (1 << 22) - 1,
+        max_discard_seg: int = 32,
+        io_delay: float = 0.0,
+        nowait: bool = True,
+    ) -> None:
         self.path = path
         self.readonly = readonly
         self.num_queues = num_queues
@@ -159,13 +169,24 @@ class BlkDevice(ChainDevice):
         self.size = size
         self.capacity = size // SECTOR_SIZE  # sectors; a partial last sector is not exposed
         if size % SECTOR_SIZE:
-            log.warning("%s: %d bytes is not a multiple of %d; the last %d bytes are not exposed", path, size,
-                        SECTOR_SIZE, size % SECTOR_SIZE)
+            log.warning(
+                "%s: %d bytes is not a multiple of %d; the last %d bytes are not exposed",
+                path,
+                size,
+                SECTOR_SIZE,
+                size % SECTOR_SIZE,
+            )
         self.serial = (serial if serial is not None else os.path.basename(path)).encode()[:VIRTIO_BLK_ID_BYTES]
         self.seg_max, self.size_max = seg_max, size_max
         self.max_discard_sectors, self.max_discard_seg = max_discard_sectors, max_discard_seg
-        self.features = ((1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
-                         | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE) | (1 << VIRTIO_BLK_F_MQ))
+        self.features = (
+            (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_CONFIG_WCE)
+            | (1 << VIRTIO_BLK_F_MQ)
+        )
         if readonly:
             self.features |= 1 << VIRTIO_BLK_F_RO
         else:
@@ -173,8 +194,18 @@ class BlkDevice(ChainDevice):
         self.writeback = 1  # the config's cache mode: 1 write-back (FLUSH needed), 0 write-through
         self.negotiated = 0
         self.pool = IOPool(io_threads) if io_threads > 0 else None
-        self.counts = {"read": 0, "write": 0, "flush": 0, "get_id": 0, "discard": 0, "write_zeroes": 0,
-                       "read_bytes": 0, "write_bytes": 0, "ioerr": 0, "unsupp": 0}
+        self.counts = {
+            "read": 0,
+            "write": 0,
+            "flush": 0,
+            "get_id": 0,
+            "discard": 0,
+            "write_zeroes": 0,
+            "read_bytes": 0,
+            "write_bytes": 0,
+            "ioerr": 0,
+            "unsupp": 0,
+        }
         self.lock = threading.Lock()
         #: seconds each request takes at least (simulates a slow medium; tests and demonstrations)
         self.io_delay = io_delay
@@ -187,21 +218,44 @@ class BlkDevice(ChainDevice):
     # -- configuration ----------------------------------------------------------------------------------
     def config_space(self) -> bytes:
         return CONFIG.pack(
-            self.capacity, self.size_max, self.seg_max,
-            0, 0, 0,                                       # geometry (not offered)
-            SECTOR_SIZE,                                   # blk_size
-            0, 0, 0, 0,                                    # topology (not offered)
-            self.writeback, 0, self.num_queues,
-            self.max_discard_sectors, self.max_discard_seg, 8,       # discard (alignment: 4 KiB)
-            self.max_discard_sectors, self.max_discard_seg, 1,       # write zeroes, may unmap
-            0, 0, 0,                                       # secure erase (not offered)
-            0, 0, 0, 0, 0, 0)                              # zoned (not offered)
+            self.capacity,
+            self.size_max,
+            self.seg_max,
+            0,
+            0,
+            0,  # geometry (not offered)
+            SECTOR_SIZE,  # blk_size
+            0,
+            0,
+            0,
+            0,  # topology (not offered)
+            self.writeback,
+            0,
+            self.num_queues,
+            self.max_discard_sectors,
+            self.max_discard_seg,
+            8,  # discard (alignment: 4 KiB)
+            self.max_discard_sectors,
+            self.max_discard_seg,
+            1,  # write zeroes, may unmap
+            0,
+            0,
+            0,  # secure erase (not offered)
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )  # zoned (not offered)
 
     def write_config(self, offset: int, data: bytes) -> None:
         wce = 32  # offset of ``writeback``
         if not self.negotiated & (1 << VIRTIO_BLK_F_CONFIG_WCE) or offset != wce or len(data) != 1 or data[0] > 1:
-            raise ValueError(f"config write of {len(data)} bytes at {offset}: only 'writeback' (offset {wce}, "
-                             "0 or 1) is writable, with VIRTIO_BLK_F_CONFIG_WCE")
+            raise ValueError(
+                f"config write of {len(data)} bytes at {offset}: only 'writeback' (offset {wce}, "
+                "0 or 1) is writable, with VIRTIO_BLK_F_CONFIG_WCE"
+            )
         self.writeback = data[0]
         log.info("cache mode: %s", "write-back" if self.writeback else "write-through")
 
@@ -216,8 +270,7 @@ class BlkDevice(ChainDevice):
     def submit(self, req: Request) -> None:
         writable = req.writable
         if not writable or not len(writable[-1]):
-            log.error("queue %d: request %d has no writable status byte; completed with length 0",
-                      req.queue, req.head)
+            log.error("queue %d: request %d has no writable status byte; completed with length 0", req.queue, req.head)
             self._count("ioerr")
             req.complete(0)
             return
@@ -267,7 +320,7 @@ class BlkDevice(ChainDevice):
         """Check the request; return what the I/O thread does: (kind, offset, views or ranges)."""
         hdr = req.readable[0] if req.readable else b""
         if len(hdr) >= OUTHDR.size:
-            rtype, _reserved, sector = OUTHDR.unpack(hdr[:OUTHDR.size])
+            rtype, _reserved, sector = OUTHDR.unpack(hdr[: OUTHDR.size])
         else:
             raw = b"".join(bytes(v) for v in req.readable)
             if len(raw) < OUTHDR.size:
@@ -341,7 +394,7 @@ class BlkDevice(ChainDevice):
                 ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
                 for v in data:
                     take = min(len(v), len(ident) - written)
-                    v[:take] = ident[written:written + take]
+                    v[:take] = ident[written : written + take]
                     written += take
                 self._count("get_id")
             else:
@@ -425,7 +478,7 @@ class BlkDevice(ChainDevice):
         zeros = memoryview(bytes(min(length, 1 << 20)))
         done = 0
         while done < length:
-            done += os.pwrite(self.fd, zeros[:min(len(zeros), length - done)], offset + done)
+            done += os.pwrite(self.fd, zeros[: min(len(zeros), length - done)], offset + done)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
         if _libc.fallocate(self.fd, mode, offset, length) != 0:

@@ -12,13 +12,28 @@ import enum
 import struct
 
 import numpy as np
-from ..jit import helper, inline_helper, kernel
 
-from ..atomic import fence_full
-from ..chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
-from ..ring.split import (Q_BATCH, Q_BYTES, Q_CHAINS, Q_DROPS, Q_HDR_LEN, Q_IDLE, Q_LAST_AVAIL, Q_LIMIT, Q_MRG,
-                          Q_PACKETS, Q_STOP, Q_USED_IDX, Q_WAKEUPS, avail_pending, flush_used, read_avail_entry,
-                          set_notify, write_used)
+from ..access import _NO_U16, _NO_U32, _NO_U64
+from ..jit import inline_helper, kernel
+from ..memory import GuestMemory
+from ..ring.chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
+from ..ring.poll import POLL_AGAIN, POLL_IDLE, poll, poll_pair
+from ..ring.split import flush_used, look_avail, read_avail_entry, set_notify, write_used
+from ..ring.state import (
+    Q_BATCH,
+    Q_BYTES,
+    Q_CHAINS,
+    Q_DROPS,
+    Q_HDR_LEN,
+    Q_LAST_AVAIL,
+    Q_LIMIT,
+    Q_MRG,
+    Q_PACKETS,
+    Q_STOP,
+    Q_USED_IDX,
+    new_queue_state,
+)
+from . import net_packed
 from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
 
 VIRTIO_ID_NET = 1
@@ -51,10 +66,11 @@ class Mode(str, enum.Enum):
 def make_frame(size: int, seq: int = 0) -> np.ndarray:
     """A UDP/IPv4 Ethernet frame of ``size`` bytes (≥ 60) from 02:00:00:00:00:01 to 02:00:00:00:00:02."""
     size = max(size, 60)
-    eth = bytes.fromhex("020000000002" "020000000001" "0800")
+    eth = bytes.fromhex("0200000000020200000000010800")
     ip_len = size - 14
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, seq & 0xFFFF, 0, 64, 17, 0,
-                     bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]))
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, ip_len, seq & 0xFFFF, 0, 64, 17, 0, bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])
+    )
     csum = sum(struct.unpack("!10H", ip))
     csum = (csum & 0xFFFF) + (csum >> 16)
     csum = ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF
@@ -66,15 +82,6 @@ def make_frame(size: int, seq: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------
 # compiled datapath
-@helper
-def _idle(q, avail, used16, mem, table):
-    """No chains: ask for kicks, then look once more (the driver may have added one meanwhile)."""
-    if not set_notify(q, used16, mem, table, 1):
-        return -1
-    fence_full()
-    return avail_pending(q, avail, mem, table)
-
-
 @kernel
 def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
     """Consume TX chains: count packets and bytes (after the header), complete each with length 0."""
@@ -82,23 +89,13 @@ def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
-        n = avail_pending(q, avail, mem, table)
+        n = poll(q, avail, used16, mem, table, spins, look_avail, set_notify, True)
+        if n == POLL_AGAIN:
+            continue
+        if n == POLL_IDLE:
+            return _IDLE
         if n < 0:
             return _BROKEN
-        if n == 0:
-            q[Q_IDLE] += 1
-            if q[Q_IDLE] < spins:
-                continue
-            n = _idle(q, avail, used16, mem, table)
-            if n < 0:
-                return _BROKEN
-            if n == 0:
-                q[Q_IDLE] = 0
-                return _IDLE
-        q[Q_IDLE] = 0
-        if not set_notify(q, used16, mem, table, 0):
-            return _BROKEN
-        q[Q_WAKEUPS] += 1
         n = min(n, q[Q_BATCH])
         last = q[Q_LAST_AVAIL]
         used = q[Q_USED_IDX]
@@ -201,25 +198,14 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
-        n = avail_pending(q, avail, mem, table)
+        want = q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]  # a source at its limit produces no more
+        n = poll(q, avail, used16, mem, table, spins, look_avail, set_notify, want)
+        if n == POLL_AGAIN:
+            continue
+        if n == POLL_IDLE:
+            return _IDLE
         if n < 0:
             return _BROKEN
-        if q[Q_LIMIT] >= 0 and q[Q_PACKETS] >= q[Q_LIMIT]:
-            n = 0
-        if n == 0:
-            q[Q_IDLE] += 1
-            if q[Q_IDLE] < spins:
-                continue
-            n = _idle(q, avail, used16, mem, table)
-            if n < 0:
-                return _BROKEN
-            if n == 0:
-                q[Q_IDLE] = 0
-                return _IDLE
-        q[Q_IDLE] = 0
-        if not set_notify(q, used16, mem, table, 0):
-            return _BROKEN
-        q[Q_WAKEUPS] += 1
         n = min(n, q[Q_BATCH])
         k = 0
         status = _MORE
@@ -241,32 +227,38 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
 
 
 @kernel
-def loopback(rq, rdesc, ravail, rused16, rused32, tq, tdesc, tavail, tused16, tused32, mem, table,
-             tsg, rsgs, hdrbuf, scratch, budget, spins):
+def loopback(
+    rq,
+    rdesc,
+    ravail,
+    rused16,
+    rused32,
+    tq,
+    tdesc,
+    tavail,
+    tused16,
+    tused32,
+    mem,
+    table,
+    tsg,
+    rsgs,
+    hdrbuf,
+    scratch,
+    budget,
+    spins,
+):
     """Move each TX frame to the paired RX queue.  A TX chain is taken only when RX has room for it."""
     hdr = tq[Q_HDR_LEN]
     for _ in range(budget):
         if tq[Q_STOP] or rq[Q_STOP]:
             return _STOPPED
-        nt = avail_pending(tq, tavail, mem, table)
-        nr = avail_pending(rq, ravail, mem, table)
-        if nt < 0 or nr < 0:
+        nt, nr = poll_pair(tq, tavail, tused16, rq, ravail, rused16, mem, table, spins, look_avail, set_notify)
+        if nt == POLL_AGAIN:
+            continue
+        if nt == POLL_IDLE:
+            return _IDLE
+        if nt < 0:
             return _BROKEN
-        if nt == 0 or nr == 0:
-            tq[Q_IDLE] += 1
-            if tq[Q_IDLE] < spins:
-                continue
-            nt = _idle(tq, tavail, tused16, mem, table)
-            nr = _idle(rq, ravail, rused16, mem, table)
-            if nt < 0 or nr < 0:
-                return _BROKEN
-            if nt == 0 or nr == 0:
-                tq[Q_IDLE] = 0
-                return _IDLE
-        tq[Q_IDLE] = 0
-        if not set_notify(tq, tused16, mem, table, 0) or not set_notify(rq, rused16, mem, table, 0):
-            return _BROKEN
-        tq[Q_WAKEUPS] += 1
         nt = min(nt, tq[Q_BATCH])
         nr = min(nr, rq[Q_BATCH])
         tlast = tq[Q_LAST_AVAIL]
@@ -321,9 +313,16 @@ class NetDevice(Device):
 
     device_id = VIRTIO_ID_NET
 
-    def __init__(self, mode: Mode = Mode.SINK, queue_pairs: int = 1, pkt_size: int = 64,
-                 mac: bytes = bytes.fromhex("020000000002"), mtu: int = 1500, spins: int = 20000,
-                 count: int = -1) -> None:
+    def __init__(
+        self,
+        mode: Mode = Mode.SINK,
+        queue_pairs: int = 1,
+        pkt_size: int = 64,
+        mac: bytes = bytes.fromhex("020000000002"),
+        mtu: int = 1500,
+        spins: int = 20000,
+        count: int = -1,
+    ) -> None:
         self.mode = Mode(mode)
         self.count = count
         self.queue_pairs = queue_pairs
@@ -332,8 +331,13 @@ class NetDevice(Device):
         self.mtu = mtu
         self.spins = spins  # empty polls (≈20-50 ns each) before a worker sleeps on its kick fds
         self.frame = make_frame(pkt_size)
-        self.features = ((1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
-                         | (1 << VIRTIO_NET_F_MTU) | ((1 << VIRTIO_NET_F_MQ) if queue_pairs > 1 else 0))
+        self.features = (
+            (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MTU)
+            | ((1 << VIRTIO_NET_F_MQ) if queue_pairs > 1 else 0)
+        )
         self.negotiated = 0
 
     def config_space(self) -> bytes:
@@ -378,34 +382,40 @@ class NetDevice(Device):
     def _step(self, mode: Mode, rings: list[Ring]) -> StepFn:
         spins = self.spins
         if self.negotiated & (1 << VIRTIO_F_RING_PACKED):
-            from . import net_packed
             return net_packed.make_step(mode.value, rings, spins, self.frame, MAX_FRAME)
         mem = rings[0].mem
         views, table = mem.arena.view, mem.table
         if mode is Mode.SINK:
             (tx,) = rings
             sg = new_sg(int(tx.q[0]))
-            args = (tx.q, *tx.views.args(), views, table, sg)
-            return lambda budget: tx_sink(*args, budget, spins)
+            sink = (tx.q, *tx.views.args(), views, table, sg)
+            return lambda budget: tx_sink(*sink, budget, spins)
         if mode is Mode.SOURCE:
             (rx,) = rings
             sgs = np.stack([new_sg(int(rx.q[0]))] * 2)
-            args = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame)
-            return lambda budget: rx_source(*args, budget, spins)
+            source = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame)
+            return lambda budget: rx_source(*source, budget, spins)
         rx, tx = rings
         tsg = new_sg(int(tx.q[0]))
         rsgs = np.stack([new_sg(int(rx.q[0]))] * 2)
-        args = (rx.q, *rx.views.args(), tx.q, *tx.views.args(), views, table, tsg, rsgs,
-                np.zeros(16, np.uint8), np.zeros(MAX_FRAME, np.uint8))
+        args = (
+            rx.q,
+            *rx.views.args(),
+            tx.q,
+            *tx.views.args(),
+            views,
+            table,
+            tsg,
+            rsgs,
+            np.zeros(16, np.uint8),
+            np.zeros(MAX_FRAME, np.uint8),
+        )
         return lambda budget: loopback(*args, budget, spins)
 
 
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) every net kernel on a tiny idle ring, so that the first
     connection does not wait for the compiler."""
-    from ..memory import GuestMemory
-    from ..ring.split import new_queue_state
-    from ..access import _NO_U16, _NO_U32, _NO_U64
 
     mem = GuestMemory(arena_size=1 << 21)
     try:
@@ -416,9 +426,9 @@ def warm_up() -> None:
         sgs = np.stack([sg, sg])
         tx_sink(q, *ring, mem.arena.view, mem.table, sg, 1, 1)
         rx_source(q, *ring, mem.arena.view, mem.table, sgs, np.zeros(16, np.uint8), make_frame(64), 1, 1)
-        loopback(q, *ring, q, *ring, mem.arena.view, mem.table, sg, sgs, np.zeros(16, np.uint8),
-                 np.zeros(16, np.uint8), 1, 1)
+        loopback(
+            q, *ring, q, *ring, mem.arena.view, mem.table, sg, sgs, np.zeros(16, np.uint8), np.zeros(16, np.uint8), 1, 1
+        )
     finally:
         mem.close()
-    from . import net_packed
     net_packed.warm_up()

@@ -15,30 +15,43 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..atomic import fence_full
-from ..chain import READ_ONLY, WRITE_ONLY, sg_read, sg_write
+from ..access import _NO_U16, _NO_U64
 from ..jit import helper, inline_helper, kernel
-from ..ring.packed import (NOT_AVAIL, SH_ID, SH_LEN, SH_NDESC, advance, flush_used, in_flight, read_head,
-                           set_notify, walk_packed)
-from ..ring.split import (Q_AVAIL_WRAP, Q_BATCH, Q_BYTES, Q_CHAINS, Q_DROPS, Q_HDR_LEN, Q_IDLE, Q_LAST_AVAIL,
-                          Q_LIMIT, Q_MRG, Q_PACKETS, Q_SIZE, Q_STOP, Q_WAKEUPS)
+from ..memory import GuestMemory
+from ..ring.chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write
+from ..ring.packed import (
+    NOT_AVAIL,
+    SH_ID,
+    SH_LEN,
+    SH_NDESC,
+    advance,
+    flush_used,
+    in_flight,
+    look_head,
+    new_packed_state,
+    new_shadow,
+    read_head,
+    set_notify,
+    walk_packed,
+)
+from ..ring.poll import POLL_AGAIN, POLL_IDLE, poll, poll_pair
+from ..ring.state import (
+    Q_AVAIL_WRAP,
+    Q_BATCH,
+    Q_BYTES,
+    Q_CHAINS,
+    Q_DROPS,
+    Q_HDR_LEN,
+    Q_LAST_AVAIL,
+    Q_LIMIT,
+    Q_MRG,
+    Q_PACKETS,
+    Q_SIZE,
+    Q_STOP,
+)
 from .base import Step
 
 _IDLE, _MORE, _STOPPED, _BROKEN = int(Step.IDLE), int(Step.MORE), int(Step.STOPPED), int(Step.BROKEN)
-
-
-@helper
-def _head(q, desc, mem, table):
-    return read_head(q, desc, mem, table, q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP])
-
-
-@helper
-def _idle(q, desc, dev, mem, table):
-    """Nothing available: ask for kicks, then look once more (the driver may have added a chain meanwhile)."""
-    if not set_notify(q, dev, mem, table, 1):
-        return np.int64(-1)
-    fence_full()
-    return _head(q, desc, mem, table)
 
 
 @helper
@@ -77,23 +90,13 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
-        f = _head(q, desc, mem, table)
-        if f == -1:
+        f = poll(q, desc, dev, mem, table, spins, look_head, set_notify, True)
+        if f == POLL_AGAIN:
+            continue
+        if f == POLL_IDLE:
+            return _IDLE
+        if f < 0:
             return _BROKEN
-        if f == NOT_AVAIL:
-            q[Q_IDLE] += 1
-            if q[Q_IDLE] < spins:
-                continue
-            f = _idle(q, desc, dev, mem, table)
-            if f == -1:
-                return _BROKEN
-            if f == NOT_AVAIL:
-                q[Q_IDLE] = 0
-                return _IDLE
-        q[Q_IDLE] = 0
-        if not set_notify(q, dev, mem, table, 0):
-            return _BROKEN
-        q[Q_WAKEUPS] += 1
         room, nmax = _room(q, shadow)
         pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
         counters = _counters(q)
@@ -101,8 +104,9 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
         done = 0
         status = _MORE
         while done < nmax and taken < room:
-            nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(q, desc, mem, table, pos, wrap, f, sg, READ_ONLY,
-                                                                  room - taken)
+            nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(
+                q, desc, mem, table, pos, wrap, f, sg, READ_ONLY, room - taken
+            )
             if nread < 0:
                 status = _BROKEN
                 break
@@ -157,8 +161,7 @@ def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, p
         if f == NOT_AVAIL:
             return 0, pos, wrap, taken
         sg = sgs[0] if c == 0 else sgs[1]
-        nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(q, desc, mem, table, p, w, f, sg, WRITE_ONLY,
-                                                              room - t)
+        nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(q, desc, mem, table, p, w, f, sg, WRITE_ONLY, room - t)
         if nread < 0:
             return -1, pos, wrap, taken
         if c == 0:
@@ -209,25 +212,14 @@ def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget,
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
-        f = _head(q, desc, mem, table)
-        if f == -1:
+        want = q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]  # a source at its limit produces no more
+        f = poll(q, desc, dev, mem, table, spins, look_head, set_notify, want)
+        if f == POLL_AGAIN:
+            continue
+        if f == POLL_IDLE:
+            return _IDLE
+        if f < 0:
             return _BROKEN
-        if q[Q_LIMIT] >= 0 and q[Q_PACKETS] >= q[Q_LIMIT]:
-            f = NOT_AVAIL
-        if f == NOT_AVAIL:
-            q[Q_IDLE] += 1
-            if q[Q_IDLE] < spins:
-                continue
-            f = _idle(q, desc, dev, mem, table)
-            if f == -1:
-                return _BROKEN
-            if f == NOT_AVAIL:
-                q[Q_IDLE] = 0
-                return _IDLE
-        q[Q_IDLE] = 0
-        if not set_notify(q, dev, mem, table, 0):
-            return _BROKEN
-        q[Q_WAKEUPS] += 1
         room, nmax = _room(q, shadow)
         pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
         counters = _counters(q)
@@ -235,8 +227,9 @@ def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget,
         k = 0
         status = _MORE
         while q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]:
-            c, pos, wrap, taken = rx_deliver(q, desc, mem, table, sgs, hdrbuf, frame, frame.shape[0], shadow, k,
-                                             nmax, pos, wrap, taken, room)
+            c, pos, wrap, taken = rx_deliver(
+                q, desc, mem, table, sgs, hdrbuf, frame, frame.shape[0], shadow, k, nmax, pos, wrap, taken, room
+            )
             if c < 0:
                 status = _BROKEN
                 break
@@ -250,33 +243,39 @@ def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget,
 
 
 @kernel
-def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs, rshadow, tshadow, hdrbuf,
-             scratch, budget, spins):
+def loopback(
+    rq,
+    rdesc,
+    rdrv,
+    rdev,
+    tq,
+    tdesc,
+    tdrv,
+    tdev,
+    mem,
+    table,
+    tsg,
+    rsgs,
+    rshadow,
+    tshadow,
+    hdrbuf,
+    scratch,
+    budget,
+    spins,
+):
     """Move each TX frame to the paired RX queue.  A TX chain is taken only when RX has room for it."""
     hdr = tq[Q_HDR_LEN]
     tsize = tq[Q_SIZE]
     for _ in range(budget):
         if tq[Q_STOP] or rq[Q_STOP]:
             return _STOPPED
-        ft = _head(tq, tdesc, mem, table)
-        fr = _head(rq, rdesc, mem, table)
-        if ft == -1 or fr == -1:
+        ft, fr = poll_pair(tq, tdesc, tdev, rq, rdesc, rdev, mem, table, spins, look_head, set_notify)
+        if ft == POLL_AGAIN:
+            continue
+        if ft == POLL_IDLE:
+            return _IDLE
+        if ft < 0:
             return _BROKEN
-        if ft == NOT_AVAIL or fr == NOT_AVAIL:
-            tq[Q_IDLE] += 1
-            if tq[Q_IDLE] < spins:
-                continue
-            ft = _idle(tq, tdesc, tdev, mem, table)
-            fr = _idle(rq, rdesc, rdev, mem, table)
-            if ft == -1 or fr == -1:
-                return _BROKEN
-            if ft == NOT_AVAIL or fr == NOT_AVAIL:
-                tq[Q_IDLE] = 0
-                return _IDLE
-        tq[Q_IDLE] = 0
-        if not set_notify(tq, tdev, mem, table, 0) or not set_notify(rq, rdev, mem, table, 0):
-            return _BROKEN
-        tq[Q_WAKEUPS] += 1
         troom, tmax = _room(tq, tshadow)
         rroom, rmax = _room(rq, rshadow)
         tpos, twrap = tq[Q_LAST_AVAIL], tq[Q_AVAIL_WRAP]
@@ -291,8 +290,9 @@ def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs
         moved_bytes = 0
         status = _MORE
         while t < tmax and ttaken < troom:
-            nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(tq, tdesc, mem, table, tpos, twrap, ft, tsg,
-                                                                  READ_ONLY, troom - ttaken)
+            nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(
+                tq, tdesc, mem, table, tpos, twrap, ft, tsg, READ_ONLY, troom - ttaken
+            )
             if nread < 0:
                 status = _BROKEN
                 break
@@ -300,8 +300,9 @@ def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs
                 tq[Q_DROPS] += 1
             else:
                 length = sg_read(mem, tsg, 0, nread, hdr, scratch, rbytes - hdr)
-                c, rpos, rwrap, rtaken = rx_deliver(rq, rdesc, mem, table, rsgs, hdrbuf, scratch, length, rshadow,
-                                                    r, rmax, rpos, rwrap, rtaken, rroom)
+                c, rpos, rwrap, rtaken = rx_deliver(
+                    rq, rdesc, mem, table, rsgs, hdrbuf, scratch, length, rshadow, r, rmax, rpos, rwrap, rtaken, rroom
+                )
                 if c < 0:
                     status = _BROKEN
                     break
@@ -346,8 +347,6 @@ def loopback(rq, rdesc, rdrv, rdev, tq, tdesc, tdrv, tdev, mem, table, tsg, rsgs
 # ---------------------------------------------------------------------------------------------------------
 def make_step(mode: str, rings: list, spins: int, frame: np.ndarray, max_frame: int):
     """The step function of one NetDevice worker over packed rings (NetDevice.make_step dispatches here)."""
-    from ..chain import new_sg
-    from ..ring.packed import new_shadow
 
     mem = rings[0].mem
     views, table = mem.arena.view, mem.table
@@ -365,18 +364,25 @@ def make_step(mode: str, rings: list, spins: int, frame: np.ndarray, max_frame: 
     rx, tx = rings
     rsize, tsize = int(rx.q[Q_SIZE]), int(tx.q[Q_SIZE])
     rsgs = np.stack([new_sg(rsize)] * 2)
-    args = (rx.q, *rx.views.args(), tx.q, *tx.views.args(), views, table, new_sg(tsize), rsgs, new_shadow(rsize),
-            new_shadow(tsize), np.zeros(16, np.uint8), np.zeros(max_frame, np.uint8))
+    args = (
+        rx.q,
+        *rx.views.args(),
+        tx.q,
+        *tx.views.args(),
+        views,
+        table,
+        new_sg(tsize),
+        rsgs,
+        new_shadow(rsize),
+        new_shadow(tsize),
+        np.zeros(16, np.uint8),
+        np.zeros(max_frame, np.uint8),
+    )
     return lambda budget: loopback(*args, budget, spins)
 
 
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) the packed kernels on a tiny stopped ring."""
-    from ..access import _NO_U16, _NO_U64
-    from ..chain import new_sg
-    from ..memory import GuestMemory
-    from ..ring.packed import new_packed_state, new_shadow
-    from .net import make_frame
 
     mem = GuestMemory(arena_size=1 << 21)
     try:
@@ -387,8 +393,22 @@ def warm_up() -> None:
         sgs = np.stack([sg, sg])
         sh = new_shadow(1)
         tx_sink(q, *ring, mem.arena.view, mem.table, sg, sh, 1, 1)
-        rx_source(q, *ring, mem.arena.view, mem.table, sgs, sh, np.zeros(16, np.uint8), make_frame(64), 1, 1)
-        loopback(q, *ring, q, *ring, mem.arena.view, mem.table, sg, sgs, sh, sh, np.zeros(16, np.uint8),
-                 np.zeros(16, np.uint8), 1, 1)
+        rx_source(q, *ring, mem.arena.view, mem.table, sgs, sh, np.zeros(16, np.uint8), np.zeros(64, np.uint8), 1, 1)
+        loopback(
+            q,
+            *ring,
+            q,
+            *ring,
+            mem.arena.view,
+            mem.table,
+            sg,
+            sgs,
+            sh,
+            sh,
+            np.zeros(16, np.uint8),
+            np.zeros(16, np.uint8),
+            1,
+            1,
+        )
     finally:
         mem.close()

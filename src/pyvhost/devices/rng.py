@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .base import ChainDevice
+from .chain_device import ChainDevice
 
 VIRTIO_ID_RNG = 4
 

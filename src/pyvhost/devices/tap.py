@@ -36,16 +36,39 @@ import struct
 
 import numpy as np
 
-from ..chain import ANY, MAX_INDIRECT, new_sg, walk_chain
+from ..access import _NO_U16, _NO_U32, _NO_U64, RingViews
 from ..jit import kernel
-from ..ring.split import (Q_BYTES, Q_CHAINS, Q_DROPS, Q_ERROR, Q_IDLE, Q_LAST_AVAIL, Q_PACKETS, Q_SIZE, Q_STOP,
-                          Q_USED_IDX, flush_used, read_avail_entry, write_used)
-from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn, discard_split, wait_pending
-from .base import POP_BROKEN, POP_IDLE, POP_STOPPED  # wait_pending's results
-from .base import warm_up as warm_up_base
-from .net import (NET_HDR_LEN, NET_HDR_LEN_LEGACY, VIRTIO_ID_NET, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
-                  VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-                  VIRTIO_NET_S_LINK_UP)
+from ..memory import GuestMemory
+from ..ring.chain import ANY, MAX_INDIRECT, new_sg, walk_chain
+from ..ring.split import flush_used, read_avail_entry, write_used
+from ..ring.state import (
+    Q_BYTES,
+    Q_CHAINS,
+    Q_DROPS,
+    Q_ERROR,
+    Q_IDLE,
+    Q_LAST_AVAIL,
+    Q_PACKETS,
+    Q_SIZE,
+    Q_STOP,
+    Q_USED_IDX,
+    new_queue_state,
+)
+from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
+from .chain_device import POP_BROKEN, POP_IDLE, POP_STOPPED, discard_split, wait_pending  # wait_pending's results
+from .chain_device import warm_up as warm_up_base
+from .net import (
+    NET_HDR_LEN,
+    NET_HDR_LEN_LEGACY,
+    VIRTIO_ID_NET,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +102,11 @@ IOV_MAX = 1024
 MAX_GSO_FRAME = 65536 + 64
 
 #: guest-side offloads (the kernel may send the guest such frames) and what TUNSETOFFLOAD calls them
-GUEST_OFFLOADS = {VIRTIO_NET_F_GUEST_CSUM: TUN_F_CSUM, VIRTIO_NET_F_GUEST_TSO4: TUN_F_TSO4,
-                  VIRTIO_NET_F_GUEST_TSO6: TUN_F_TSO6}
+GUEST_OFFLOADS = {
+    VIRTIO_NET_F_GUEST_CSUM: TUN_F_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4: TUN_F_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6: TUN_F_TSO6,
+}
 #: host-side offloads (the guest may send such frames; the tap takes them through the vnet header)
 HOST_OFFLOADS = (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO)
 OFFLOAD_FEATURES = sum(1 << b for b in (*GUEST_OFFLOADS, *HOST_OFFLOADS))
@@ -177,24 +203,41 @@ class TapDevice(Device):
     #: the datapath walks split rings (pop_chains/push_used)
     transport_features_off = 1 << VIRTIO_F_RING_PACKED
 
-    def __init__(self, tap: str, offloads: bool = True, mac: bytes = bytes.fromhex("525400123456"),
-                 mtu: int | None = None, batch: int = 64, spins: int = 2000) -> None:
+    def __init__(
+        self,
+        tap: str,
+        offloads: bool = True,
+        mac: bytes = bytes.fromhex("525400123456"),
+        mtu: int | None = None,
+        batch: int = 64,
+        spins: int = 2000,
+    ) -> None:
         self.fd, self.tap = open_tap(tap)
         self.mac = mac
         self.mtu = mtu if mtu is not None else self._tap_mtu()
         self.batch = batch
         self.spins = spins
         self.tun_offloads = self._probe_offloads() if offloads else 0
-        self.features = ((1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
-                         | (1 << VIRTIO_NET_F_MTU))
+        self.features = (
+            (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MTU)
+        )
         if offloads:
             self.features |= sum(1 << b for b in HOST_OFFLOADS)
             self.features |= sum(1 << b for b, f in GUEST_OFFLOADS.items() if self.tun_offloads & f)
         self.negotiated = 0
-        self.counters = {"tx_frames": 0, "tx_bytes": 0, "tx_drops": 0, "rx_frames": 0, "rx_bytes": 0,
-                         "rx_drops": 0, "rx_bounced": 0}
-        log.info("tap %s: fd %d, mtu %d, offloads %s", self.tap, self.fd, self.mtu,
-                 "on" if offloads else "off")
+        self.counters = {
+            "tx_frames": 0,
+            "tx_bytes": 0,
+            "tx_drops": 0,
+            "rx_frames": 0,
+            "rx_bytes": 0,
+            "rx_drops": 0,
+            "rx_bounced": 0,
+        }
+        log.info("tap %s: fd %d, mtu %d, offloads %s", self.tap, self.fd, self.mtu, "on" if offloads else "off")
 
     # -- set-up -------------------------------------------------------------------------------------------
     def _tap_mtu(self) -> int:
@@ -233,8 +276,13 @@ class TapDevice(Device):
         self.negotiated = features
         fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", self.hdr_len))
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, tun_offload_flags(features))
-        log.info("tap %s: vnet header %d bytes, offloads %#x (features %#x)", self.tap, self.hdr_len,
-                 tun_offload_flags(features), features)
+        log.info(
+            "tap %s: vnet header %d bytes, offloads %#x (features %#x)",
+            self.tap,
+            self.hdr_len,
+            tun_offload_flags(features),
+            features,
+        )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -271,6 +319,7 @@ class _RingIO:
         self.q = ring.q
         self.index = ring.index
         self.arena, self.table = ring.mem.arena.view, ring.mem.table
+        assert isinstance(ring.views, RingViews), "the tap serves split rings"
         self.desc, self.avail, self.used16, self.used32 = ring.views.args()
         self.sg = new_sg(int(self.q[Q_SIZE]) * 2)
         self.batch = batch
@@ -284,8 +333,9 @@ class _RingIO:
         self.errors_seen: set[int] = set()
 
     def pop(self, max_chains: int, spins: int) -> int:
-        return pop_chains(self.q, self.desc, self.avail, self.used16, self.arena, self.table, self.sg,
-                          self.chains, max_chains, spins)
+        return pop_chains(
+            self.q, self.desc, self.avail, self.used16, self.arena, self.table, self.sg, self.chains, max_chains, spins
+        )
 
     def complete(self, head: int, length: int) -> bool:
         """Queue a completion; publish when the batch is full.  False if the ring broke."""
@@ -298,12 +348,15 @@ class _RingIO:
         n, self.ndone = self.ndone, 0
         if n == 0:
             return True
-        return bool(push_used(self.q, self.avail, self.used16, self.used32, self.arena, self.table,
-                              self.heads_done, self.lens, n))
+        return bool(
+            push_used(
+                self.q, self.avail, self.used16, self.used32, self.arena, self.table, self.heads_done, self.lens, n
+            )
+        )
 
     def views(self, first: int, end: int) -> list[memoryview]:
         arena = self.arena
-        return [memoryview(arena[o:o + ln]) for o, ln in self.sg[first:end].tolist()]
+        return [arena[o : o + ln].data for o, ln in self.sg[first:end].tolist()]
 
 
 _SENT, _DROPPED, _STOPPING = 0, 1, 2
@@ -368,9 +421,10 @@ class _TxStep(_RingIO):
                     return _STOPPING
             except OSError as e:  # the kernel refused the frame (bad vnet header, link down): dropped
                 if e.errno not in self.errors_seen:  # once per kind of error, not once per frame
-                    self.errors_seen.add(e.errno)
-                    log.warning("tap %s: write failed: %s (frames the tap refuses are counted as drops)",
-                                self.dev.tap, e)
+                    self.errors_seen.add(e.errno or 0)
+                    log.warning(
+                        "tap %s: write failed: %s (frames the tap refuses are counted as drops)", self.dev.tap, e
+                    )
                 return _DROPPED
 
 
@@ -384,15 +438,15 @@ class _RxStep(_RingIO):
         gso = feats & ((1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6))
         #: chains are held (popped ahead) until they hold the largest frame the tap may hand over
         self.want = self.hdr + (MAX_GSO_FRAME if gso else dev.mtu + 22)
-        self.heads: list[int] = []        # held chains, in avail order
-        self.sizes: list[int] = []        # their writable bytes
-        self.nviews: list[int] = []       # their writable segments
+        self.heads: list[int] = []  # held chains, in avail order
+        self.sizes: list[int] = []  # their writable bytes
+        self.nviews: list[int] = []  # their writable segments
         self.held_views: list[memoryview] = []
         self.held_bytes = 0
         self.bounce = bytearray(MAX_GSO_FRAME + 64)
         self.bounce_view = memoryview(self.bounce)
-        self.pending = 0                  # bytes of a frame waiting in the bounce buffer for more chains
-        self.pending_chains = 0           # chains that frame already fills (at the front of the held ones)
+        self.pending = 0  # bytes of a frame waiting in the bounce buffer for more chains
+        self.pending_chains = 0  # chains that frame already fills (at the front of the held ones)
 
     # -- held chains --------------------------------------------------------------------------------------
     def _take(self, max_chains: int) -> int:
@@ -459,7 +513,7 @@ class _RxStep(_RingIO):
                 off -= len(v)
                 continue
             take = min(len(v) - off, 2 - i)
-            v[off:off + take] = data[i:i + take]
+            v[off : off + take] = data[i : i + take]
             i += take
             off = 0
             if i == 2:
@@ -496,7 +550,7 @@ class _RxStep(_RingIO):
         src, done = self.bounce_view, 0
         for v in self.held_views[nv:]:
             take = min(len(v), self.pending - done)
-            v[:take] = src[done:done + take]
+            v[:take] = src[done : done + take]
             done += take
             if done == self.pending:
                 break
@@ -520,14 +574,14 @@ class _RxStep(_RingIO):
         if chains == len(self.heads):
             iov, held = self.held_views, self.held_bytes
         else:
-            iov, held = self.held_views[:sum(self.nviews[:chains])], sum(self.sizes[:chains])
+            iov, held = self.held_views[: sum(self.nviews[:chains])], sum(self.sizes[:chains])
         try:
             n = os.readv(self.fd, [*iov, self.bounce_view])
         except (BlockingIOError, InterruptedError):
             return -1
         except OSError as e:  # the tap went away (or worse): retry once a second, say so once
             if e.errno not in self.errors_seen:
-                self.errors_seen.add(e.errno)
+                self.errors_seen.add(e.errno or 0)
                 log.error("tap %s: read failed: %s", self.dev.tap, e)
             return -2
         if n < self.hdr:  # the tap always writes the header; nothing to deliver
@@ -603,9 +657,6 @@ class _RxStep(_RingIO):
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) pop_chains and push_used on a stopped queue, so that the first
     connection does not wait for the compiler."""
-    from ..access import _NO_U16, _NO_U32, _NO_U64
-    from ..memory import GuestMemory
-    from ..ring.split import new_queue_state
 
     mem = GuestMemory(arena_size=1 << 21)
     try:
@@ -613,7 +664,8 @@ def warm_up() -> None:
         q[Q_STOP] = 1
         chains = np.zeros((1, 4), dtype=np.int64)
         pop_chains(q, _NO_U64, _NO_U16, _NO_U16, mem.arena.view, mem.table, new_sg(1), chains, 1, 1)
-        push_used(q, _NO_U16, _NO_U16, _NO_U32, mem.arena.view, mem.table, np.zeros(1, np.int64),
-                  np.zeros(1, np.int64), 0)
+        push_used(
+            q, _NO_U16, _NO_U16, _NO_U32, mem.arena.view, mem.table, np.zeros(1, np.int64), np.zeros(1, np.int64), 0
+        )
     finally:
         mem.close()

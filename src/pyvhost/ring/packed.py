@@ -37,15 +37,32 @@ from __future__ import annotations
 import numpy as np
 
 from ..atomic import eventfd_write, fence_full, ld16_acquire, ld32, ld64, st16, st16_release, st32
-from ..chain import READ_ONLY, WRITE_ONLY, MAX_INDIRECT, _add_buffer
 from ..errors import QueueError
 from ..jit import helper, inline_helper
 from ..memory import SPACE_GPA, SPACE_UVA, translate
 from ..protocol import ADDR_LIMIT
-from .split import (DESC_SIZE, Q_AVAIL, Q_AVAIL_WRAP, Q_CALLFD, Q_CALLS, Q_DESC, Q_DIRECT, Q_EVENT_IDX,
-                    Q_LAST_AVAIL, Q_NOTIFY_ON, Q_PACKED, Q_SIGNALLED, Q_SIGNALLED_VALID, Q_SIZE, Q_USED,
-                    Q_USED_IDX, Q_USED_WRAP, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail,
-                    new_queue_state)
+from .chain import MAX_INDIRECT, READ_ONLY, WRITE_ONLY, add_buffer
+from .poll import NOTHING
+from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail
+from .state import (
+    Q_AVAIL,
+    Q_AVAIL_WRAP,
+    Q_CALLFD,
+    Q_CALLS,
+    Q_DESC,
+    Q_DIRECT,
+    Q_EVENT_IDX,
+    Q_LAST_AVAIL,
+    Q_NOTIFY_ON,
+    Q_PACKED,
+    Q_SIGNALLED,
+    Q_SIGNALLED_VALID,
+    Q_SIZE,
+    Q_USED,
+    Q_USED_IDX,
+    Q_USED_WRAP,
+    new_queue_state,
+)
 
 # -- virtio 1.2 constants -------------------------------------------------------------------------------
 VRING_PACKED_DESC_F_AVAIL = 1 << 7
@@ -59,7 +76,7 @@ DESC_ALIGN, EVENT_ALIGN = 16, 4
 EVENT_BYTES = 4
 
 #: read_head(): the descriptor is not available (yet).  -1 means the queue broke.
-NOT_AVAIL = -2
+NOT_AVAIL = NOTHING
 #: columns of the shadow array: buffer id, length written, descriptors the chain took in the ring
 SH_ID, SH_LEN, SH_NDESC = 0, 1, 2
 _ADDR_LIMIT = np.uint64(ADDR_LIMIT)
@@ -133,8 +150,9 @@ def in_flight(q):
 
 @helper
 def is_avail(flags, wrap):
-    return ((flags & VRING_PACKED_DESC_F_AVAIL) != 0) == (wrap != 0) and \
-        ((flags & VRING_PACKED_DESC_F_USED) != 0) != (wrap != 0)
+    return ((flags & VRING_PACKED_DESC_F_AVAIL) != 0) == (wrap != 0) and ((flags & VRING_PACKED_DESC_F_USED) != 0) != (
+        wrap != 0
+    )
 
 
 @helper
@@ -163,6 +181,13 @@ def read_head(q, desc, mem, table, pos, wrap):
     if ((f & VRING_PACKED_DESC_F_USED) != 0) == (wrap != 0):
         return fail(q, QueueError.PACKED_BAD_WRAP, (pos << 16) | f)
     return f
+
+
+@helper
+def look_head(q, desc, mem, table):
+    """``ring.poll``'s look at a packed ring: the flags of the descriptor at the avail cursor if it is
+    available, NOTHING, or -1 (broken)."""
+    return read_head(q, desc, mem, table, q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP])
 
 
 @helper
@@ -237,7 +262,7 @@ def walk_packed(q, desc, mem, table, pos, wrap, head_flags, sg, want, room):
                 if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
                     fail(q, QueueError.BAD_DIRECTION, j)
                     return bad
-                n2 = _add_buffer(q, mem, table, sg, n, eaddr, elen)
+                n2 = add_buffer(q, mem, table, sg, n, eaddr, elen)
                 if n2 < 0:
                     return bad
                 if writable:
@@ -254,7 +279,7 @@ def walk_packed(q, desc, mem, table, pos, wrap, head_flags, sg, want, room):
         if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
             fail(q, QueueError.BAD_DIRECTION, p)
             return bad
-        n2 = _add_buffer(q, mem, table, sg, n, addr, length)
+        n2 = add_buffer(q, mem, table, sg, n, addr, length)
         if n2 < 0:
             return bad
         if writable:
@@ -333,8 +358,9 @@ def set_notify(q, dev, mem, table, enable):
     if not enable:
         return write_device_event(q, dev, mem, table, 0, RING_EVENT_FLAGS_DISABLE, False)
     if q[Q_EVENT_IDX]:
-        return write_device_event(q, dev, mem, table, slot(q[Q_LAST_AVAIL], q[Q_SIZE]) | (q[Q_AVAIL_WRAP] << 15),
-                                  RING_EVENT_FLAGS_DESC, True)
+        return write_device_event(
+            q, dev, mem, table, slot(q[Q_LAST_AVAIL], q[Q_SIZE]) | (q[Q_AVAIL_WRAP] << 15), RING_EVENT_FLAGS_DESC, True
+        )
     return write_device_event(q, dev, mem, table, 0, RING_EVENT_FLAGS_ENABLE, False)
 
 
@@ -360,12 +386,14 @@ def flush_used(q, drv, desc, mem, table, shadow, n):
     w0 = q[Q_USED_WRAP]
     p, w = advance(pos0, w0, shadow[0, SH_NDESC], size)
     for k in range(1, n):
-        if not write_used_desc(q, desc, mem, table, p, shadow[k, SH_ID], shadow[k, SH_LEN],
-                               used_flags(w, shadow[k, SH_LEN] > 0)):
+        if not write_used_desc(
+            q, desc, mem, table, p, shadow[k, SH_ID], shadow[k, SH_LEN], used_flags(w, shadow[k, SH_LEN] > 0)
+        ):
             return False, False
         p, w = advance(p, w, shadow[k, SH_NDESC], size)
-    if not write_used_desc(q, desc, mem, table, pos0, shadow[0, SH_ID], shadow[0, SH_LEN],
-                           used_flags(w0, shadow[0, SH_LEN] > 0)):
+    if not write_used_desc(
+        q, desc, mem, table, pos0, shadow[0, SH_ID], shadow[0, SH_LEN], used_flags(w0, shadow[0, SH_LEN] > 0)
+    ):
         return False, False
     q[Q_USED_IDX] = p
     q[Q_USED_WRAP] = w

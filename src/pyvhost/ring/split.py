@@ -1,4 +1,5 @@
-"""Split virtqueue (virtio 1.2 §2.7), device side: layout, queue state, and compiled ring accessors.
+"""Split virtqueue (virtio 1.2 §2.7), device side: layout and compiled ring accessors (the queue state is
+``ring.state``).
 
 Every accessor takes the queue state ``q``, the guest memory arena ``mem`` (one uint8 array, see
 ``memory.Arena``), the translation ``table``, and both metadata representations:
@@ -16,12 +17,41 @@ benchmark is the cost of the checks.  Indices are read with acquire loads and pu
 from __future__ import annotations
 
 import numpy as np
-from ..jit import helper
 
-from ..atomic import (eventfd_write, fence_full, ld16, ld16_acquire, ld64, load_acquire, st16, st16_release,
-                      st32, store_release)
+from ..atomic import (
+    eventfd_write,
+    fence_full,
+    ld16,
+    ld16_acquire,
+    ld64,
+    load_acquire,
+    st16,
+    st16_release,
+    st32,
+    store_release,
+)
 from ..errors import QueueError
+from ..jit import helper
 from ..memory import SPACE_UVA, translate
+from .poll import NOTHING
+from .state import (
+    Q_AVAIL,
+    Q_CALLFD,
+    Q_CALLS,
+    Q_DESC,
+    Q_DIRECT,
+    Q_ERROR,
+    Q_ERROR_VALUE,
+    Q_EVENT_IDX,
+    Q_LAST_AVAIL,
+    Q_MASK,
+    Q_NOTIFY_ON,
+    Q_SIGNALLED,
+    Q_SIGNALLED_VALID,
+    Q_SIZE,
+    Q_USED,
+    Q_USED_IDX,
+)
 
 # -- virtio 1.2 constants -------------------------------------------------------------------------------
 VRING_DESC_F_NEXT = 1
@@ -45,52 +75,6 @@ def avail_bytes(n: int) -> int:
 
 def used_bytes(n: int) -> int:
     return 6 + 8 * n  # flags, idx, ring[n] of {id, len}, avail_event
-
-
-# -- per-queue state: one int64 array, shared by the control plane and the compiled loop ----------------
-Q_SIZE = 0
-Q_MASK = 1
-Q_DIRECT = 2
-Q_DESC = 3           # ring addresses (front-end virtual), used by the copy path
-Q_AVAIL = 4
-Q_USED = 5
-Q_LAST_AVAIL = 6     # free-running 16-bit index of the next avail entry to take
-Q_USED_IDX = 7       # free-running 16-bit used index we have published
-Q_EVENT_IDX = 8      # VIRTIO_RING_F_EVENT_IDX negotiated
-Q_CALLFD = 9         # -1: none
-Q_ERROR = 10         # QueueError
-Q_ERROR_VALUE = 11
-Q_PACKETS = 12       # device counters
-Q_BYTES = 13
-Q_DROPS = 14
-Q_STOP = 15          # set by the control plane: leave the loop now
-Q_SIGNALLED = 16     # used index at the last call (EVENT_IDX)
-Q_SIGNALLED_VALID = 17
-Q_NOTIFY_ON = 18     # 1 while the device asks for kicks, 0 while it suppresses them, -1 not yet written
-Q_CALLS = 19         # calls signalled
-Q_BATCH = 20         # most chains taken per pass
-Q_HDR_LEN = 21       # virtio-net header length (device specific)
-Q_MRG = 22           # VIRTIO_NET_F_MRG_RXBUF
-Q_CHAINS = 23        # chains completed
-Q_WAKEUPS = 24       # passes that found work
-Q_LIMIT = 25         # source devices: stop producing after this many packets (-1: no limit)
-Q_IDLE = 26          # empty polls in a row (kept across kernel calls, so polling before sleeping is bounded)
-# packed rings only (ring/packed.py): Q_LAST_AVAIL and Q_USED_IDX are then positions in [0, size)
-Q_AVAIL_WRAP = 27    # the device's avail wrap counter (0/1)
-Q_USED_WRAP = 28     # the device's used wrap counter (0/1)
-Q_PACKED = 29        # 1: the ring is packed
-Q_FIELDS = 32
-
-
-def new_queue_state(size: int) -> np.ndarray:
-    q = np.zeros(Q_FIELDS, dtype=np.int64)
-    q[Q_SIZE] = size
-    q[Q_MASK] = size - 1
-    q[Q_CALLFD] = -1
-    q[Q_BATCH] = 256
-    q[Q_NOTIFY_ON] = 1
-    q[Q_LIMIT] = -1
-    return q
 
 
 # -- compiled accessors ------------------------------------------------------------------------------------
@@ -229,6 +213,13 @@ def avail_pending(q, avail, mem, table):
     if n > q[Q_SIZE]:
         return np.int64(fail(q, QueueError.AVAIL_IDX_JUMP, idx))
     return n
+
+
+@helper
+def look_avail(q, avail, mem, table):
+    """``ring.poll``'s look at a split ring: how many chains are available, NOTHING, or -1 (broken)."""
+    n = avail_pending(q, avail, mem, table)
+    return np.int64(NOTHING) if n == 0 else n
 
 
 @helper

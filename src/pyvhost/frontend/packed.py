@@ -16,17 +16,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import protocol as P
-from .atomic import eventfd_write, fence_full, ld16_acquire, ld32, st16, st16_release, st32
-from .jit import helper, kernel
-from .ring.packed import (RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, VRING_PACKED_DESC_F_AVAIL,
-                          VRING_PACKED_DESC_F_USED, encode_base, linear, need_event, ring_bytes)
-from .ring.split import VRING_DESC_F_WRITE
+from .. import protocol as P
+from ..atomic import eventfd_write, fence_full, ld16_acquire, ld32, st16, st16_release, st32
+from ..jit import helper, kernel
+from ..ring.packed import (
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    VRING_PACKED_DESC_F_AVAIL,
+    VRING_PACKED_DESC_F_USED,
+    encode_base,
+    linear,
+    need_event,
+    ring_bytes,
+)
+from ..ring.split import VRING_DESC_F_WRITE
 
 # driver ring state: the split driver's fields (frontend.D_*) and these
-from .frontend import (BUF_SIZE, D_AVAIL_IDX, D_BATCH, D_BUFLEN, D_BYTES, D_DONE, D_EVENT_IDX, D_FREE_TOP, D_HDR,
-                       D_KICKFD, D_KICKS, D_LAST_USED, D_LEN_ERRORS, D_LIMIT, D_MASK, D_POSTED, D_SIZE, PAGE,
-                       GuestRam)
+from .ram import BUF_SIZE, PAGE, GuestRam
+from .split import (
+    D_AVAIL_IDX,
+    D_BATCH,
+    D_BUFLEN,
+    D_BYTES,
+    D_DONE,
+    D_EVENT_IDX,
+    D_FREE_TOP,
+    D_HDR,
+    D_KICKFD,
+    D_KICKS,
+    D_LAST_USED,
+    D_LEN_ERRORS,
+    D_LIMIT,
+    D_MASK,
+    D_POSTED,
+    D_SIZE,
+)
 
 D_AVAIL_WRAP, D_USED_WRAP, D_BAD_IDS = 16, 17, 18
 PD_FIELDS = 20
@@ -41,8 +65,8 @@ class PackedDriverRing:
     index: int
     size: int
     desc_off: int
-    driver_off: int   # driver event suppression area (we write it)
-    device_off: int   # device event suppression area (the device writes it)
+    driver_off: int  # driver event suppression area (we write it)
+    device_off: int  # device event suppression area (the device writes it)
     bufs_off: int
     ram: GuestRam
     kick_fd: int
@@ -51,9 +75,9 @@ class PackedDriverRing:
     def __post_init__(self) -> None:
         b = self.ram.buf
         n = self.size
-        self.desc = b[self.desc_off:self.desc_off + ring_bytes(n)].view(np.uint64)
-        self.driver = b[self.driver_off:self.driver_off + 4].view(np.uint16)
-        self.device = b[self.device_off:self.device_off + 4].view(np.uint16)
+        self.desc = b[self.desc_off : self.desc_off + ring_bytes(n)].view(np.uint64)
+        self.driver = b[self.driver_off : self.driver_off + 4].view(np.uint16)
+        self.device = b[self.device_off : self.device_off + 4].view(np.uint16)
         self.d = np.zeros(PD_FIELDS, dtype=np.int64)
         self.d[D_SIZE], self.d[D_MASK], self.d[D_KICKFD] = n, n - 1, self.kick_fd
         self.d[D_LIMIT] = -1
@@ -87,9 +111,17 @@ def new_ring(ram: GuestRam, index: int, size: int) -> PackedDriverRing:
     driver = ram.alloc(4, 64)
     device = ram.alloc(4, 64)
     bufs = ram.alloc(size * BUF_SIZE, PAGE)
-    return PackedDriverRing(index, size, desc, driver, device, bufs, ram,
-                            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
-                            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+    return PackedDriverRing(
+        index,
+        size,
+        desc,
+        driver,
+        device,
+        bufs,
+        ram,
+        os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+        os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,8 +135,9 @@ def _reclaim(d, desc, free, count_bytes):
     n = 0
     while n < held:
         f = np.int64(ld16_acquire(desc, 16 * pos + 14))
-        if ((f & VRING_PACKED_DESC_F_AVAIL) != 0) != (wrap != 0) or \
-                ((f & VRING_PACKED_DESC_F_USED) != 0) != (wrap != 0):
+        if ((f & VRING_PACKED_DESC_F_AVAIL) != 0) != (wrap != 0) or ((f & VRING_PACKED_DESC_F_USED) != 0) != (
+            wrap != 0
+        ):
             break
         word = desc[2 * pos + 1]
         bid = np.int64((word >> np.uint64(32)) & np.uint64(0xFFFF))

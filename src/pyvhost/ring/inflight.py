@@ -32,6 +32,7 @@ Every value read from the area is bounded before use: the front-end shares it an
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -39,7 +40,7 @@ import stat
 
 import numpy as np
 
-from . import protocol as P
+from .. import protocol as P
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ class QueueRegion:
 
     def inflight_heads(self) -> np.ndarray:
         """Heads marked in flight, in counter order."""
-        flags = self.u8[HEADER_SIZE:HEADER_SIZE + DESC_STATE_SIZE * self.size:DESC_STATE_SIZE]
+        flags = self.u8[HEADER_SIZE : HEADER_SIZE + DESC_STATE_SIZE * self.size : DESC_STATE_SIZE]
         heads = np.flatnonzero(flags).astype(np.int64)
-        counters = self.u64[desc_counter(0):desc_counter(self.size):2][heads]
+        counters = self.u64[desc_counter(0) : desc_counter(self.size) : 2][heads]
         return heads[np.argsort(counters, kind="stable")]
 
     def recover(self, used_idx: int) -> tuple[list[int], int]:
@@ -123,8 +124,15 @@ class QueueRegion:
             # the last batch was published, perhaps not cleared: clear it (bounded by the queue size)
             batch = (used_idx - recorded) & 0xFFFF
             if batch > size:
-                log.error("inflight area: used index %d is %d ahead of the recorded %d (queue size %d); "
-                          "clearing at most %d entries", used_idx, batch, recorded, size, size)
+                log.error(
+                    "inflight area: used index %d is %d ahead of the recorded %d (queue size %d); "
+                    "clearing at most %d entries",
+                    used_idx,
+                    batch,
+                    recorded,
+                    size,
+                    size,
+                )
                 batch = size
             h = int(self.u16[U16_LAST_BATCH_HEAD])
             for _ in range(batch):
@@ -137,7 +145,7 @@ class QueueRegion:
         heads = self.inflight_heads()
         for h in heads:
             self.u8[desc_inflight(int(h))] = 1  # any non-zero value counts; store the canonical one
-        counter = int(self.u64[desc_counter(0):desc_counter(size):2].max()) + 1 if len(heads) else 0
+        counter = int(self.u64[desc_counter(0) : desc_counter(size) : 2].max()) + 1 if len(heads) else 0
         return [int(h) for h in heads], counter
 
 
@@ -149,8 +157,10 @@ class InflightArea:
             raise ValueError(f"inflight area: {num_queues} queues of size {queue_size}")
         need = num_queues * queue_region_size(queue_size)
         if not need <= mmap_size <= MAX_MMAP_SIZE:
-            raise ValueError(f"inflight area: mmap_size {mmap_size}, {num_queues} queues of {queue_size} "
-                             f"need {need} (at most {MAX_MMAP_SIZE})")
+            raise ValueError(
+                f"inflight area: mmap_size {mmap_size}, {num_queues} queues of {queue_size} "
+                f"need {need} (at most {MAX_MMAP_SIZE})"
+            )
         if mmap_offset % mmap.PAGESIZE or mmap_offset >= P.ADDR_LIMIT:
             raise ValueError(f"inflight area: mmap_offset {mmap_offset:#x} not page-aligned or out of range")
         st = os.fstat(fd)
@@ -158,19 +168,25 @@ class InflightArea:
             raise ValueError(f"inflight fd is not a regular file or memfd (mode {stat.filemode(st.st_mode)})")
         if st.st_size < mmap_offset + mmap_size:
             raise ValueError(f"inflight fd has {st.st_size} bytes, the area needs {mmap_offset + mmap_size}")
-        self.mm = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                            offset=mmap_offset)
+        self.mm = mmap.mmap(
+            fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset
+        )
         self.buf = np.frombuffer(self.mm, dtype=np.uint8)
         self.mmap_size, self.num_queues, self.queue_size = mmap_size, num_queues, queue_size
 
     def queue(self, index: int, ring_size: int) -> QueueRegion | None:
         """The region of queue ``index`` for a ring of ``ring_size``, or None if the area has no room for it."""
         if index >= self.num_queues or ring_size > self.queue_size:
-            log.error("inflight area (%d queues of %d) has no room for queue %d of size %d: not tracked",
-                      self.num_queues, self.queue_size, index, ring_size)
+            log.error(
+                "inflight area (%d queues of %d) has no room for queue %d of size %d: not tracked",
+                self.num_queues,
+                self.queue_size,
+                index,
+                ring_size,
+            )
             return None
         rsize = queue_region_size(self.queue_size)
-        return QueueRegion(self.buf[index * rsize:(index + 1) * rsize], ring_size)
+        return QueueRegion(self.buf[index * rsize : (index + 1) * rsize], ring_size)
 
     def close(self) -> None:
         self.buf = None  # type: ignore[assignment]
@@ -190,7 +206,6 @@ def new_area_fd(num_queues: int, queue_size: int) -> tuple[int, int]:
     fd = os.memfd_create("pyvhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
-        import fcntl
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)

@@ -23,31 +23,80 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import inflight as INF
-from . import protocol as P
-from .atomic import fence_full, store_release
-from .devices.base import VIRTIO_F_VERSION_1
-from .devices.blk import (OUTHDR, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
-                          VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-                          VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_FLUSH,
-                          VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, DISCARD_WZ)
-from .frontend import PAGE, DriverRing, Frontend, FrontendError
-from .jit import kernel
-from .protocol import ProtocolFeature as PF, Request as R
-from .ring.split import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
-                         avail_bytes, desc_bytes, used_bytes)
+from .. import protocol as P
+from ..atomic import fence_full, store_release
+from ..devices.base import VIRTIO_F_VERSION_1
+from ..devices.blk import (
+    DISCARD_WZ,
+    OUTHDR,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_CONFIG_WCE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
+from ..jit import kernel
+from ..protocol import ProtocolFeature as PF
+from ..protocol import Request as R
+from ..ring import inflight as INF
+from ..ring.split import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    avail_bytes,
+    desc_bytes,
+    used_bytes,
+)
+from .net import Frontend, FrontendError
+from .ram import PAGE
+from .split import DriverRing
 
 log = logging.getLogger(__name__)
 
-BLK_FEATURES = ((1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
-                | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_RO) | (1 << VIRTIO_BLK_F_MQ)
-                | (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES) | (1 << VIRTIO_BLK_F_CONFIG_WCE))
+BLK_FEATURES = (
+    (1 << VIRTIO_BLK_F_SIZE_MAX)
+    | (1 << VIRTIO_BLK_F_SEG_MAX)
+    | (1 << VIRTIO_BLK_F_BLK_SIZE)
+    | (1 << VIRTIO_BLK_F_FLUSH)
+    | (1 << VIRTIO_BLK_F_RO)
+    | (1 << VIRTIO_BLK_F_MQ)
+    | (1 << VIRTIO_BLK_F_DISCARD)
+    | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+    | (1 << VIRTIO_BLK_F_CONFIG_WCE)
+)
 #: bytes of config space read: up to write_zeroes_may_unmap (every back-end's struct has at least these)
 CONFIG_READ = 60
-CONFIG_FIELDS = ("capacity", "size_max", "seg_max", "cylinders", "heads", "sectors", "blk_size",
-                 "physical_block_exp", "alignment_offset", "min_io_size", "opt_io_size", "writeback", "unused0",
-                 "num_queues", "max_discard_sectors", "max_discard_seg", "discard_sector_alignment",
-                 "max_write_zeroes_sectors", "max_write_zeroes_seg", "write_zeroes_may_unmap")
+CONFIG_FIELDS = (
+    "capacity",
+    "size_max",
+    "seg_max",
+    "cylinders",
+    "heads",
+    "sectors",
+    "blk_size",
+    "physical_block_exp",
+    "alignment_offset",
+    "min_io_size",
+    "opt_io_size",
+    "writeback",
+    "unused0",
+    "num_queues",
+    "max_discard_sectors",
+    "max_discard_seg",
+    "discard_sector_alignment",
+    "max_write_zeroes_sectors",
+    "max_write_zeroes_seg",
+    "write_zeroes_may_unmap",
+)
 STATUS_UNSET = 0xFF
 
 
@@ -89,14 +138,36 @@ class BlkQueue:
 class BlkFrontend(Frontend):
     """Driver side of one vhost-user connection to a block device."""
 
-    def __init__(self, socket_path: str, *, queue_size: int = 128, num_queues: int = 1, max_io: int = 128 << 10,
-                 inflight: bool = True, poll: bool = False, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        queue_size: int = 128,
+        num_queues: int = 1,
+        max_io: int = 128 << 10,
+        inflight: bool = True,
+        poll: bool = False,
+        connect_timeout: float = 10.0,
+    ) -> None:
         slots = queue_size // 3
-        per_queue = (desc_bytes(queue_size) + avail_bytes(queue_size) + used_bytes(queue_size) + 3 * PAGE
-                     + slots * (16 + 1 + max_io) + 2 * PAGE)
+        per_queue = (
+            desc_bytes(queue_size)
+            + avail_bytes(queue_size)
+            + used_bytes(queue_size)
+            + 3 * PAGE
+            + slots * (16 + 1 + max_io)
+            + 2 * PAGE
+        )
         ram = -(-(per_queue * num_queues + (1 << 20)) // (2 << 20)) * (2 << 20)
-        super().__init__(socket_path, queue_size=queue_size, ram_size=ram, event_idx=False, mrg_rxbuf=False,
-                         connect_timeout=connect_timeout, num_queues=num_queues)
+        super().__init__(
+            socket_path,
+            queue_size=queue_size,
+            ram_size=ram,
+            event_idx=False,
+            mrg_rxbuf=False,
+            connect_timeout=connect_timeout,
+            num_queues=num_queues,
+        )
         self.max_io = max_io
         self.want_inflight = inflight
         self.poll = poll
@@ -134,7 +205,7 @@ class BlkFrontend(Frontend):
         if not self.protocol_features & (1 << PF.CONFIG):
             raise FrontendError("back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG")
         reply = self.request(R.GET_CONFIG, P.CONFIG_HDR.pack(0, CONFIG_READ, 0) + bytes(CONFIG_READ))
-        data = reply[P.CONFIG_HDR.size:]
+        data = reply[P.CONFIG_HDR.size :]
         if len(data) < CONFIG_READ:
             raise FrontendError(f"GET_CONFIG answered {len(data)} bytes")
         values = struct.unpack_from("<QII HBB I BBHI BBH IIIII B", data)
@@ -153,9 +224,17 @@ class BlkFrontend(Frontend):
             hdr = self.ram.alloc(16 * slots, 64)
             status = self.ram.alloc(slots, 64)
             data = self.ram.alloc(slots * self.max_io, PAGE)
-            ring = DriverRing(i, n, desc, avail, used, data, self.ram,
-                              os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
-                              os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            ring = DriverRing(
+                i,
+                n,
+                desc,
+                avail,
+                used,
+                data,
+                self.ram,
+                os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+                os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+            )
             ring.avail[0] = VRING_AVAIL_F_NO_INTERRUPT if self.poll else 0
             self.rings.append(ring)
             self.queues.append(BlkQueue(ring, slots, hdr, status, data, self.max_io, list(range(slots))[::-1]))
@@ -179,8 +258,9 @@ class BlkFrontend(Frontend):
             self.inflight_fd = reply.take_fd(0)
             self.inflight_desc = (size, offset)
         size, offset = self.inflight_desc
-        self.command(R.SET_INFLIGHT_FD, INF.pack_description(size, offset, self.num_queues, self.queue_size),
-                     [self.inflight_fd])
+        self.command(
+            R.SET_INFLIGHT_FD, INF.pack_description(size, offset, self.num_queues, self.queue_size), [self.inflight_fd]
+        )
 
     # -- back-end restarts --------------------------------------------------------------------------------
     def backend_alive(self) -> bool:
@@ -217,8 +297,16 @@ class BlkFrontend(Frontend):
     def outstanding(self, queue: int = 0) -> dict[int, tuple]:
         return self.queues[queue].busy
 
-    def post(self, rtype: int, sector: int, nbytes: int = 0, data: bytes | None = None, queue: int = 0,
-             tag: object = None, publish: bool = True) -> int:
+    def post(
+        self,
+        rtype: int,
+        sector: int,
+        nbytes: int = 0,
+        data: bytes | None = None,
+        queue: int = 0,
+        tag: object = None,
+        publish: bool = True,
+    ) -> int:
         """Queue one request (data written into its slot for a write) and return its slot."""
         bq = self.queues[queue]
         if not bq.free:
@@ -230,10 +318,10 @@ class BlkFrontend(Frontend):
         s = bq.free.pop()
         ring, mm = bq.ring, self.ram.mm
         h_off, st_off, d_off = bq.hdr_off + 16 * s, bq.status_off + s, bq.data_off + s * bq.max_io
-        mm[h_off:h_off + 16] = OUTHDR.pack(rtype, 0, sector)
+        mm[h_off : h_off + 16] = OUTHDR.pack(rtype, 0, sector)
         mm[st_off] = STATUS_UNSET
         if data is not None:
-            mm[d_off:d_off + nbytes] = data
+            mm[d_off : d_off + nbytes] = data
         desc = ring.desc
         d0, d1, d2 = 3 * s, 3 * s + 1, 3 * s + 2
         desc[2 * d0] = self.ram.gpa(h_off)
@@ -253,17 +341,26 @@ class BlkFrontend(Frontend):
             self.publish(queue)
         return s
 
-    def post_chain(self, segments: list[tuple[str, int, bool]], header: bytes = b"", data: bytes = b"",
-                   queue: int = 0, tag: object = "raw") -> int:
+    def post_chain(
+        self,
+        segments: list[tuple[str, int, bool]],
+        header: bytes = b"",
+        data: bytes = b"",
+        queue: int = 0,
+        tag: object = "raw",
+    ) -> int:
         """A hand-made (possibly malformed) request for tests: up to 3 ``(area, length, device_writable)``
         segments, ``area`` one of ``hdr`` (at most 16 bytes), ``data``, ``status`` (at most 1) of the slot."""
         bq = self.queues[queue]
         s = bq.free.pop()
         mm, desc = self.ram.mm, bq.ring.desc
-        areas = {"hdr": (bq.hdr_off + 16 * s, 16), "data": (bq.data_off + s * bq.max_io, bq.max_io),
-                 "status": (bq.status_off + s, 1)}
-        mm[areas["hdr"][0]:areas["hdr"][0] + len(header)] = header
-        mm[areas["data"][0]:areas["data"][0] + len(data)] = data
+        areas = {
+            "hdr": (bq.hdr_off + 16 * s, 16),
+            "data": (bq.data_off + s * bq.max_io, bq.max_io),
+            "status": (bq.status_off + s, 1),
+        }
+        mm[areas["hdr"][0] : areas["hdr"][0] + len(header)] = header
+        mm[areas["data"][0] : areas["data"][0] + len(data)] = data
         mm[areas["status"][0]] = STATUS_UNSET
         for k, (area, length, writable) in enumerate(segments):
             off, room = areas[area]
@@ -316,7 +413,7 @@ class BlkFrontend(Frontend):
     def data(self, c: Completion, nbytes: int, queue: int = 0) -> bytes:
         """The data buffer of a completed request's slot (valid until the slot is reused)."""
         off = self.queues[queue].data_off + c.slot * self.max_io
-        return bytes(self.ram.mm[off:off + nbytes])
+        return bytes(self.ram.mm[off : off + nbytes])
 
     def wait(self, queue: int = 0, timeout: float = 10.0) -> list[Completion]:
         """Completions, waiting (on the call fd, or polling) until there is at least one."""
@@ -327,19 +424,21 @@ class BlkFrontend(Frontend):
             if done:
                 return done
             if time.monotonic() > deadline:
-                raise FrontendError(f"queue {queue}: no completion in {timeout} s "
-                                    f"({len(self.queues[queue].busy)} outstanding)")
+                raise FrontendError(
+                    f"queue {queue}: no completion in {timeout} s ({len(self.queues[queue].busy)} outstanding)"
+                )
             if self.poll:
                 continue
             ready, _, _ = select.select([ring.call_fd], [], [], 0.05)
             if ready:
                 try:
-                            os.eventfd_read(ring.call_fd)
+                    os.eventfd_read(ring.call_fd)
                 except BlockingIOError:
                     pass
 
-    def io(self, rtype: int, sector: int, nbytes: int = 0, data: bytes | None = None, queue: int = 0,
-           timeout: float = 10.0) -> tuple[int, bytes, int]:
+    def io(
+        self, rtype: int, sector: int, nbytes: int = 0, data: bytes | None = None, queue: int = 0, timeout: float = 10.0
+    ) -> tuple[int, bytes, int]:
         """One request, waited for: (status, data read, used length)."""
         s = self.post(rtype, sector, nbytes, data, queue, tag="io")
         while True:
@@ -373,5 +472,5 @@ class BlkFrontend(Frontend):
             os.close(self.inflight_fd)
             self.inflight_fd = None
 
-    def __enter__(self) -> "BlkFrontend":
+    def __enter__(self) -> BlkFrontend:
         return self

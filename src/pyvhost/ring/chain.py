@@ -16,14 +16,14 @@ the segments a chain may produce.  Errors mark the queue broken (``fail``) and r
 from __future__ import annotations
 
 import numpy as np
-from .jit import helper, inline_helper
 
-from .atomic import copy_bytes, ld64
-from .errors import QueueError
-from .memory import SPACE_GPA, translate
-from .protocol import ADDR_LIMIT
-from .ring.split import (DESC_SIZE, Q_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-                         fail, read_desc)
+from ..atomic import copy_bytes, ld64
+from ..errors import QueueError
+from ..jit import helper, inline_helper
+from ..memory import SPACE_GPA, translate
+from ..protocol import ADDR_LIMIT
+from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail, read_desc
+from .state import Q_SIZE
 
 #: Direction a caller demands of a chain.
 ANY = 0
@@ -41,7 +41,7 @@ def new_sg(queue_size: int) -> np.ndarray:
 
 
 @helper
-def _add_buffer(q, mem, table, sg, n, addr, length):
+def add_buffer(q, mem, table, sg, n, addr, length):
     """Append guest buffer [addr, addr+length) to ``sg`` from row ``n``; return the new row count or -1."""
     if length == 0:
         return fail(q, QueueError.ZERO_LENGTH, addr)
@@ -127,7 +127,7 @@ def walk_chain(q, desc, mem, table, head, sg, want):
                 if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
                     fail(q, QueueError.BAD_DIRECTION, j)
                     return bad
-                n2 = _add_buffer(q, mem, table, sg, n, eaddr, elen)
+                n2 = add_buffer(q, mem, table, sg, n, eaddr, elen)
                 if n2 < 0:
                     return bad
                 if writable:
@@ -147,7 +147,7 @@ def walk_chain(q, desc, mem, table, head, sg, want):
         if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
             fail(q, QueueError.BAD_DIRECTION, idx)
             return bad
-        n2 = _add_buffer(q, mem, table, sg, n, addr, length)
+        n2 = add_buffer(q, mem, table, sg, n, addr, length)
         if n2 < 0:
             return bad
         if writable:

@@ -1,0 +1,471 @@
+"""Devices in plain Python: compiled code takes chains off the ring and puts completions back; the device sees each
+chain as lists of memoryviews of guest memory, and completes it at once (handle) or later (submit)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import threading
+import time
+
+import numpy as np
+
+from ..access import _NO_U32, RingViews
+from ..atomic import fence_full
+from ..jit import helper, kernel
+from ..memory import GuestMemory
+from ..ring.chain import ANY, MAX_INDIRECT, new_sg, walk_chain
+from ..ring.poll import POLL_AGAIN, POLL_IDLE, poll
+from ..ring.split import flush_used, look_avail, read_avail_entry, set_notify, write_used
+from ..ring.state import (
+    Q_CHAINS,
+    Q_DROPS,
+    Q_ERROR,
+    Q_IDLE,
+    Q_LAST_AVAIL,
+    Q_SIZE,
+    Q_STOP,
+    Q_USED_IDX,
+    new_queue_state,
+)
+from .base import VIRTIO_F_RING_PACKED, Device, Ring, Step, StepFn
+
+log = logging.getLogger(__name__)
+#: pop_chains results besides a chain count
+POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
+#: columns of the chains array: head, first sg row, readable segments, sg row after the last segment
+C_HEAD, C_FIRST, C_NREAD, C_END = 0, 1, 2, 3
+#: inflight tracking state of a ring (``ist``): next counter value, 1 if tracking
+IST_COUNTER, IST_TRACK = 0, 1
+_NO_U8, _NO_U16, _NO_U64 = np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
+
+
+@helper
+def wait_pending(q, avail, used16, mem, table, spins):
+    """Chains waiting on the avail ring (> 0, kicks then suppressed while we work), or POP_IDLE after ``spins``
+    empty polls (kicks asked for and the ring looked at once more), POP_STOPPED or POP_BROKEN."""
+    while True:
+        if q[Q_STOP]:
+            return POP_STOPPED
+        n = poll(q, avail, used16, mem, table, spins, look_avail, set_notify, True)
+        if n != POLL_AGAIN:
+            break
+    if n == POLL_IDLE:
+        return POP_IDLE
+    return POP_BROKEN if n < 0 else n
+
+
+@kernel
+def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins, i8, i64, ist):
+    """Take up to ``max_chains`` chains (walked and bounded) off the avail ring into ``chains``/``sg``.
+
+    Polls up to ``spins`` times; with nothing to take, asks for kicks, looks once more, and returns POP_IDLE.
+    With inflight tracking (``ist[IST_TRACK]``), each chain taken is marked in flight -- counter first, then
+    the flag -- in avail order, before the device sees it."""
+    n = wait_pending(q, avail, used16, mem, table, spins)
+    if n <= 0:
+        return n
+    last = q[Q_LAST_AVAIL]
+    track = ist[IST_TRACK]
+    row = 0
+    room = q[Q_SIZE] + MAX_INDIRECT  # rows one chain may need at most
+    k = 0
+    while k < min(n, max_chains) and row + room <= sg.shape[0]:
+        head = read_avail_entry(q, avail, mem, table, last + k)
+        if head < 0:
+            break
+        nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg[row:], ANY)
+        if nread < 0:
+            break
+        if track:
+            i64[3 + 2 * head] = np.uint64(ist[IST_COUNTER])  # desc[head].counter
+            ist[IST_COUNTER] += 1
+            fence_full()
+            i8[16 + 16 * head] = 1  # desc[head].inflight
+        chains[k, C_HEAD] = head
+        chains[k, C_FIRST] = row
+        chains[k, C_NREAD] = nread
+        chains[k, C_END] = row + nseg
+        row += nseg
+        k += 1
+    q[Q_LAST_AVAIL] = (last + k) & 0xFFFF
+    return k  # chains taken before a fault are still handed out (and completed); the fault shows in q[Q_ERROR]
+
+
+@kernel
+def push_used(q, avail, used16, used32, mem, table, heads, lens, n, i8, i16, track):
+    """Complete ``n`` chains with the lengths written; publish once, then notify if asked.
+
+    With inflight tracking, in libvhost-user's order: link the batch (``desc[h].next = last_batch_head;
+    last_batch_head = h``), publish the used index, clear each ``inflight``, then record ``used_idx``."""
+    used = q[Q_USED_IDX]
+    for i in range(n):
+        h = heads[i]
+        if not write_used(q, used32, mem, table, used + i, h, lens[i]):
+            return False
+        if track:
+            i16[11 + 8 * h] = i16[6]  # desc[h].next = last_batch_head
+            i16[6] = np.uint16(h)  # last_batch_head = h
+    q[Q_CHAINS] += n
+    q[Q_IDLE] = 0
+    new_used = (used + n) & 0xFFFF
+    if track:
+        fence_full()
+    if not flush_used(q, avail, used16, mem, table, new_used):
+        return False
+    if track:
+        fence_full()
+        for i in range(n):
+            i8[16 + 16 * heads[i]] = 0
+        fence_full()
+        i16[7] = np.uint16(new_used)  # used_idx
+    return True
+
+
+@kernel
+def walk_one(q, desc, mem, table, head, sg):
+    """Walk the chain at ``head`` (a resubmitted one) into ``sg``: (readable segments, segments), or (-1, 0)."""
+    nread, nseg, _r, _w = walk_chain(q, desc, mem, table, head, sg, ANY)
+    return nread, nseg
+
+
+class Request:
+    """One chain given to :meth:`ChainDevice.submit`: ``readable`` and ``writable`` are memoryviews of guest
+    memory, valid until :meth:`complete` is called -- once, from any thread."""
+
+    __slots__ = ("queue", "head", "readable", "writable", "_sink", "_wmax")
+
+    def __init__(
+        self,
+        queue: int,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        sink: _Completions,
+        wmax: int,
+    ) -> None:
+        self.queue, self.head, self.readable, self.writable = queue, head, readable, writable
+        self._sink = [sink]
+        self._wmax = wmax  # bytes the device may write (the used length is capped to it)
+
+    @property
+    def done(self) -> bool:
+        return not self._sink
+
+    def complete(self, written: int) -> None:
+        """Finish the request: ``written`` bytes were written into ``writable`` (the used length)."""
+        try:
+            sink = self._sink.pop()  # atomic: a second complete() finds the list empty
+        except IndexError:
+            log.error("queue %d: chain %d completed twice; the second completion is ignored", self.queue, self.head)
+            return
+        n = 0
+        try:  # whatever goes wrong here, the completion is delivered (a lost one would block the ring forever)
+            n = min(max(int(written or 0), 0), self._wmax)
+            for b in (*self.readable, *self.writable):
+                try:
+                    b.release()  # a view the device released already is fine
+                except BufferError:
+                    log.error("queue %d: chain %d completed while its buffers are still in use", self.queue, self.head)
+        except Exception:
+            log.exception("queue %d: completing chain %d (written=%r)", self.queue, self.head, written)
+        finally:
+            self.readable = self.writable = []
+            sink.put(self.head, n)
+
+
+class _Completions:
+    """Completions of one ring, from any thread; the ring's worker drains and publishes them.  A completion
+    from another thread wakes the worker through ``fd`` if it sleeps (an eventfd, closed under the lock when
+    the worker is done with the ring, so that a late writer never writes into a reused fd number)."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple[int, int]] = collections.deque()
+        self.lock = threading.Lock()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.owner = 0
+        self.sleeping = False
+
+    def put(self, head: int, n: int) -> None:
+        self.items.append((head, n))
+        # the worker sets ``sleeping`` before it last looks at ``items``, and we look at ``sleeping`` after
+        # appending: one of the two sees the other (both under the GIL), so a completion never goes unnoticed
+        if self.sleeping and threading.get_ident() != self.owner:
+            with self.lock:
+                if self.fd >= 0:
+                    os.eventfd_write(self.fd, 1)
+
+    def sleep(self, fds: list[int], timeout: float) -> None:
+        """Wait for a completion (or one of ``fds``), unless there is one already."""
+        self.sleeping = True
+        try:
+            if not self.items:
+                _wait([self.fd, *fds], timeout)
+        finally:
+            self.sleeping = False
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _wait(fds: list[int], timeout: float) -> None:
+    ready, _, _ = select.select([fd for fd in fds if fd >= 0], [], [], timeout)
+    for fd in ready:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+
+
+class ChainDevice(Device):
+    """A device written in plain Python: implement :meth:`handle` (or :meth:`submit`); pyvhost does the rest.
+
+    Each chain reaches the device as lists of memoryviews of guest memory -- the device-readable buffers, then
+    the device-writable ones.  ``handle`` processes a chain and returns at once; a device whose requests take
+    time overrides ``submit`` instead, hands the :class:`Request` to a thread (or anything), and calls
+    ``req.complete(written)`` when done: requests complete in any order and the queue goes on meanwhile.
+    Chains are taken in batches of ``batch`` by compiled code (bounded and checked like every datapath) and
+    completions are published in batches.  A ring is stopped (for a memory change, GET_VRING_BASE, a
+    disconnect) once every request taken from it is complete -- or, if some do not complete within the
+    backend's stop timeout, the queue is broken, those requests are logged (queue, head) and guest memory stays
+    mapped until they complete; their completions are then dropped.
+
+    Chains in flight are recorded in the inflight area when the front-end provides one
+    (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a back-end restarted after a crash resubmits the chains the
+    crashed one had taken and not completed, once each, in the order they were taken, before new ones.
+    """
+
+    #: chains taken per batch
+    batch: int = 64
+    #: empty polls before a worker sleeps on its kick fd
+    spins: int = 2000
+    #: completions published at the latest after this many, even in the middle of a batch
+    publish_every: int = 8
+    #: the datapath is split-ring only
+    transport_features_off = 1 << VIRTIO_F_RING_PACKED
+    inflight_tracking = True
+
+    def warm_up(self) -> None:
+        warm_up()
+
+    def handle(self, queue: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+        """Process one chain; return how many bytes were written into ``writable``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither handle() nor submit()")
+
+    def submit(self, req: Request) -> None:
+        """Start processing a chain; ``req.complete(written)`` finishes it (the default: handle() at once)."""
+        req.complete(self.handle(req.queue, req.readable, req.writable))
+
+    def make_step(self, rings: list[Ring]) -> StepFn:
+        (ring,) = rings
+        mem = ring.mem
+        arena, table = mem.arena.view, mem.table
+        q = ring.q
+        assert isinstance(ring.views, RingViews), "ChainDevice serves split rings"
+        desc, avail, used16, used32 = ring.views.args()
+        size = int(q[Q_SIZE])
+        sg = new_sg(size * 2)
+        batch = max(1, min(self.batch, size))
+        chains = np.zeros((batch, 4), dtype=np.int64)
+        heads = np.zeros(size, dtype=np.int64)
+        lens = np.zeros(size, dtype=np.int64)
+        index, spins, submit, publish_every = ring.index, self.spins, self.submit, self.publish_every
+        name = type(self).__name__
+        region = ring.inflight
+        ist = np.zeros(2, dtype=np.int64)
+        resubmit: collections.deque[int] = collections.deque()
+        if region is not None:
+            heads_in_flight, counter = region.recover(int(q[Q_USED_IDX]))
+            resubmit.extend(heads_in_flight)
+            ist[IST_COUNTER], ist[IST_TRACK] = counter, 1
+            # the chains taken so far are the completed ones and the ones in flight (a prefix of the avail ring)
+            q[Q_LAST_AVAIL] = (int(q[Q_USED_IDX]) + len(heads_in_flight)) & 0xFFFF
+            if heads_in_flight:
+                log.info(
+                    "vring %d: resubmitting %d in-flight requests (heads %s)",
+                    index,
+                    len(heads_in_flight),
+                    " ".join(map(str, heads_in_flight)),
+                )
+            i8, i16, i64 = region.u8, region.u16, region.u64
+        else:
+            i8, i16, i64 = _NO_U8, _NO_U16, _NO_U64
+        track = int(ist[IST_TRACK])
+        done = _Completions()
+        kick_fd = ring.kick_fd
+        outstanding = 0
+        taken: collections.Counter[int] = collections.Counter()  # heads handed to the device, not yet reaped
+        publish = True  # completions go to the used ring (until writing it fails)
+
+        def start(head: int, rows: list[list[int]], nread: int) -> None:
+            nonlocal outstanding
+            segs = [arena[o : o + ln].data for o, ln in rows]
+            req = Request(index, head, segs[:nread], segs[nread:], done, sum(ln for _, ln in rows[nread:]))
+            outstanding += 1
+            taken[head] += 1
+            try:
+                submit(req)
+            except Exception:
+                log.exception("device %s: handling a chain of queue %d failed", name, index)
+                if not req.done:
+                    req.complete(0)
+
+        def forget(head: int) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+            taken[head] -= 1
+            if not taken[head]:
+                del taken[head]
+
+        def reap() -> bool:
+            nonlocal publish
+            items = done.items
+            k = 0
+            while items and k < size:
+                heads[k], lens[k] = items.popleft()
+                forget(int(heads[k]))
+                k += 1
+            if not k:
+                return True
+            if not push_used(q, avail, used16, used32, arena, table, heads, lens, k, i8, i16, track):
+                publish = False
+            return publish
+
+        def held() -> list[int]:
+            """Heads still with the device (completions that came since are dropped: the ring is gone)."""
+            while done.items:
+                forget(done.items.popleft()[0])
+            return sorted(taken.elements())
+
+        def drain(timeout: float) -> list[int]:
+            """Leave the ring: wait up to ``timeout`` s for the requests taken, publishing their completions
+            while the used ring can be written (else dropping them); return the heads still out."""
+            deadline = time.monotonic() + timeout
+            while outstanding:
+                if not (publish and reap()):
+                    held()
+                left = deadline - time.monotonic()
+                if not outstanding or left <= 0:
+                    break
+                done.sleep([], min(0.1, left))
+            done.close()
+            return held()
+
+        def step(budget: int) -> int:
+            done.owner = threading.get_ident()
+            for _ in range(max(1, budget // 256)):
+                if not reap():
+                    return Step.BROKEN
+                if q[Q_STOP]:
+                    return Step.STOPPED  # the requests still out are waited for (bounded) by drain()
+                if resubmit:  # one at a time, in the order they were first taken, before anything new
+                    if outstanding:
+                        done.sleep([], 0.1)
+                        continue
+                    head = resubmit.popleft()
+                    nread, nseg = walk_one(q, desc, arena, table, head, sg)
+                    if nread < 0:
+                        return Step.BROKEN
+                    start(head, sg[:nseg].tolist(), int(nread))
+                    continue
+                room = min(batch, size - outstanding)
+                if room <= 0:
+                    done.sleep([], 0.1)
+                    continue
+                n = pop_chains(
+                    q,
+                    desc,
+                    avail,
+                    used16,
+                    arena,
+                    table,
+                    sg,
+                    chains,
+                    room,
+                    spins if not outstanding else 64,
+                    i8,
+                    i64,
+                    ist,
+                )
+                if n == POP_STOPPED:
+                    continue
+                if n == POP_BROKEN:
+                    return Step.BROKEN
+                if n == POP_IDLE:
+                    if not outstanding:
+                        return Step.IDLE
+                    if not done.items:
+                        done.sleep([kick_fd], 0.1)
+                    continue
+                rows = sg[: int(chains[n - 1, C_END])].tolist()
+                for head, first, nread, end in chains[:n].tolist():
+                    start(head, rows[first:end], nread)
+                    if len(done.items) >= publish_every:  # keep the driver busy while the batch goes on
+                        if not reap():
+                            return Step.BROKEN
+                if q[Q_ERROR]:
+                    return Step.BROKEN  # the fault that ended the batch; drain() completes the chains before it
+            return Step.MORE
+
+        step.drain = drain  # type: ignore[attr-defined]
+        step.held = held  # type: ignore[attr-defined]
+        return step
+
+
+def discard_split(ring: Ring, spins: int = 64) -> StepFn:
+    """The step of a started but disabled split ring whose buffers are processed and discarded (a net TX
+    queue): take chains (walked and bounded as always), complete each with length 0, count them in Q_DROPS."""
+    q = ring.q
+    arena, table = ring.mem.arena.view, ring.mem.table
+    assert isinstance(ring.views, RingViews), "a split ring"
+    desc, avail, used16, used32 = ring.views.args()
+    size = int(q[Q_SIZE])
+    batch = max(1, min(64, size))
+    sg = new_sg(size * 2)
+    chains = np.zeros((batch, 4), dtype=np.int64)
+    heads = np.zeros(batch, dtype=np.int64)
+    lens = np.zeros(batch, dtype=np.int64)
+    ist = np.zeros(2, dtype=np.int64)
+
+    def step(budget: int) -> int:
+        for _ in range(max(1, budget // 256)):
+            n = pop_chains(q, desc, avail, used16, arena, table, sg, chains, batch, spins, _NO_U8, _NO_U64, ist)
+            if n == POP_STOPPED:
+                return Step.STOPPED
+            if n == POP_BROKEN:
+                return Step.BROKEN
+            if n == POP_IDLE:  # (a fault at the first chain takes none)
+                return Step.BROKEN if q[Q_ERROR] else Step.IDLE
+            heads[:n] = chains[:n, C_HEAD]
+            q[Q_DROPS] += n  # counted before the driver sees them completed
+            if not push_used(q, avail, used16, used32, arena, table, heads, lens, n, _NO_U8, _NO_U16, 0):
+                return Step.BROKEN
+            if q[Q_ERROR]:
+                return Step.BROKEN
+        return Step.MORE
+
+    return step
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) the ChainDevice kernels on a tiny idle ring, so that the first
+    connection does not wait for the compiler."""
+
+    mem = GuestMemory(arena_size=1 << 21)
+    try:
+        q = new_queue_state(1)
+        q[Q_STOP] = 1  # return at once
+        sg = new_sg(2)
+        chains = np.zeros((1, 4), dtype=np.int64)
+        ist = np.zeros(2, dtype=np.int64)
+        ints = np.zeros(1, dtype=np.int64)
+        pop_chains(q, _NO_U64, _NO_U16, _NO_U16, mem.arena.view, mem.table, sg, chains, 1, 1, _NO_U8, _NO_U64, ist)
+        push_used(q, _NO_U16, _NO_U16, _NO_U32, mem.arena.view, mem.table, ints, ints, 0, _NO_U8, _NO_U16, 0)
+        walk_one(q, _NO_U64, mem.arena.view, mem.table, -1, sg)
+    finally:
+        mem.close()
