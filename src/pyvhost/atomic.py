@@ -8,6 +8,7 @@ duplicated or reordered by the compiler:
 * ``ld*/st*`` at a byte offset of a uint8 region view – single "unordered" atomic accesses used by the copy
   path, so each guest field is read exactly once, whole;
 * ``fence_full()`` – the store→load barrier needed before reading the other side's event index;
+* ``or8(buf, off, v)`` – an atomic OR into one byte (the dirty log's bits), after a ``fence_release()``;
 * ``eventfd_write(fd, v)`` – glibc's eventfd_write, linked by name so cached code stays valid.
 """
 
@@ -133,6 +134,26 @@ def fence_release(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+@intrinsic
+def _or8(typingctx, addr, val):
+    """``*(uint8 *)addr |= val`` as one atomic read-modify-write (``lock or`` on x86), relaxed (monotonic)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        v = context.cast(builder, args[1], sig.args[1], types.uint8)
+        builder.atomic_rmw("or", ptr, v, "monotonic")
+        return context.get_dummy_value()
+
+    return types.void(types.intp, val), codegen
+
+
+@helper
+def or8(buf, off, v):
+    """Atomic ``buf[off] |= v`` on a uint8 array, relaxed: no bit set by another agent is lost.  Order the
+    writes it stands for before it with one :func:`fence_release` (as DPDK's ``__vhost_log_write`` does)."""
+    _or8(buf.ctypes.data + off, v)
 
 
 @intrinsic

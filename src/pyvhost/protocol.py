@@ -241,6 +241,43 @@ class Message:
         return offset, size, flags, data
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Dirty logging for live migration (vhost-user.rst, "Migration"): VHOST_F_LOG_ALL, SET_LOG_BASE, VHOST_VRING_F_LOG
+#: Feature bit (``VHOST_F_LOG_ALL``): while negotiated, every write into guest memory is logged.
+VHOST_F_LOG_ALL = 26
+#: Bit of SET_VRING_ADDR's flags (``VHOST_VRING_F_LOG``): ``log_guest_addr`` is valid, the used ring is logged there.
+VHOST_VRING_F_LOG = 0
+#: Guest-physical bytes per bit of the dirty log (``VHOST_LOG_PAGE``).
+VHOST_LOG_PAGE = 0x1000
+
+
+@dataclass(frozen=True)
+class LogBase:
+    """SET_LOG_BASE's payload (the "log description"): the log is [mmap_offset, mmap_offset + mmap_size) of
+    the fd that came with the message."""
+
+    mmap_size: int
+    mmap_offset: int
+
+
+def log_base(msg: Message) -> LogBase:
+    """Parse and check SET_LOG_BASE: a payload of exactly LOG_HDR, exactly one fd (the log is shared by fd:
+    ``LOG_SHMFD``), a size above 0, size and offset below ADDR_LIMIT (so their sum cannot overflow 64 bits).
+    The fd itself (its type, its size) is checked where it is mapped (``dirtylog.DirtyLog``).
+
+    QEMU reads a reply to SET_LOG_BASE whenever ``LOG_SHMFD`` is negotiated, NEED_REPLY or not (DPDK sends it
+    with an empty payload)."""
+    msg._need(LOG_HDR.size, exact=True)
+    if len(msg.fds) != 1:
+        raise ProtocolError(f"SET_LOG_BASE: {len(msg.fds)} fds, expected the log's fd")
+    size, offset = LOG_HDR.unpack_from(msg.payload)
+    if size == 0:
+        raise ProtocolError("SET_LOG_BASE: log of size 0")
+    if size >= ADDR_LIMIT or offset >= ADDR_LIMIT:
+        raise ProtocolError(f"SET_LOG_BASE: size {size:#x} / offset {offset:#x} out of range (overflow)")
+    return LogBase(size, offset)
+
+
 # Payload sizes each request must carry (minimum); requests not listed take any payload we accept.
 _MIN_PAYLOAD = {
     Request.SET_FEATURES: U64.size,
