@@ -295,22 +295,31 @@ def fd_of(kind: str, stack: list) -> int:
         d = os.open("/dev/zero", os.O_RDWR)
         stack.append(d)
         return d
+    if kind == "read-only file":  # a regular file of the right size, but not writable: mmap refuses it
+        f = tempfile.NamedTemporaryFile()
+        f.truncate(PAGE)
+        d = os.open(f.name, os.O_RDONLY)
+        stack += [d, f]
+        return d
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # "closed": a number no fd can have
 
 
-@pytest.mark.parametrize("kind", ["pipe", "socket", "directory", "char device", "closed"])
+NOT_MAPPABLE = {"closed": "Bad file descriptor", "read-only file": "Permission denied"}
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket", "directory", "char device", "closed", "read-only file"])
 def test_a_non_mappable_fd_is_refused_cleanly(kind):
     stack: list = []
     fd = fd_of(kind, stack)
     fds_before, maps_before = open_fds(), mapping_count()
-    with pytest.raises(DirtyLogError, match="Bad file descriptor" if kind == "closed" else "not mappable"):
+    with pytest.raises(DirtyLogError, match=NOT_MAPPABLE.get(kind, "not mappable")):
         DirtyLog(fd, PAGE)
     assert open_fds() == fds_before and mapping_count() == maps_before
     for x in stack:
-        if isinstance(x, socket.socket):
-            x.close()
-        else:
+        if isinstance(x, int):
             os.close(x)
+        else:
+            x.close()
 
 
 @pytest.mark.parametrize(
