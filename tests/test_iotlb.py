@@ -388,8 +388,8 @@ def test_storm_of_updates_stays_bounded(pattern):
         for i in range(lo, hi):
             if pattern == "disjoint":
                 tlb.update(i * PG, PG, (n - i) * PG, RO)
-            else:  # random ranges over a small window: constant cutting and splitting
-                iova = rng.randrange(0, 4096) * 0x100
+            else:  # random ranges over 16 MiB: constant cutting and splitting, and past the bound
+                iova = rng.randrange(0, 1 << 16) * 0x100
                 tlb.update(iova, rng.randrange(1, 64) * 0x80, rng.randrange(0, 1 << 40), rng.choice((RO, WO, RW)))
             assert len(tlb) <= MAX_ENTRIES
 
@@ -407,6 +407,7 @@ def test_storm_of_updates_stays_bounded(pattern):
     entries = tlb.entries()
     assert len(entries) <= MAX_ENTRIES
     assert all(a.iova + a.size <= b.iova for a, b in zip(entries, entries[1:]))
+    assert tlb.evictions > n // 2
     if pattern == "disjoint":
         assert len(entries) == MAX_ENTRIES and tlb.evictions == n - MAX_ENTRIES
         assert entries[0].iova == (n - MAX_ENTRIES) * PG  # the newest MAX_ENTRIES stay
@@ -533,6 +534,8 @@ def test_iotlb_payload_layout():
     assert len(m.pack()) == 32 and IotlbMsg.unpack(m.pack()) == m and m.end == 0x3000
     raw = struct.pack("<QQQBB", 0x1000, 0x2000, 0x7F00_0000_0000, RW, VHOST_IOTLB_UPDATE) + b"\xaa" * 6
     assert Message(R.IOTLB_MSG, 1, raw).iotlb() == m  # padding is ignored, whatever it holds
+    miss = IotlbMsg(0x7000, 0, 0, WO, VHOST_IOTLB_MISS)  # what a back-end sends on its channel
+    assert Message(R.IOTLB_MSG, 1, miss.pack()).iotlb() == miss
 
 
 def test_iotlb_messages_accepted():
