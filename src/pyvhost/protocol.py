@@ -214,6 +214,11 @@ class Message:
         self._need(VRING_ADDR.size)
         return VringAddr(*VRING_ADDR.unpack_from(self.payload))
 
+    def iotlb(self) -> IotlbMsg:
+        """The vhost_iotlb_msg of an IOTLB_MSG (or of a back-end's MISS), checked (see :meth:`IotlbMsg.unpack`)."""
+        self._need(IOTLB.size)
+        return IotlbMsg.unpack(self.payload, self.name)
+
     def mem_table(self) -> list[MemRegion]:
         self._need(MEM_TABLE_HDR.size)
         nregions, _ = MEM_TABLE_HDR.unpack_from(self.payload)
@@ -276,6 +281,74 @@ def log_base(msg: Message) -> LogBase:
     if size >= ADDR_LIMIT or offset >= ADDR_LIMIT:
         raise ProtocolError(f"SET_LOG_BASE: size {size:#x} / offset {offset:#x} out of range (overflow)")
     return LogBase(size, offset)
+
+
+# IOTLB messages: VHOST_USER_IOTLB_MSG carries a struct vhost_iotlb_msg (linux/vhost_types.h) both ways.
+VHOST_IOTLB_MISS = 1
+VHOST_IOTLB_UPDATE = 2
+VHOST_IOTLB_INVALIDATE = 3
+VHOST_IOTLB_ACCESS_FAIL = 4
+#: Permission bits of an IOTLB entry or of the access a MISS asks for (vhost_types.h VHOST_ACCESS_*).
+VHOST_ACCESS_RO = 0x1
+VHOST_ACCESS_WO = 0x2
+VHOST_ACCESS_RW = 0x3
+_IOTLB_TYPES = {
+    VHOST_IOTLB_MISS: "MISS",
+    VHOST_IOTLB_UPDATE: "UPDATE",
+    VHOST_IOTLB_INVALIDATE: "INVALIDATE",
+    VHOST_IOTLB_ACCESS_FAIL: "ACCESS_FAIL",
+}
+_ADDR_SPACE = 1 << 64
+
+
+@dataclass(frozen=True)
+class IotlbMsg:
+    """One struct vhost_iotlb_msg: an IOVA range, the front-end address it maps to, permission, type."""
+
+    iova: int
+    size: int
+    uaddr: int
+    perm: int
+    type: int
+
+    @property
+    def end(self) -> int:
+        """One past the last IOVA of the range."""
+        return self.iova + self.size
+
+    def pack(self) -> bytes:
+        return IOTLB.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
+
+    @classmethod
+    def unpack(cls, payload: bytes, what: str = "IOTLB_MSG") -> IotlbMsg:
+        """Parse and check one message; ProtocolError names what is wrong.
+
+        Only the fields a type uses are checked -- QEMU leaves ``perm`` and ``uaddr`` of an INVALIDATE
+        uninitialised, and QEMU, DPDK and the kernel send a MISS without a size:
+        UPDATE: size > 0, perm RO/WO/RW, [iova, iova+size) and [uaddr, uaddr+size) below ADDR_LIMIT;
+        INVALIDATE: size > 0 (as the kernel's vhost refuses it), iova+size not past 2^64 (a range above
+        ADDR_LIMIT is accepted: nothing can be mapped there, and an invalidation is never refused for being
+        too wide); MISS, ACCESS_FAIL: perm RO/WO/RW.
+        """
+        if len(payload) < IOTLB.size:
+            raise ProtocolError(f"{what}: payload of {len(payload)} bytes, expected {IOTLB.size}")
+        msg = cls(*IOTLB.unpack_from(payload))
+        kind = _IOTLB_TYPES.get(msg.type)
+        if kind is None:
+            raise ProtocolError(f"{what}: unknown IOTLB message type {msg.type}")
+        if msg.type in (VHOST_IOTLB_UPDATE, VHOST_IOTLB_INVALIDATE) and msg.size == 0:
+            raise ProtocolError(f"{what}: IOTLB {kind} of size 0 at iova {msg.iova:#x}")
+        if msg.type != VHOST_IOTLB_INVALIDATE and msg.perm not in (VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_ACCESS_RW):
+            raise ProtocolError(f"{what}: IOTLB {kind} with permission {msg.perm:#x} (not RO, WO or RW)")
+        if msg.end > _ADDR_SPACE:
+            raise ProtocolError(f"{what}: IOTLB {kind} iova {msg.iova:#x} + size {msg.size:#x} wraps past 2^64")
+        if msg.type == VHOST_IOTLB_UPDATE:
+            for name, start in (("iova", msg.iova), ("uaddr", msg.uaddr)):
+                if start + msg.size > ADDR_LIMIT:
+                    raise ProtocolError(
+                        f"{what}: IOTLB UPDATE {name} {start:#x} + size {msg.size:#x} beyond {ADDR_LIMIT:#x}"
+                    )
+        return msg
 
 
 # Payload sizes each request must carry (minimum); requests not listed take any payload we accept.
