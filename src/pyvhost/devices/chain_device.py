@@ -17,8 +17,8 @@ from ..atomic import fence_full
 from ..jit import helper, kernel
 from ..memory import GuestMemory
 from ..ring.chain import ANY, MAX_INDIRECT, new_sg, walk_chain
-from ..ring.poll import POLL_AGAIN, POLL_IDLE, poll
-from ..ring.split import flush_used, look_avail, read_avail_entry, set_notify, write_used
+from ..ring.poll import POLL_AGAIN, POLL_IDLE
+from ..ring.split import flush_used, poll_avail, read_avail_entry, write_used
 from ..ring.state import (
     Q_CHAINS,
     Q_DROPS,
@@ -49,7 +49,7 @@ def wait_pending(q, avail, used16, mem, table, spins):
     while True:
         if q[Q_STOP]:
             return POP_STOPPED
-        n = poll(q, avail, used16, mem, table, spins, look_avail, set_notify, True)
+        n = poll_avail(q, avail, used16, mem, table, spins, True)
         if n != POLL_AGAIN:
             break
     if n == POLL_IDLE:

@@ -17,8 +17,8 @@ from ..access import _NO_U16, _NO_U32, _NO_U64
 from ..jit import inline_helper, kernel
 from ..memory import GuestMemory
 from ..ring.chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
-from ..ring.poll import POLL_AGAIN, POLL_IDLE, poll, poll_pair
-from ..ring.split import flush_used, look_avail, read_avail_entry, set_notify, write_used
+from ..ring.poll import POLL_AGAIN, POLL_IDLE
+from ..ring.split import flush_used, poll_avail, poll_avail_pair, read_avail_entry, write_used
 from ..ring.state import (
     Q_BATCH,
     Q_BYTES,
@@ -89,13 +89,11 @@ def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
-        n = poll(q, avail, used16, mem, table, spins, look_avail, set_notify, True)
-        if n == POLL_AGAIN:
-            continue
-        if n == POLL_IDLE:
-            return _IDLE
-        if n < 0:
-            return _BROKEN
+        n = poll_avail(q, avail, used16, mem, table, spins, True)
+        if n < 0:  # nothing to take now (or broken): one test on the path with work
+            if n == POLL_AGAIN:
+                continue
+            return _IDLE if n == POLL_IDLE else _BROKEN
         n = min(n, q[Q_BATCH])
         last = q[Q_LAST_AVAIL]
         used = q[Q_USED_IDX]
@@ -199,13 +197,11 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
         if q[Q_STOP]:
             return _STOPPED
         want = q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]  # a source at its limit produces no more
-        n = poll(q, avail, used16, mem, table, spins, look_avail, set_notify, want)
-        if n == POLL_AGAIN:
-            continue
-        if n == POLL_IDLE:
-            return _IDLE
-        if n < 0:
-            return _BROKEN
+        n = poll_avail(q, avail, used16, mem, table, spins, want)
+        if n < 0:  # nothing to take now (or broken): one test on the path with work
+            if n == POLL_AGAIN:
+                continue
+            return _IDLE if n == POLL_IDLE else _BROKEN
         n = min(n, q[Q_BATCH])
         k = 0
         status = _MORE
@@ -252,13 +248,11 @@ def loopback(
     for _ in range(budget):
         if tq[Q_STOP] or rq[Q_STOP]:
             return _STOPPED
-        nt, nr = poll_pair(tq, tavail, tused16, rq, ravail, rused16, mem, table, spins, look_avail, set_notify)
-        if nt == POLL_AGAIN:
-            continue
-        if nt == POLL_IDLE:
-            return _IDLE
-        if nt < 0:
-            return _BROKEN
+        nt, nr = poll_avail_pair(tq, tavail, tused16, rq, ravail, rused16, mem, table, spins)
+        if nt < 0:  # nothing to take now (or broken): one test on the path with work
+            if nt == POLL_AGAIN:
+                continue
+            return _IDLE if nt == POLL_IDLE else _BROKEN
         nt = min(nt, tq[Q_BATCH])
         nr = min(nr, rq[Q_BATCH])
         tlast = tq[Q_LAST_AVAIL]

@@ -27,14 +27,14 @@ from ..ring.packed import (
     advance,
     flush_used,
     in_flight,
-    look_head,
     new_packed_state,
     new_shadow,
+    poll_head,
+    poll_head_pair,
     read_head,
-    set_notify,
     walk_packed,
 )
-from ..ring.poll import POLL_AGAIN, POLL_IDLE, poll, poll_pair
+from ..ring.poll import POLL_AGAIN, POLL_IDLE
 from ..ring.state import (
     Q_AVAIL_WRAP,
     Q_BATCH,
@@ -90,13 +90,11 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
-        f = poll(q, desc, dev, mem, table, spins, look_head, set_notify, True)
-        if f == POLL_AGAIN:
-            continue
-        if f == POLL_IDLE:
-            return _IDLE
-        if f < 0:
-            return _BROKEN
+        f = poll_head(q, desc, dev, mem, table, spins, True)
+        if f < 0:  # nothing to take now (or broken): one test on the path with work
+            if f == POLL_AGAIN:
+                continue
+            return _IDLE if f == POLL_IDLE else _BROKEN
         room, nmax = _room(q, shadow)
         pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
         counters = _counters(q)
@@ -213,13 +211,11 @@ def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget,
         if q[Q_STOP]:
             return _STOPPED
         want = q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]  # a source at its limit produces no more
-        f = poll(q, desc, dev, mem, table, spins, look_head, set_notify, want)
-        if f == POLL_AGAIN:
-            continue
-        if f == POLL_IDLE:
-            return _IDLE
-        if f < 0:
-            return _BROKEN
+        f = poll_head(q, desc, dev, mem, table, spins, want)
+        if f < 0:  # nothing to take now (or broken): one test on the path with work
+            if f == POLL_AGAIN:
+                continue
+            return _IDLE if f == POLL_IDLE else _BROKEN
         room, nmax = _room(q, shadow)
         pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
         counters = _counters(q)
@@ -269,13 +265,11 @@ def loopback(
     for _ in range(budget):
         if tq[Q_STOP] or rq[Q_STOP]:
             return _STOPPED
-        ft, fr = poll_pair(tq, tdesc, tdev, rq, rdesc, rdev, mem, table, spins, look_head, set_notify)
-        if ft == POLL_AGAIN:
-            continue
-        if ft == POLL_IDLE:
-            return _IDLE
-        if ft < 0:
-            return _BROKEN
+        ft, fr = poll_head_pair(tq, tdesc, tdev, rq, rdesc, rdev, mem, table, spins)
+        if ft < 0:  # nothing to take now (or broken): one test on the path with work
+            if ft == POLL_AGAIN:
+                continue
+            return _IDLE if ft == POLL_IDLE else _BROKEN
         troom, tmax = _room(tq, tshadow)
         rroom, rmax = _room(rq, rshadow)
         tpos, twrap = tq[Q_LAST_AVAIL], tq[Q_AVAIL_WRAP]

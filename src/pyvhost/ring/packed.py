@@ -42,7 +42,7 @@ from ..jit import helper, inline_helper
 from ..memory import SPACE_GPA, SPACE_UVA, translate
 from ..protocol import ADDR_LIMIT
 from .chain import MAX_INDIRECT, READ_ONLY, WRITE_ONLY, add_buffer
-from .poll import NOTHING
+from .poll import NOTHING, make_poll
 from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail
 from .state import (
     Q_AVAIL,
@@ -183,7 +183,7 @@ def read_head(q, desc, mem, table, pos, wrap):
     return f
 
 
-@helper
+@inline_helper
 def look_head(q, desc, mem, table):
     """``ring.poll``'s look at a packed ring: the flags of the descriptor at the avail cursor if it is
     available, NOTHING, or -1 (broken)."""
@@ -419,3 +419,7 @@ def flush_used(q, drv, desc, mem, table, shadow, n):
         q[Q_CALLS] += 1
         eventfd_write(q[Q_CALLFD], 1)
     return True, True
+
+
+#: the polling routine (``ring.poll``) for this layout, one ring and a pair of rings
+poll_head, poll_head_pair = make_poll(look_head, set_notify)

@@ -31,9 +31,9 @@ from ..atomic import (
     store_release,
 )
 from ..errors import QueueError
-from ..jit import helper
+from ..jit import helper, inline_helper
 from ..memory import SPACE_UVA, translate
-from .poll import NOTHING
+from .poll import NOTHING, make_poll
 from .state import (
     Q_AVAIL,
     Q_CALLFD,
@@ -215,7 +215,7 @@ def avail_pending(q, avail, mem, table):
     return n
 
 
-@helper
+@inline_helper
 def look_avail(q, avail, mem, table):
     """``ring.poll``'s look at a split ring: how many chains are available, NOTHING, or -1 (broken)."""
     n = avail_pending(q, avail, mem, table)
@@ -247,3 +247,7 @@ def flush_used(q, avail, used16, mem, table, new_used):
         q[Q_CALLS] += 1
         eventfd_write(q[Q_CALLFD], 1)
     return True
+
+
+#: the polling routine (``ring.poll``) for this layout, one ring and a pair of rings
+poll_avail, poll_avail_pair = make_poll(look_avail, set_notify)
