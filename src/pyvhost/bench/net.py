@@ -67,7 +67,7 @@ class Runner:
         self.n = 0
 
     # -- pyvhost back-end ---------------------------------------------------------------------------------
-    def startpyvhost_cmd(self, mode: str, metadata: str, sock: Path, count: int = -1):
+    def start_pyvhost(self, mode: str, metadata: str, sock: Path, count: int = -1):
         ready, stats = self.dir / f"ready{self.n}", self.dir / f"stats{self.n}.json"
         log = open(self.dir / f"pyvhost{self.n}.log", "w")
         cmd = pyvhost_cmd(
@@ -182,6 +182,19 @@ class Runner:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row) -> None:
+    """Drive ``sock`` with the configuration's front-end (pyvhost's, or testpmd's virtio-user with ``fwd``) and
+    put its rate and packet count in ``row``."""
+    if c.frontend == "pyvhost":
+        res = r.drive(sock, c.direction, c.ring)
+        row.mpps, row.packets = res["mpps"], res["final"]["packets"]
+        row.first_packet_s = res.get("first_packet_s")
+    else:
+        res = r.dpdk_frontend(sock, fwd, c.ring)
+        row.mpps = res["mpps"]
+        row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
+
+
 def measure(r: Runner, c: Config, run: int) -> Row:
     """One run of one configuration."""
     r.n += 1
@@ -192,16 +205,9 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
     fe_fwd = "txonly" if c.direction == "tx" else "rxonly"
     if c.backend == "pyvhost":
-        proc, stats = r.startpyvhost_cmd(mode, c.metadata, sock)
+        proc, stats = r.start_pyvhost(mode, c.metadata, sock)
         try:
-            if c.frontend == "pyvhost":
-                res = r.drive(sock, c.direction, c.ring)
-                row.mpps, row.packets = res["mpps"], res["final"]["packets"]
-                row.first_packet_s = res.get("first_packet_s")
-            else:
-                res = r.dpdk_frontend(sock, fe_fwd, c.ring)
-                row.mpps = res["mpps"]
-                row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
+            run_frontend(r, c, sock, fe_fwd, row)
         finally:
             if c.frontend != "pyvhost":
                 time.sleep(0.2)
@@ -217,14 +223,7 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     else:
         proc, log = r.dpdk_backend(sock, dpdk_fwd)
         try:
-            if c.frontend == "pyvhost":
-                res = r.drive(sock, c.direction, c.ring)
-                row.mpps, row.packets = res["mpps"], res["final"]["packets"]
-                row.first_packet_s = res.get("first_packet_s")
-            else:
-                res = r.dpdk_frontend(sock, fe_fwd, c.ring)
-                row.mpps = res["mpps"]
-                row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
+            run_frontend(r, c, sock, fe_fwd, row)
         finally:
             time.sleep(0.2)
             stop(proc)
