@@ -369,9 +369,12 @@ class Connection:
 
     def answer(self, msg: P.Message, reply: bytes | None, ok: bool) -> None:
         """Send what ``msg`` is owed: its reply (of the right shape even on failure), or a REPLY_ACK status."""
+        acked = msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK)
         if msg.request in self.replies or (
-            # QEMU reads a (payload-less) reply to SET_LOG_BASE whenever LOG_SHMFD is negotiated
-            msg.request == R.SET_LOG_BASE and self.protocol_features & (1 << PF.LOG_SHMFD)
+            # QEMU reads a (payload-less) reply to SET_LOG_BASE whenever LOG_SHMFD is negotiated, without asking
+            # for an ack; a front-end that asks for one gets the REPLY_ACK status instead (which says whether it
+            # failed)
+            msg.request == R.SET_LOG_BASE and self.protocol_features & (1 << PF.LOG_SHMFD) and not acked
         ):
             fds: list[int] | None = None
             if isinstance(reply, tuple):  # a reply that carries fds
@@ -384,7 +387,7 @@ class Connection:
             finally:
                 for fd in fds or ():  # the peer has its own copies now
                     os.close(fd)
-        elif msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK):
+        elif acked:
             P.send_reply(self.sock, msg.request, P.U64.pack(0 if ok else 1))
 
     def vring(self, index: int) -> Vring:
