@@ -382,6 +382,9 @@ class Connection:
             if reply is None:
                 size = self.replies.get(msg.request, 0)
                 reply = bytes(size if size is not None else len(msg.payload))
+                if not ok and msg.request == R.SET_LOG_BASE:
+                    # empty means accepted; a refused log says so by a u64 status (QEMU reads and ignores it)
+                    reply = P.U64.pack(1)
             try:
                 P.send_message(self.sock, msg.request, reply, fds, flags=P.VHOST_USER_VERSION | P.VHOST_USER_REPLY_MASK)
             finally:
