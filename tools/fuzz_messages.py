@@ -85,6 +85,7 @@ class Session:
         self.owed = owed
         self.stats = stats
         self.reply_ack = False
+        self.log_shmfd = False
         self.offered_pf: int | None = None
         self.offered_features: int | None = None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -150,7 +151,11 @@ class Session:
             value = struct.unpack_from("<Q", payload)[0]
             if not value & ~self.offered_pf:
                 self.reply_ack = bool(value & (1 << PF.REPLY_ACK))
-        owed = request in self.owed or bool(flags & NEED_REPLY and self.reply_ack)
+                self.log_shmfd = bool(value & (1 << PF.LOG_SHMFD))
+        acked = bool(flags & NEED_REPLY and self.reply_ack)
+        # SET_LOG_BASE is answered whenever LOG_SHMFD is negotiated: empty (taken) or a u64 status (refused)
+        log_reply = request == R.SET_LOG_BASE and self.log_shmfd and not acked
+        owed = request in self.owed or acked or log_reply
         self._sendall(data, fds)
         if not owed:
             return None
@@ -161,7 +166,10 @@ class Session:
         self.stats.replies += 1
         self.stats.fds_received += len(reply.fds)
         reply.close_fds()
-        if request not in self.owed:
+        if log_reply:
+            if len(reply.payload) not in (0, 8):
+                raise ModelError(f"{name}: a reply of {len(reply.payload)} bytes")
+        elif request not in self.owed:
             if len(reply.payload) != 8:
                 raise ModelError(f"{name}: an ack of {len(reply.payload)} bytes")
             if struct.unpack("<Q", reply.payload)[0]:
