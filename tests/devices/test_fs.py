@@ -586,5 +586,7 @@ def test_cli_arguments():
     finally:
         dev.close()
     with pytest.raises(SystemExit):
-        p.parse_args(["--tag", "t"])  # neither --shared-dir nor --ops
+        SPECS["fs"].create(p.parse_args(["--tag", "t"]))  # neither --shared-dir nor --ops
+    with pytest.raises(SystemExit):
+        p.parse_args(["--shared-dir", "/tmp", "--ops", "m:C"])  # not both
     assert struct.calcsize("<36sI") == CONFIG.size == 40

@@ -100,12 +100,16 @@ CACHE_MODES = ("none", "auto", "always")
 
 
 def fs_arguments(p: argparse.ArgumentParser) -> None:
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--shared-dir", metavar="DIR", help="share this host directory (nothing outside it is reachable)")
     what.add_argument(
         "--ops", metavar="MODULE:CLASS", help="serve a filesystem written in Python (a pyvhost.fs.Operations subclass)"
     )
-    p.add_argument("--tag", required=True, help="the name the guest mounts (mount -t virtiofs TAG /mnt)")
+    p.add_argument(
+        "--tag",
+        default="pyvhost",
+        help="the name in the config space (QEMU's vhost-user-fs-pci sets the one the guest mounts with its tag=)",
+    )
     p.add_argument("--readonly", action="store_true", help="refuse every change (EROFS)")
     p.add_argument(
         "--cache",
@@ -124,6 +128,8 @@ def create_fs(args: argparse.Namespace) -> Device:
 
     from . import fs
 
+    if not (args.shared_dir or args.ops):
+        raise SystemExit("serve fs: give --shared-dir DIR or --ops MODULE:CLASS")
     if args.shared_dir:
         from . import fs_passthrough
 
