@@ -590,3 +590,45 @@ def test_cli_arguments():
     with pytest.raises(SystemExit):
         p.parse_args(["--shared-dir", "/tmp", "--ops", "m:C"])  # not both
     assert struct.calcsize("<36sI") == CONFIG.size == 40
+
+
+def test_more_opcodes(share, sock_path, serve, errors):
+    """FALLOCATE, LSEEK, RENAME2, GETATTR by handle, BATCH_FORGET, INTERRUPT, ACCESS (not offered)."""
+    ops = Passthrough(str(share))
+    dev = serve_fs(serve, ops)
+    with FuseDriver(sock_path) as fe:
+        fe.setup()
+        fe.init()
+        err, node, fh = fe.create(ROOT_INO, b"sparse")
+        assert err == 0 and fe.write(node, fh, 1 << 20, b"tail") == (0, 4)
+        punch = F.FALLOCATE_IN.pack(fh, 1 << 20, 2, 0x01 | 0x02, 0)  # KEEP_SIZE | PUNCH_HOLE
+        assert fe.call(F.FUSE_FALLOCATE, node, punch, reply=0)[0] == 0
+        assert (share / "sparse").read_bytes()[-4:] == b"\0\0il"
+        err, out = fe.call(F.FUSE_LSEEK, node, F.LSEEK_IN.pack(fh, 0, os.SEEK_DATA, 0))
+        assert err == 0 and F.LSEEK_OUT.unpack(out)[0] >= 4096  # the hole at the start is skipped
+        assert fe.call(F.FUSE_LSEEK, node, F.LSEEK_IN.pack(fh, 0, 9, 0))[0] == errno.EINVAL
+        err, out = fe.call(F.FUSE_GETATTR, node, F.GETATTR_IN.pack(F.FUSE_GETATTR_FH, 0, fh))
+        assert err == 0 and F.ATTR.unpack_from(out, F.ATTR_OUT.size)[A_SIZE] == (1 << 20) + 4
+        noreplace = F.RENAME2_IN.pack(ROOT_INO, 1, 0) + b"sparse\0hello.txt\0"
+        assert fe.call(F.FUSE_RENAME2, ROOT_INO, noreplace, reply=0)[0] == errno.EEXIST
+        exchange = F.RENAME2_IN.pack(ROOT_INO, 2, 0) + b"sparse\0hello.txt\0"
+        assert fe.call(F.FUSE_RENAME2, ROOT_INO, exchange, reply=0)[0] == 0
+        assert (share / "sparse").read_bytes() == b"hello, guest\n"
+        whiteout = F.RENAME2_IN.pack(ROOT_INO, 4, 0) + b"sparse\0x\0"
+        assert fe.call(F.FUSE_RENAME2, ROOT_INO, whiteout, reply=0)[0] == errno.EINVAL
+        assert fe.call(F.FUSE_ACCESS, node, F.ACCESS_IN.pack(4, 0), reply=0)[0] == errno.ENOSYS
+        assert fe.release(node, fh) == 0
+        # BATCH_FORGET of two lookups of two nodes; INTERRUPT (no reply) on the hiprio queue
+        a = fe.lookup(ROOT_INO, b"hello.txt")[1][0]
+        b = fe.lookup(ROOT_INO, b"sub")[1][0]
+        _, msg = fe.message(
+            F.FUSE_BATCH_FORGET, 0, F.BATCH_FORGET_IN.pack(2, 0) + F.FORGET_ONE.pack(a, 2) + F.FORGET_ONE.pack(b, 1)
+        )
+        assert fe.raw([msg], [], queue=0)[0] == 0
+        assert fe.getattr(a)[0] == fe.getattr(b)[0] == errno.EBADF  # (create's reference went with a)
+        _, msg = fe.message(F.FUSE_INTERRUPT, 0, F.INTERRUPT_IN.pack(12345))
+        assert fe.raw([msg], [], queue=0)[0] == 0
+        assert fe.getattr(ROOT_INO)[0] == 0
+    assert not errors()
+    assert dev.stats()["BATCH_FORGET"] == 1 and dev.stats()["INTERRUPT"] == 1
+    ops.close()
