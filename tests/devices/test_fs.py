@@ -141,11 +141,12 @@ class FuseDriver(Frontend):
         ((_, length, data),) = self.wait(queue)
         return length, data
 
-    def message(self, opcode: int, nodeid: int, args: bytes = b"", length: int | None = None) -> tuple[int, bytes]:
+    def message(
+        self, opcode: int, nodeid: int, args: bytes = b"", length: int | None = None, uid: int = 0
+    ) -> tuple[int, bytes]:
         self.unique += 1
-        body = args
-        n = F.IN_HEADER.size + len(body) if length is None else length
-        return self.unique, F.IN_HEADER.pack(n, opcode, self.unique, nodeid, 0, 0, 4242, 0, 0) + body
+        n = F.IN_HEADER.size + len(args) if length is None else length
+        return self.unique, F.IN_HEADER.pack(n, opcode, self.unique, nodeid, uid, uid, 4242, 0, 0) + args
 
     def call(
         self,
@@ -155,9 +156,10 @@ class FuseDriver(Frontend):
         reply: int = 4096,
         data: bytes | None = None,
         queue: int = 1,
+        uid: int = 0,
     ) -> tuple[int, bytes]:
         """One request, waited for: (errno, reply payload)."""
-        unique, msg = self.message(opcode, nodeid, args, F.IN_HEADER.size + len(args) + len(data or b""))
+        unique, msg = self.message(opcode, nodeid, args, F.IN_HEADER.size + len(args) + len(data or b""), uid)
         readable = [msg] + ([data] if data else [])
         length, out = self.raw(readable, [F.OUT_HEADER.size, reply] if reply else [F.OUT_HEADER.size], queue)
         n, err, u = F.OUT_HEADER.unpack_from(out)
@@ -631,4 +633,34 @@ def test_more_opcodes(share, sock_path, serve, errors):
         assert fe.getattr(ROOT_INO)[0] == 0
     assert not errors()
     assert dev.stats()["BATCH_FORGET"] == 1 and dev.stats()["INTERRUPT"] == 1
+    ops.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating as the guest's user needs root")
+def test_ownership_and_modes(share, sock_path, serve):
+    """New inodes belong to the guest's user, have exactly the permissions asked (our umask aside), and a file
+    never gets a set-user/group-ID bit (a host user could run it)."""
+    os.chmod(share, 0o777)
+    ops = Passthrough(str(share))
+    serve_fs(serve, ops)
+    old = os.umask(0o077)
+    try:
+        with FuseDriver(sock_path) as fe:
+            fe.setup()
+            fe.init()
+            create = F.CREATE_IN.pack(O_RDWR | os.O_CREAT, 0o6755, 0, 0) + b"mine\0"
+            assert fe.call(F.FUSE_CREATE, ROOT_INO, create, uid=1234)[0] == 0
+            st = (share / "mine").stat()
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 1234, 0o755)
+            assert fe.call(F.FUSE_MKDIR, ROOT_INO, F.MKDIR_IN.pack(0o2775, 0) + b"dir\0", uid=1234)[0] == 0
+            st = (share / "dir").stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (1234, 0o2775)
+            root_dir = entry(fe.call(F.FUSE_MKDIR, ROOT_INO, F.MKDIR_IN.pack(0o755, 0) + b"rootdir\0")[1])[0]
+            mk = F.MKDIR_IN.pack(0o755, 0) + b"x\0"
+            assert fe.call(F.FUSE_MKDIR, root_dir, mk, uid=1234)[0] == errno.EACCES  # the host checks as the user
+            suid = F.SETATTR_IN.pack(F.FATTR_MODE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0o4711, 0, 0, 0, 0)
+            err, _ = fe.call(F.FUSE_SETATTR, fe.lookup(ROOT_INO, b"mine")[1][0], suid)
+            assert err == 0 and stat.S_IMODE((share / "mine").stat().st_mode) == 0o711
+    finally:
+        os.umask(old)
     ops.close()

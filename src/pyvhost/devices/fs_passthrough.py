@@ -44,9 +44,15 @@ UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 #: open flags a guest may pass on (the access mode aside)
-OPEN_FLAGS = os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+OPEN_FLAGS = os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.setfsuid.argtypes = _libc.setfsgid.argtypes = [ctypes.c_uint32]
+
+
+def perm(mode: int, kind: int) -> int:
+    """The permission bits a guest may set: no set-user/group-ID bit on a file (a host user could run it)."""
+    return mode & (0o1777 if kind != stat.S_IFDIR else 0o7777)
 
 
 class OpenHow(ctypes.Structure):
@@ -136,6 +142,7 @@ class Passthrough(Operations):
         self.next_node = ROOT_INO + 1
         self.next_fh = 1
         self.refused = 0
+        self.switch_creds = os.geteuid() == 0
 
     # -- tables ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -211,6 +218,17 @@ class Passthrough(Operations):
                 self.by_key[key] = nodeid
         return Entry(nodeid, Attr.from_stat(st))
 
+    def _made(self, fd: int, mode: int | None) -> Entry:
+        """A node just made: its permissions exactly as asked (the guest applied its umask; ours does not
+        count), then registered."""
+        if mode is not None:
+            try:
+                os.chmod(proc_path(fd), mode)
+            except OSError:
+                os.close(fd)
+                raise
+        return self._register(fd)
+
     def _new_handle(self, fd: int, nodeid: int) -> int:
         with self.lock:
             if len(self.handles) >= self.max_handles:
@@ -221,6 +239,21 @@ class Passthrough(Operations):
             self.next_fh += 1
             self.handles[fh] = Handle(fd, nodeid)
         return fh
+
+    @contextlib.contextmanager
+    def _creds(self, ctx: Context) -> Iterator[None]:
+        """Create as the guest's user (this thread's fsuid/fsgid), so that ownership and the host's permission
+        checks are the guest's; only when running as root (otherwise everything is created as us)."""
+        if not self.switch_creds:
+            yield
+            return
+        gid = _libc.setfsgid(ctx.gid)
+        uid = _libc.setfsuid(ctx.uid)
+        try:
+            yield
+        finally:
+            _libc.setfsuid(uid)
+            _libc.setfsgid(gid)
 
     def _writable(self) -> None:
         if self.readonly:
@@ -261,21 +294,21 @@ class Passthrough(Operations):
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise OSError(errno.EPERM, "device nodes are not created")
-        with self._dir(parent) as p:
-            os.mknod(name, kind | (mode & 0o7777), 0, dir_fd=p.fd)
-            return self._register(openat2(p.fd, name, os.O_PATH))
+        with self._dir(parent) as p, self._creds(ctx):
+            os.mknod(name, kind | perm(mode, kind), 0, dir_fd=p.fd)
+            return self._made(openat2(p.fd, name, os.O_PATH), perm(mode, kind))
 
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: Context) -> Entry:
         self._writable()
-        with self._dir(parent) as p:
-            os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
-            return self._register(openat2(p.fd, name, os.O_PATH))
+        with self._dir(parent) as p, self._creds(ctx):
+            os.mkdir(name, perm(mode, stat.S_IFDIR), dir_fd=p.fd)
+            return self._made(openat2(p.fd, name, os.O_PATH), perm(mode, stat.S_IFDIR))
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
         self._writable()
-        with self._dir(parent) as p:
+        with self._dir(parent) as p, self._creds(ctx):
             os.symlink(target, name, dir_fd=p.fd)
-            return self._register(openat2(p.fd, name, os.O_PATH))
+            return self._made(openat2(p.fd, name, os.O_PATH), None)
 
     def link(self, ino: int, newparent: int, newname: bytes, ctx: Context) -> Entry:
         self._writable()
@@ -317,7 +350,7 @@ class Passthrough(Operations):
             if changes.mode is not None:
                 if kind == stat.S_IFLNK:
                     raise OSError(errno.EOPNOTSUPP, "symlink modes are fixed")
-                os.chmod(proc_path(node.fd), changes.mode & 0o7777)
+                os.chmod(proc_path(node.fd), perm(changes.mode, kind))
             if changes.uid is not None or changes.gid is not None:
                 uid = -1 if changes.uid is None else changes.uid
                 gid = -1 if changes.gid is None else changes.gid
@@ -370,17 +403,26 @@ class Passthrough(Operations):
                 raise OSError(errno.ELOOP, "a symlink")
             if not stat.S_ISREG(node.mode):
                 raise OSError(errno.ENXIO, "only regular files are opened")
-            fd = os.open(proc_path(node.fd), self._open_flags(flags) & ~os.O_NOATIME)
+            fd = os.open(proc_path(node.fd), self._open_flags(flags))
             return self._new_handle(fd, ino)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Context) -> tuple[Entry, int]:
         self._writable()
-        with self._dir(parent) as p:
-            fd = openat2(p.fd, name, self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL), mode & 0o7777)
+        mode = perm(mode, stat.S_IFREG)
+        base = self._open_flags(flags)
+        with self._dir(parent) as p, self._creds(ctx):
+            try:
+                fd, made = openat2(p.fd, name, base | os.O_CREAT | os.O_EXCL, mode), True
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                fd, made = openat2(p.fd, name, base), False
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError(errno.EEXIST, "not a regular file")
+                if made and stat.S_IMODE(st.st_mode) != mode:
+                    os.fchmod(fd, mode)  # exactly as asked: the guest applied its umask, ours does not count
                 entry = self._register(os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC))
             except BaseException:
                 os.close(fd)
