@@ -239,7 +239,7 @@ class FsDevice(ChainDevice):
             log.error("queue %d: %s request with %d writable bytes, no room for a reply", queue, name, room)
             self._count("malformed")
             return 0
-        self._count(name)
+        self._count(name if h.opcode in F.OPCODE_NAMES else "unknown")
         try:
             if not F.IN_HEADER.size <= h.len <= total:
                 raise F.FuseError(errno.EINVAL, f"header says {h.len} bytes, the request has {total}")

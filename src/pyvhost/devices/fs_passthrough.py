@@ -151,6 +151,7 @@ class Passthrough(Operations):
             node = self.inodes.get(nodeid)
             if node is None:
                 self.refused += 1
+                log.warning("node %d is not one the guest holds: EBADF", nodeid)
                 raise OSError(errno.EBADF, f"node {nodeid} is not one the guest holds")
             node.pins += 1
         try:
@@ -180,6 +181,7 @@ class Passthrough(Operations):
             h = self.handles.get(fh)
             if h is None or (nodeid is not None and h.nodeid != nodeid):
                 self.refused += 1
+                log.warning("file handle %d is not one of node %s: EBADF", fh, nodeid)
                 raise OSError(errno.EBADF, f"file handle {fh} is not one of node {nodeid}")
             h.pins += 1
         try:
