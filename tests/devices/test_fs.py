@@ -24,6 +24,7 @@ import pytest
 
 from pyvhost import fuse as F
 from pyvhost import protocol as P
+from pyvhost.devices import fs_passthrough
 from pyvhost.devices.builtin import SPECS
 from pyvhost.devices.fs import CONFIG, MAX_WRITE, FsDevice
 from pyvhost.devices.fs_passthrough import Passthrough
@@ -344,8 +345,10 @@ def test_passthrough_requests(share, sock_path, serve, metadata, errors):
     ops.close()
 
 
-@pytest.mark.parametrize("metadata", ["direct", "copy"])
-def test_escape_attempts(share, tmp_path, sock_path, serve, metadata, errors):
+@pytest.mark.parametrize("metadata,resolver", [("direct", "openat2"), ("copy", "openat2"), ("direct", "openat")])
+def test_escape_attempts(share, tmp_path, sock_path, serve, metadata, resolver, errors, monkeypatch):
+    if resolver == "openat":  # the fallback where openat2 is missing: as strict
+        monkeypatch.setattr(fs_passthrough, "_have_openat2", False)
     outside = tmp_path / "outside"
     os.symlink("/etc/passwd", share / "abs")
     os.symlink("..", share / "up")
