@@ -218,6 +218,13 @@ class Args:
         """A single path component: not empty, no '/' (NUL ends it), at most NAME_MAX bytes."""
         return check_name(self.cstring(NAME_MAX))
 
+    def last_name(self) -> bytes:
+        """A name that ends the arguments: bytes after its NUL (a name with a NUL inside) are refused."""
+        out = self.name()
+        if self.pos != len(self.data):
+            raise FuseError(errno.EINVAL, f"{len(self.data) - self.pos} bytes after the name {out[:64]!r}")
+        return out
+
 
 def check_name(name: bytes) -> bytes:
     """``name`` if it is one path component a guest may name: ENAMETOOLONG or EINVAL otherwise."""

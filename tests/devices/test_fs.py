@@ -364,6 +364,10 @@ def test_escape_attempts(share, tmp_path, sock_path, serve, metadata, resolver, 
         for bad in (b"..", b".", b"../outside", b"sub/../..", b"/etc/passwd", b""):
             assert fe.lookup(ROOT_INO, bad)[0] == errno.EINVAL, bad
         assert fe.call(F.FUSE_LOOKUP, ROOT_INO, b"hello.txt")[0] == errno.EINVAL  # no NUL
+        assert fe.lookup(ROOT_INO, b"hello.txt\0../outside/secret")[0] == errno.EINVAL  # a NUL inside
+        assert fe.create(ROOT_INO, b"new\0/etc/passwd")[0] == errno.EINVAL
+        symlink = b"ln\0../outside\0/etc/passwd\0"
+        assert fe.call(F.FUSE_SYMLINK, ROOT_INO, symlink)[0] == errno.EINVAL
         assert fe.lookup(ROOT_INO, b"x" * 256)[0] == errno.ENAMETOOLONG
         assert fe.lookup(ROOT_INO, b"x" * 255)[0] == errno.ENOENT
         assert fe.create(ROOT_INO, b"a/b")[0] == errno.EINVAL

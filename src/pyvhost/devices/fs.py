@@ -347,7 +347,7 @@ class FsDevice(ChainDevice):
         return b""
 
     def _lookup(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
-        return self._entry(self.ops.lookup(h.nodeid, a.name(), c))
+        return self._entry(self.ops.lookup(h.nodeid, a.last_name(), c))
 
     def _getattr(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
         flags, _, fh = a.struct(F.GETATTR_IN)
@@ -382,6 +382,8 @@ class FsDevice(ChainDevice):
     def _symlink(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
         name = a.name()
         target = a.cstring(F.PATH_MAX - 1)
+        if a.pos != len(a.data):
+            raise F.FuseError(errno.EINVAL, "bytes after the symlink target")
         if not target:
             raise F.FuseError(errno.ENOENT, "empty symlink target")
         return self._entry(self.ops.symlink(h.nodeid, name, target, c))
@@ -389,19 +391,19 @@ class FsDevice(ChainDevice):
     def _mknod(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
         mode, rdev, umask, _ = a.struct(F.MKNOD_IN)
         c.umask = umask
-        return self._entry(self.ops.mknod(h.nodeid, a.name(), mode, rdev, c))
+        return self._entry(self.ops.mknod(h.nodeid, a.last_name(), mode, rdev, c))
 
     def _mkdir(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
         mode, umask = a.struct(F.MKDIR_IN)
         c.umask = umask
-        return self._entry(self.ops.mkdir(h.nodeid, a.name(), mode, c))
+        return self._entry(self.ops.mkdir(h.nodeid, a.last_name(), mode, c))
 
     def _unlink(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
-        self.ops.unlink(h.nodeid, a.name(), c)
+        self.ops.unlink(h.nodeid, a.last_name(), c)
         return b""
 
     def _rmdir(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
-        self.ops.rmdir(h.nodeid, a.name(), c)
+        self.ops.rmdir(h.nodeid, a.last_name(), c)
         return b""
 
     def _rename(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
@@ -409,13 +411,13 @@ class FsDevice(ChainDevice):
             newdir, flags, _ = a.struct(F.RENAME2_IN)
         else:
             (newdir,), flags = a.struct(F.RENAME_IN), 0
-        old, new = a.name(), a.name()
+        old, new = a.name(), a.last_name()
         self.ops.rename(h.nodeid, old, newdir, new, flags, c)
         return b""
 
     def _link(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
         (old,) = a.struct(F.LINK_IN)
-        return self._entry(self.ops.link(old, h.nodeid, a.name(), c))
+        return self._entry(self.ops.link(old, h.nodeid, a.last_name(), c))
 
     def _open(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
         flags, _ = a.struct(F.OPEN_IN)
@@ -427,7 +429,7 @@ class FsDevice(ChainDevice):
     def _create(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
         flags, mode, umask, _ = a.struct(F.CREATE_IN)
         c.umask = umask
-        entry, fh = self.ops.create(h.nodeid, a.name(), mode, flags, c)
+        entry, fh = self.ops.create(h.nodeid, a.last_name(), mode, flags, c)
         return self._entry(entry) + F.OPEN_OUT.pack(fh, self.open_flags, 0)
 
     def _read(self, h: F.InHeader, readable: list[memoryview], writable: list[memoryview], room: int) -> int:
