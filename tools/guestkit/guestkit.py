@@ -42,6 +42,8 @@ MODULES = [
     "net_failover",
     "virtio_net",
     "virtio_blk",
+    "fuse",
+    "virtiofs",
 ]
 
 QEMU = "qemu-system-x86_64"
@@ -210,7 +212,8 @@ def build(force: bool = False, log=print) -> Kit:
     out = base / pkg
     kit = Kit(out / "vmlinuz", out / "initramfs.cpio.gz", pkg)
     stamp = out / "stamp"
-    if stamp.exists() and not force and kit.kernel.exists() and kit.initrd.exists():
+    wanted = f"wanted: {' '.join(MODULES)}"
+    if stamp.exists() and not force and kit.kernel.exists() and kit.initrd.exists() and wanted in stamp.read_text():
         return kit
     log(f"guestkit: building {out}")
     debs = base / "debs"
@@ -252,7 +255,7 @@ def build(force: bool = False, log=print) -> Kit:
         (out / "initramfs.tmp").write_bytes(c.finish())
         os.replace(out / "vmlinuz.tmp", kit.kernel)
         os.replace(out / "initramfs.tmp", kit.initrd)
-        stamp.write_text(f"{moddir.name} modules: {' '.join(n for n, _ in mods)}\n")
+        stamp.write_text(f"{moddir.name} modules: {' '.join(n for n, _ in mods)}\n{wanted}\n")
     log(f"guestkit: kernel {moddir.name}, modules {' '.join(n for n, _ in mods)}")
     return kit
 

@@ -96,6 +96,64 @@ def create_rng(args: argparse.Namespace) -> Device:
     return rng.RngDevice()
 
 
+CACHE_MODES = ("none", "auto", "always")
+
+
+def fs_arguments(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--shared-dir", metavar="DIR", help="share this host directory (nothing outside it is reachable)")
+    what.add_argument(
+        "--ops", metavar="MODULE:CLASS", help="serve a filesystem written in Python (a pyvhost.fs.Operations subclass)"
+    )
+    p.add_argument(
+        "--tag",
+        default="pyvhost",
+        help="the name in the config space (QEMU's vhost-user-fs-pci sets the one the guest mounts with its tag=)",
+    )
+    p.add_argument("--readonly", action="store_true", help="refuse every change (EROFS)")
+    p.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="auto",
+        help="guest caching: none (direct I/O, no metadata cache), auto (1 s), always (a day, page cache kept)",
+    )
+    p.add_argument("--thread-pool-size", type=int, default=4, help="threads answering requests (0: the queue's worker)")
+    p.add_argument("--request-queues", type=int, default=1, help="request queues (num_request_queues)")
+    p.add_argument("--max-inodes", type=int, help="inodes the guest may hold open (default: from RLIMIT_NOFILE)")
+    p.add_argument("--max-handles", type=int, help="files and directories the guest may hold open")
+
+
+def create_fs(args: argparse.Namespace) -> Device:
+    import importlib
+
+    from . import fs
+
+    if not (args.shared_dir or args.ops):
+        raise SystemExit("serve fs: give --shared-dir DIR or --ops MODULE:CLASS")
+    if args.shared_dir:
+        from . import fs_passthrough
+
+        ops = fs_passthrough.Passthrough(
+            args.shared_dir, readonly=args.readonly, max_inodes=args.max_inodes, max_handles=args.max_handles
+        )
+        what = args.shared_dir
+    else:
+        module, _, name = args.ops.partition(":")
+        if not name:
+            raise SystemExit(f"--ops {args.ops!r}: expected MODULE:CLASS")
+        ops = getattr(importlib.import_module(module), name)()
+        what = args.ops
+    log.info("fs %s as tag %r (cache %s%s)", what, args.tag, args.cache, ", read-only" if args.readonly else "")
+    return fs.FsDevice(
+        ops,
+        args.tag,
+        request_queues=args.request_queues,
+        thread_pool_size=args.thread_pool_size,
+        cache=args.cache,
+        readonly=args.readonly,
+    )
+
+
 SPECS: dict[str, DeviceSpec] = {
     s.name: s
     for s in (
@@ -104,5 +162,8 @@ SPECS: dict[str, DeviceSpec] = {
         ),
         DeviceSpec("blk", "virtio-blk on a raw image file or block device", create_blk, blk_arguments),
         DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng),
+        DeviceSpec(
+            "fs", "virtio-fs sharing a host directory, or a filesystem written in Python", create_fs, fs_arguments
+        ),
     )
 }
