@@ -67,7 +67,9 @@ def _drive_rx(path: str, count: int) -> np.ndarray:
     """Post ``count`` writable buffers to queue 0; return the bytes of the ring's buffers afterwards."""
     with Frontend(path, num_queues=1) as fe:
         fe.setup()
-        r = fe.run("rx", count=count)
+        # one batch of the whole ring: each buffer posted exactly once (in smaller batches the front-end reposts
+        # the buffers it got back first, and some would never be posted)
+        r = fe.run("rx", count=count, batch=count)
         assert r["packets"] == count
         ring = fe.rings[0]
         return fe.ram.buf[ring.bufs_off : ring.bufs_off + ring.size * BUF_SIZE].copy()
