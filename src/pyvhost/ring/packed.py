@@ -37,13 +37,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..atomic import eventfd_write, fence_full, ld16_acquire, ld32, ld64, st16, st16_release, st32
+from ..dirtylog import log_arena
 from ..errors import QueueError
 from ..jit import helper, inline_helper
 from ..memory import SPACE_GPA, SPACE_GPA_W, SPACE_UVA, SPACE_UVA_W, translate
 from ..protocol import ADDR_LIMIT
 from .chain import MAX_INDIRECT, READ_ONLY, WRITE_ONLY, add_buffer
 from .poll import NOTHING, make_poll
-from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail, log_guest_write
+from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail
 from .state import (
     Q_AVAIL,
     Q_AVAIL_WRAP,
@@ -54,6 +55,8 @@ from .state import (
     Q_DIRECT,
     Q_EVENT_IDX,
     Q_LAST_AVAIL,
+    Q_LOG_OFF,
+    Q_LOG_SIZE,
     Q_NOTIFY_ON,
     Q_PACKED,
     Q_SIGNALLED,
@@ -310,7 +313,6 @@ def write_used_desc(q, desc, mem, table, pos, bid, length, flags):
         st32(desc, o + 8, np.uint32(length))
         st16(desc, o + 12, np.uint16(bid))
         st16_release(desc, o + 14, np.uint16(flags))
-        log_guest_write(q, mem, table, q[Q_DESC_AT] + o + 8, 8)
         return True
     off, _room = translate(table, SPACE_UVA_W, q[Q_DESC] + DESC_SIZE * pos, DESC_SIZE)
     if off < 0:
@@ -319,7 +321,6 @@ def write_used_desc(q, desc, mem, table, pos, bid, length, flags):
     st32(mem, off + 8, np.uint32(length))
     st16(mem, off + 12, np.uint16(bid))
     st16_release(mem, off + 14, np.uint16(flags))
-    log_guest_write(q, mem, table, off + 8, 8)
     return True
 
 
@@ -341,7 +342,8 @@ def write_device_event(q, dev, mem, table, off_wrap, flags, with_off):
         if with_off:
             st16(dev, 0, np.uint16(off_wrap))
         st16_release(dev, 2, np.uint16(flags))
-        log_guest_write(q, mem, table, q[Q_USED_AT], 4)
+        if q[Q_LOG_SIZE]:  # dirty logging (invariant 7), after the write
+            log_arena(mem, table, q[Q_LOG_OFF], q[Q_LOG_SIZE], q[Q_USED_AT], 4)
         return True
     off, _room = translate(table, SPACE_UVA_W, q[Q_USED], 4)
     if off < 0:
@@ -350,7 +352,8 @@ def write_device_event(q, dev, mem, table, off_wrap, flags, with_off):
     if with_off:
         st16(mem, off, np.uint16(off_wrap))
     st16_release(mem, off + 2, np.uint16(flags))
-    log_guest_write(q, mem, table, off, 4)
+    if q[Q_LOG_SIZE]:  # dirty logging (invariant 7), after the write
+        log_arena(mem, table, q[Q_LOG_OFF], q[Q_LOG_SIZE], off, 4)
     return True
 
 
@@ -375,6 +378,22 @@ def need_event(event, new, old, m):
     """``vring_need_event`` modulo ``m``: was ``event`` in [old, new)?  (``event`` may be anything the driver
     wrote; the distances are reduced to [0, m) first.)"""
     return ((new - event - 1) % m + m) % m < ((new - old) % m + m) % m
+
+
+@helper
+def log_used_descs(q, mem, table, pos, wrap, shadow, n):
+    """Dirty logging (invariant 7) of the ``n`` used descriptors of ``shadow`` written from ``pos``."""
+    size = q[Q_SIZE]
+    p, w = pos, wrap
+    for k in range(n):
+        at = slot(p, size)
+        if q[Q_DIRECT]:
+            off = q[Q_DESC_AT] + DESC_SIZE * at + 8
+        else:
+            off, _room = translate(table, SPACE_UVA_W, q[Q_DESC] + DESC_SIZE * at + 8, 8)
+        if off >= 0:
+            log_arena(mem, table, q[Q_LOG_OFF], q[Q_LOG_SIZE], off, 8)
+        p, w = advance(p, w, shadow[k, SH_NDESC], size)
 
 
 @helper
@@ -403,6 +422,8 @@ def flush_used(q, drv, desc, mem, table, shadow, n):
         return False, False
     q[Q_USED_IDX] = p
     q[Q_USED_WRAP] = w
+    if q[Q_LOG_SIZE]:  # dirty logging of the batch, once (not a test per descriptor)
+        log_used_descs(q, mem, table, pos0, w0, shadow, n)
     fence_full()  # the driver's event area must be read after our flags store is visible
     ev = read_driver_event(q, drv, mem, table)
     if ev < 0:
