@@ -91,34 +91,45 @@ def poll(cond: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT, tai
 
 
 # -- blk ----------------------------------------------------------------------------------------------------
-IMAGE = 64 * MiB
-#: known blocks the guest reads (O_DIRECT) and verifies: BLOCKS of BLOCK bytes at the start of the image
-BLOCK, BLOCKS = 64 * 1024, 64
+IMAGE = 128 * MiB
+#: known blocks: BLOCKS of BLOCK bytes of seeded random data at the start of the image; the first DIRECT of
+#: them the guest reads with O_DIRECT over and over, the others it reads once each through its page cache
+BLOCK, BLOCKS, DIRECT = 64 * 1024, 576, 64
 #: numbered records the guest writes (O_DIRECT), RECORD bytes each, from REC_START on
-RECORD, REC_START, RECORDS = 4096, 8 * MiB, 8192
+RECORD, REC_START, RECORDS = 4096, 64 * MiB, 8192
 LAST = IMAGE // 512 - 1
 STOP = b"STOP"
 
 
 def blk_script(sums: list[str], token: str) -> str:
-    """Read block k (cycling), compare its md5; write record i and ack it; until STOP is in the last sector."""
+    """Each round: read block k (O_DIRECT, cycling over the first DIRECT) and check its md5; read the next
+    cached block j once through the page cache and check it; write record i (O_DIRECT) and ack it; until STOP
+    is in the last sector.  Then check every cached block again, as the page cache holds it: a read whose
+    data reached the guest's page cache unlogged during a migration shows up there, stale, after it."""
     known = "\n".join(f"s_{k}={s}" for k, s in enumerate(sums))
     return f"""
 {known}
-fails=0; i=0; k=0
+check() {{  # check BLOCK [iflag=direct]: 1 if the block read differs from its md5
+  s=$(dd if=/dev/vda bs={BLOCK} skip=$1 count=1 $2 2>/dev/null | md5sum)
+  eval e=\\$s_$1
+  if [ "${{s%% *}}" = "$e" ]; then echo 0; else echo "RESULT badblock=$1" > /dev/console; echo 1; fi
+}}
+echo 3 > /proc/sys/vm/drop_caches
+fails=0; i=0; k=0; j={DIRECT}
 echo "RESULT looping=1"
 while [ $i -lt {RECORDS} ]; do
-  s=$(dd if=/dev/vda bs={BLOCK} skip=$k count=1 iflag=direct 2>/dev/null | md5sum)
-  eval e=\\$s_$k
-  if [ "${{s%% *}}" != "$e" ]; then fails=$((fails+1)); echo "RESULT badblock=$k"; fi
-  k=$(( (k+1) % {BLOCKS} ))
+  fails=$((fails + $(check $k iflag=direct)))
+  k=$(( (k+1) % {DIRECT} ))
+  if [ $j -lt {BLOCKS} ]; then fails=$((fails + $(check $j))); j=$((j+1)); fi
   printf "REC %08d {token}" $i | dd of=/dev/vda bs={RECORD} seek=$(({REC_START // RECORD}+i)) count=1 \\
     conv=sync,notrunc oflag=direct iflag=fullblock 2>/dev/null && echo "RESULT ack=$i"
   i=$((i+1))
   v=$(dd if=/dev/vda bs=512 skip={LAST} count=1 iflag=direct 2>/dev/null | head -c 4)
   [ "$v" = "{STOP.decode()}" ] && break
 done
-echo "RESULT fails=$fails writes=$i ioerr=$(dmesg | grep -c -i 'error')"
+cached=0; b={DIRECT}
+while [ $b -lt $j ]; do cached=$((cached + $(check $b))); b=$((b+1)); done
+echo "RESULT fails=$fails cached=$((j-{DIRECT})) cached_fails=$cached writes=$i ioerr=$(dmesg | grep -c -i 'error')"
 """
 
 
@@ -194,6 +205,7 @@ def test_blk_migrates_there_and_back_under_io(kit, running: Cleanup, tmp_path: P
     assert r.get("exit") == "0", src.tail()
     fails = [g.results.get("badblock") for g in running.guests if "badblock" in g.results]
     assert r["fails"] == "0" and not fails, f"blocks read wrong: {r['fails']} (last bad block {fails})"
+    assert r["cached_fails"] == "0", f"blocks wrong in the page cache: {r['cached_fails']} of {r['cached']}"
     assert r["ioerr"] == "0", src.tail()
     written = int(r["ack"])
     assert check_records(image, written, token) == [], "acked records not in the image"
@@ -201,7 +213,7 @@ def test_blk_migrates_there_and_back_under_io(kit, running: Cleanup, tmp_path: P
         for b in running.backends:
             assert_log_path(b.log.read_text(), peer)
     report = "; ".join(f"hop {n}: {m.summary()}, {d} records during" for n, (m, d) in enumerate(hops))
-    print(f"\nblk {peer}: {written + 1} records, {report}")
+    print(f"\nblk {peer}: {written + 1} records, {r['cached']} cached blocks, {report}")
 
 
 # -- net ----------------------------------------------------------------------------------------------------
