@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tools" / "guestkit"))
 import guestkit  # noqa: E402
 import migration as M  # noqa: E402
 
-from .conftest import assert_log_path, needs, needs_root, needs_tun  # noqa: E402
+from .conftest import assert_log_path, needs, needs_dpdk, needs_root, needs_tun  # noqa: E402
 
 MiB = 1 << 20
 GUEST_MB = 256
@@ -243,31 +243,44 @@ echo "RESULT tcp_csum_errors=$(awk '/^Tcp:/ {{n++; if (n == 2) print $NF}}' /pro
 
 
 class Bridge:
-    """A network namespace with a bridge (HOST_IP) and one tap per back-end on it, deleted on close."""
+    """A network namespace with a bridge (HOST_IP) for the back-ends' taps, and the stream peers in it;
+    deleted on close."""
 
-    def __init__(self, taps: list[str]) -> None:
+    def __init__(self) -> None:
         self.ns = guestkit.NetNS(f"pyvhost-mig-{os.getpid()}")
         self.ns.run("ip", "link", "add", "br0", "type", "bridge")
         self.ns.run("ip", "addr", "add", f"{HOST_IP}/24", "dev", "br0")
         self.ns.run("ip", "link", "set", "br0", "up")
-        for tap in taps:
-            self.ns.run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr")
-            self.ns.run("ip", "link", "set", tap, "master", "br0")
-            self.ns.run("ip", "link", "set", tap, "up")
+        self.peers: list[subprocess.Popen] = []
+
+    def add_tap(self, tap: str) -> None:
+        """A persistent tap on the bridge (for ``pyvhost serve net --tap``)."""
+        self.ns.run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr")
+        self.enslave(tap)
+
+    def enslave(self, tap: str) -> None:
+        """Put ``tap`` (made by its back-end, maybe not yet) on the bridge, up."""
+        poll(lambda: self.ns.run("ip", "link", "set", tap, "master", "br0", check=False).returncode == 0, tap, 30)
+        self.ns.run("ip", "link", "set", tap, "up")
 
     def peer(self, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
         """``migration.py send|recv ...`` in the namespace; the process and its progress file."""
         prog = str(tmp / f"{args[0]}.progress")
         p = self.ns.popen(sys.executable, MIGRATION, *args, prog, stdout=subprocess.PIPE, text=True)
+        self.peers.append(p)
         return p, prog
 
     def close(self) -> None:
+        for p in self.peers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         self.ns.close()
 
 
 @pytest.fixture
 def bridge() -> Iterator[Bridge]:
-    b = Bridge(["pvmig0", "pvmig1"])
+    b = Bridge()
     yield b
     b.close()
 
@@ -278,16 +291,23 @@ def peer_result(p: subprocess.Popen) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
-@pytest.mark.parametrize("metadata", ["direct", "copy"])
+#: with testpmd (the reference peer) the guest negotiates no offloads: its tap PMD takes no virtio-net header
+NO_OFFLOADS = ",".join(
+    f"{o}=off" for o in ("csum", "guest_csum", "host_tso4", "host_tso6", "guest_tso4", "guest_tso6", "host_ecn")
+)
+
+
+@pytest.mark.parametrize("peer", [pytest.param("dpdk", marks=[pytest.mark.dpdk, needs_dpdk]), "direct", "copy"])
 @needs_tun
 @needs_root
 def test_net_migrates_there_and_back_under_traffic(
-    kit, running: Cleanup, bridge: Bridge, tmp_path: Path, metadata: str
+    kit, running: Cleanup, bridge: Bridge, tmp_path: Path, peer: str
 ) -> None:
-    """The guest (``serve net --tap``, A and B on two taps of one bridge) receives a TCP stream from the
-    namespace and sends one to it while it is migrated A -> B and back to a new QEMU on A's back-end; both
-    streams go on after each switchover, every byte arrives intact (the guest's md5 of what it received, the
-    namespace's check of every copy of the guest's pattern), no queue broke."""
+    """The guest (``serve net --tap``, A and B on two taps of one bridge; or DPDK testpmd between a vhost-user
+    port and a tap, the reference) receives a TCP stream from the namespace and sends one to it while it is
+    migrated A -> B and back to a new QEMU on A's back-end; both streams go on after each switchover, every
+    byte arrives intact (the guest's md5 of what it received, the namespace's check of every copy of the
+    guest's pattern), no queue broke."""
     stop = str(tmp_path / "stop")
     recv, recv_prog = bridge.peer(tmp_path, "recv", "5001", str(PATTERN), str(tmp_path / "recv.ready"))
     poll(lambda: (tmp_path / "recv.ready").exists(), "the namespace's receiver listening")
@@ -295,12 +315,20 @@ def test_net_migrates_there_and_back_under_traffic(
     def backend(name: str, tap: str) -> M.Backend:
         sock = str(tmp_path / f"{name}.sock")
         prefix = tuple(bridge.ns.argv())
+        if peer == "dpdk":
+            b = running.backend(M.Backend.testpmd(sock, tap, tmp_path, prefix))
+            bridge.enslave(tap)
+            return b
+        bridge.add_tap(tap)
         return running.backend(
-            M.Backend.pyvhost("net", sock, tmp_path, "--tap", tap, "--metadata", metadata, prefix=prefix)
+            M.Backend.pyvhost("net", sock, tmp_path, "--tap", tap, "--metadata", peer, prefix=prefix)
         )
 
     def guest(b: M.Backend, incoming: str | None = None) -> M.MigGuest:
-        g = M.MigGuest(kit, b.sock, NET_SCRIPT, memory_mb=GUEST_MB, workdir=str(tmp_path), incoming=incoming)
+        opts = NO_OFFLOADS if peer == "dpdk" else ""
+        g = M.MigGuest(
+            kit, b.sock, NET_SCRIPT, memory_mb=GUEST_MB, workdir=str(tmp_path), incoming=incoming, device_opts=opts
+        )
         return running.guest(g)
 
     a = backend("a", "pvmig0")
@@ -338,9 +366,9 @@ def test_net_migrates_there_and_back_under_traffic(
     assert got["bad"] == 0 and got["tail"] == 0, f"guest -> namespace: corrupt copies of the pattern: {got}"
     assert got["chunks"] == int(r["tx_copies"]), f"guest -> namespace: copies lost: {got}, {r}"
     assert r["ping2"] == "3" and r["tcp_csum_errors"] == "0", src.tail()
-    for b in running.backends:
+    for b in running.backends if peer != "dpdk" else []:
         b.stop()
-        assert_log_path(b.log.read_text(), metadata, at_least=2)
+        assert_log_path(b.log.read_text(), peer, at_least=2)
         stats = b.stats()
         assert stats is not None
         for conn in [stats["live"], *stats["ended"]]:
@@ -349,4 +377,4 @@ def test_net_migrates_there_and_back_under_traffic(
     report = "; ".join(
         f"hop {n}: {m.summary()}, {d[0] >> 20}/{d[1] >> 20} MiB in/out during" for n, (m, d) in enumerate(hops)
     )
-    print(f"\nnet {metadata}: {sent['bytes'] >> 20} MiB in, {got['bytes'] >> 20} MiB out; {report}")
+    print(f"\nnet {peer}: {sent['bytes'] >> 20} MiB in, {got['bytes'] >> 20} MiB out; {report}")

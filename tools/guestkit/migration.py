@@ -282,6 +282,40 @@ class Backend:
             lambda: os.path.exists(sock),
         )
 
+    @classmethod
+    def testpmd(cls, sock: str, tap: str, workdir: Path, prefix: tuple[str, ...] = ()) -> Backend:
+        """DPDK's testpmd forwarding between a vhost-user port on ``sock`` (the vhost library logs dirty pages)
+        and a tap ``tap`` it creates; two lcores (one polls), no hugepages."""
+        name = Path(sock).name.split(".")[0]
+        return cls(
+            [
+                *prefix,
+                "dpdk-testpmd",
+                "--no-huge",
+                "-m",
+                "256",
+                "-l",
+                "0,1",
+                "--no-pci",
+                "--file-prefix",
+                f"pyvhost-mig-{os.getpid()}-{name}",
+                "--vdev",
+                f"net_vhost0,iface={sock}",
+                "--vdev",
+                f"net_tap0,iface={tap}",
+                "--",
+                "--forward-mode=io",
+                "--auto-start",
+                "--nb-cores=1",
+                "--total-num-mbufs=8192",
+                "--stats-period",
+                "3600",  # runs until signalled (without it, testpmd exits at EOF on its stdin)
+            ],
+            sock,
+            workdir / (name + ".log"),
+            lambda: os.path.exists(sock),
+        )
+
     def stats(self) -> dict | None:
         """The counters ``pyvhost serve`` wrote at exit (None for another back-end or before it exited)."""
         p = Path(self.sock + ".stats.json")
