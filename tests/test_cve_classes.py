@@ -354,34 +354,58 @@ def test_cve_2019_14818_no_leak_on_repeated_malformed_setups(serve, sock_path, e
 
 
 # =========================================================================================================
-# CVE-2020-10722 (DPDK vhost): the dirty log's size overflowed.  pyvhost offers neither VHOST_F_LOG_ALL nor
-# LOG_SHMFD: SET_LOG_BASE and SET_LOG_FD are refused cleanly and their fds closed
+# CVE-2020-10722 (DPDK vhost): the dirty log's size overflowed (a log mapped smaller than it was used).  Every
+# SET_LOG_BASE is checked: size and offset, against its fd and against guest memory
 @pytest.mark.parametrize("metadata", PATHS)
 def test_cve_2020_10722_log_size_overflow_log_base_refused(serve, sock_path, errors, metadata):
+    """SET_LOG_BASE's size and offset come from the front-end: a size whose sum with the offset overflows, a
+    log past its file's end, one too small for guest memory, a malformed payload, no fd, the wrong kind of fd,
+    or SET_LOG_BASE before LOG_SHMFD -- each refused with a clear error, every fd closed, nothing mapped; the
+    queues go on, and a sound log is then accepted."""
     srv = serve("sink", metadata)
     with GuardedFrontend(sock_path, queue_size=QSIZE) as fe:
         fe.setup()
         offered = U64.unpack(fe.request(R.GET_FEATURES))[0]
         offered_pf = U64.unpack(fe.request(R.GET_PROTOCOL_FEATURES))[0]
-        assert not offered & (1 << VHOST_F_LOG_ALL) and not offered_pf & (1 << PF.LOG_SHMFD)
-        fds0 = process_fds()
-        n = len(errors())
-        assert ack(fe, R.SET_FEATURES, U64.pack(fe.features | 1 << VHOST_F_LOG_ALL)) != 0
-        assert ack(fe, R.SET_PROTOCOL_FEATURES, U64.pack(fe.protocol_features | 1 << PF.LOG_SHMFD)) != 0
+        assert offered & (1 << VHOST_F_LOG_ALL) and offered_pf & (1 << PF.LOG_SHMFD)
+        need = -(-((fe.ram.gpa_base + fe.ram.size) >> 12) // 8)  # bytes of log guest memory needs
+        logfd = os.memfd_create("log", os.MFD_CLOEXEC)
+        os.ftruncate(logfd, 2 * need + 4096)
         efd = os.eventfd(0, os.EFD_CLOEXEC)
-        for size, offset in ((2**64 - 1, 0), (2**64 - 4096, 2**64 - 4096), (1 << 62, 1 << 63), (4096, 0)):
-            assert ack(fe, R.SET_LOG_BASE, LOG_HDR.pack(size, offset), [fe.ram.fd]) != 0
-        assert ack(fe, R.SET_LOG_BASE, U64.pack(0)) != 0
-        assert ack(fe, R.SET_LOG_FD, b"", [efd]) != 0
-        # the old (pre-LOG_SHMFD) form of SET_VRING_ADDR with logging asked for: the log address is ignored
-        a = fe.rings[1].addr()
-        assert ack(fe, R.SET_VRING_ADDR, VRING_ADDR.pack(1, 1, a.desc, a.used, a.avail, 2**64 - 1)) == 0
-        os.close(efd)
-        new = errors()[n:]
-        assert sum("unsupported request SET_LOG" in e for e in new) == 6
+        s1, s2 = socket.socketpair()
+        fds0 = process_fds()
+        maps0 = mapping_count()
+        n = len(errors())
+        assert ack(fe, R.SET_LOG_BASE, LOG_HDR.pack(need, 0), [logfd]) != 0  # LOG_SHMFD not negotiated yet
+        assert ack(fe, R.SET_PROTOCOL_FEATURES, U64.pack(fe.protocol_features | 1 << PF.LOG_SHMFD)) == 0
+        for size, offset, fd in (
+            (2**64 - 1, 0, logfd),  # size + offset overflow
+            (2**64 - 4096, 2**64 - 4096, logfd),
+            (1 << 62, 1 << 63, logfd),
+            (need, 2 * need + 4096, logfd),  # past the file's end
+            (need, need + 4097, logfd),  # straddles the file's end
+            (max(1, need // 2), 0, logfd),  # too small for guest memory
+            (0, 0, logfd),  # empty
+            (need, 0, efd),  # not mappable
+            (need, 0, s1.fileno()),
+        ):
+            assert ack(fe, R.SET_LOG_BASE, LOG_HDR.pack(size, offset), [fd]) != 0, (size, offset)
+        assert ack(fe, R.SET_LOG_BASE, LOG_HDR.pack(need, 0)) != 0  # no fd
+        assert ack(fe, R.SET_LOG_BASE, U64.pack(0), [logfd]) != 0  # short payload
+        assert ack(fe, R.SET_LOG_FD, b"", [s1.fileno()]) != 0  # not an eventfd
+        assert mapping_count() == maps0  # nothing refused stayed mapped
         assert process_fds() == fds0  # every fd the refused messages carried was closed
+        new = errors()[n:]
+        assert sum("SET_LOG" in e for e in new) == 13, new
+        # a sound log (and a log fd) are accepted, and the queues go on
+        assert ack(fe, R.SET_LOG_BASE, LOG_HDR.pack(need, 4096), [logfd]) == 0
+        assert ack(fe, R.SET_LOG_FD, b"", [efd]) == 0
         traffic(fe, "tx", 0, 1000)
         assert fe.guards_intact()
+        for fd in (logfd, efd):
+            os.close(fd)
+        s1.close()
+        s2.close()
     fresh_connection_works(srv, sock_path, "sink")
 
 

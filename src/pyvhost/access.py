@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .memory import SPACE_UVA, GuestMemory
+from .memory import SPACE_UVA, SPACE_UVA_W, GuestMemory
 from .protocol import VringAddr
 from .ring import packed
 from .ring.split import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, avail_bytes, desc_bytes, used_bytes
-from .ring.state import Q_AVAIL, Q_DESC, Q_DIRECT, Q_USED
+from .ring.state import Q_AVAIL, Q_DESC, Q_DESC_AT, Q_DIRECT, Q_USED, Q_USED_AT
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,21 @@ def check_alignment(addr: VringAddr, is_packed: bool = False) -> str | None:
 def bind(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.ndarray) -> RingViews:
     """Build the ring's access for the current memory generation and record the choice in ``q``.
 
-    ``direct`` is validated here, once: each part must translate whole into a single region.  If it does
-    not, the ring uses ``copy`` (which checks each access and breaks the queue at the first fault).
+    ``direct`` is validated here, once: each part must translate whole into a single region, readable for the
+    descriptor table and the avail ring, writable for the used ring (behind a vIOMMU: mapped with that
+    permission by the IOTLB -- the kernel's ``vhost_vq_access_ok``).  If it does not, the ring uses ``copy``
+    (which checks each access and breaks the queue at the first fault).
     """
     q[Q_DESC], q[Q_AVAIL], q[Q_USED] = addr.desc, addr.avail, addr.used
+    q[Q_DESC_AT] = q[Q_USED_AT] = -1
     if mode is Metadata.DIRECT:
         d = mem.view(SPACE_UVA, addr.desc, desc_bytes(size))
         a = mem.view(SPACE_UVA, addr.avail, avail_bytes(size))
-        u = mem.view(SPACE_UVA, addr.used, used_bytes(size))
+        used_at = mem.translate(SPACE_UVA_W, addr.used, used_bytes(size))
+        u = None if used_at is None else mem.arena.view[used_at : used_at + used_bytes(size)]
         if d is not None and a is not None and u is not None:
             q[Q_DIRECT] = 1
+            q[Q_USED_AT] = used_at
             u32_len = (used_bytes(size) - 2) // 4 * 4  # flags|idx and the entries; avail_event via used16
             return RingViews(
                 d.view(np.uint64),
@@ -122,15 +127,23 @@ def bind(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.nda
 
 
 def bind_packed(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.ndarray) -> PackedViews:
-    """:func:`bind` for a packed ring: the descriptor ring and both event suppression areas must each lie whole
-    in one region for ``direct``; otherwise the ring uses ``copy``."""
+    """:func:`bind` for a packed ring: the descriptor ring (readable and writable) and both event suppression
+    areas (the driver's readable, the device's writable) must each lie whole in one region for ``direct``;
+    otherwise the ring uses ``copy``."""
     q[Q_DESC], q[Q_AVAIL], q[Q_USED] = addr.desc, addr.avail, addr.used
+    q[Q_DESC_AT] = q[Q_USED_AT] = -1
     if mode is Metadata.DIRECT:
-        d = mem.view(SPACE_UVA, addr.desc, packed.ring_bytes(size))
+        nbytes = packed.ring_bytes(size)
+        desc_at = mem.translate(SPACE_UVA, addr.desc, nbytes)
+        if desc_at is not None and mem.translate(SPACE_UVA_W, addr.desc, nbytes) != desc_at:
+            desc_at = None
+        dev_at = mem.translate(SPACE_UVA_W, addr.used, packed.EVENT_BYTES)
+        d = None if desc_at is None else mem.arena.view[desc_at : desc_at + nbytes]
         drv = mem.view(SPACE_UVA, addr.avail, packed.EVENT_BYTES)
-        dev = mem.view(SPACE_UVA, addr.used, packed.EVENT_BYTES)
+        dev = None if dev_at is None else mem.arena.view[dev_at : dev_at + packed.EVENT_BYTES]
         if d is not None and drv is not None and dev is not None:
             q[Q_DIRECT] = 1
+            q[Q_DESC_AT], q[Q_USED_AT] = desc_at, dev_at
             return PackedViews(d.view(np.uint64), drv.view(np.uint16), dev.view(np.uint16), True, mem.generation)
         log.warning(
             "packed ring at desc=%#x driver=%#x device=%#x (size %d) does not lie in mapped memory; "

@@ -35,6 +35,7 @@ from . import protocol as P
 from . import sigbus
 from .access import Metadata, PackedViews, RingViews, bind, bind_packed, check_alignment
 from .devices.base import (
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
@@ -44,6 +45,7 @@ from .devices.base import (
     Ring,
     Step,
 )
+from .dirtylog import DirtyLog, check_ring_log_addr, guest_end
 from .errors import describe
 from .memory import SPACE_UVA, GuestMemory, MappedRegion, MemoryError_
 from .protocol import ProtocolError
@@ -51,7 +53,7 @@ from .protocol import ProtocolFeature as PF
 from .protocol import Request as R
 from .ring import inflight
 from .ring import packed as PK
-from .ring.split import MAX_QUEUE_SIZE
+from .ring.split import MAX_QUEUE_SIZE, used_bytes
 from .ring.state import (
     Q_AVAIL_WRAP,
     Q_BATCH,
@@ -64,6 +66,8 @@ from .ring.state import (
     Q_ERROR_VALUE,
     Q_EVENT_IDX,
     Q_LAST_AVAIL,
+    Q_LOG_OFF,
+    Q_LOG_SIZE,
     Q_NOTIFY_ON,
     Q_PACKETS,
     Q_SIGNALLED_VALID,
@@ -83,9 +87,15 @@ TRANSPORT_FEATURES = (
     | (1 << VIRTIO_F_ANY_LAYOUT)
     | (1 << VIRTIO_F_RING_PACKED)
     | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
+    | (1 << P.VHOST_F_LOG_ALL)
 )
 PROTOCOL_FEATURES = (
-    (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.STATUS)
+    (1 << PF.MQ)
+    | (1 << PF.REPLY_ACK)
+    | (1 << PF.CONFIG)
+    | (1 << PF.CONFIGURE_MEM_SLOTS)
+    | (1 << PF.STATUS)
+    | (1 << PF.LOG_SHMFD)
 )
 #: Passes a worker's compiled loop makes before it returns to Python (bounds the stop latency).
 DEFAULT_BUDGET = 4096
@@ -314,6 +324,8 @@ class Connection:
             R.SET_CONFIG: self.set_config,
             R.GET_INFLIGHT_FD: self.get_inflight_fd,
             R.SET_INFLIGHT_FD: self.set_inflight_fd,
+            R.SET_LOG_BASE: self.set_log_base,
+            R.SET_LOG_FD: self.set_log_fd,
         }
         #: requests whose reply is their answer (a failure still owes one, of the right shape)
         self.replies: dict[int, int | None] = {
@@ -327,6 +339,10 @@ class Connection:
             R.GET_INFLIGHT_FD: inflight.PAYLOAD_SIZE,
         }
         self.inflight: inflight.InflightArea | None = None
+        #: the dirty log (SET_LOG_BASE), mapped in the guest memory arena; written while VHOST_F_LOG_ALL is on
+        self.log: DirtyLog | None = None
+        #: SET_LOG_FD's eventfd (kept for the front-end's sake; QEMU reads the bitmap itself)
+        self.log_fd = -1
         #: counters of queue states that were replaced (a ring set up again, the connection reset): stats()
         #: adds the live ones, so counters are cumulative over ring restarts
         self.totals: dict[int, dict[str, int]] = {}
@@ -353,19 +369,28 @@ class Connection:
 
     def answer(self, msg: P.Message, reply: bytes | None, ok: bool) -> None:
         """Send what ``msg`` is owed: its reply (of the right shape even on failure), or a REPLY_ACK status."""
-        if msg.request in self.replies:
+        acked = msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK)
+        if msg.request in self.replies or (
+            # QEMU reads a (payload-less) reply to SET_LOG_BASE whenever LOG_SHMFD is negotiated, without asking
+            # for an ack; a front-end that asks for one gets the REPLY_ACK status instead (which says whether it
+            # failed)
+            msg.request == R.SET_LOG_BASE and self.protocol_features & (1 << PF.LOG_SHMFD) and not acked
+        ):
             fds: list[int] | None = None
             if isinstance(reply, tuple):  # a reply that carries fds
                 reply, fds = reply
             if reply is None:
-                size = self.replies[msg.request]
+                size = self.replies.get(msg.request, 0)
                 reply = bytes(size if size is not None else len(msg.payload))
+                if not ok and msg.request == R.SET_LOG_BASE:
+                    # empty means accepted; a refused log says so by a u64 status (QEMU reads and ignores it)
+                    reply = P.U64.pack(1)
             try:
                 P.send_message(self.sock, msg.request, reply, fds, flags=P.VHOST_USER_VERSION | P.VHOST_USER_REPLY_MASK)
             finally:
                 for fd in fds or ():  # the peer has its own copies now
                     os.close(fd)
-        elif msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK):
+        elif acked:
             P.send_reply(self.sock, msg.request, P.U64.pack(0 if ok else 1))
 
     def vring(self, index: int) -> Vring:
@@ -454,6 +479,57 @@ class Connection:
             raise ProtocolError(f"SET_CONFIG size {size} but {len(data)} bytes of data")
         self.device.write_config(offset, data)
 
+    # -- dirty logging (live migration) ----------------------------------------------------------------
+    @property
+    def logging(self) -> bool:
+        """Whether writes into guest memory are logged now: VHOST_F_LOG_ALL negotiated and a log given."""
+        return bool(self.features & (1 << P.VHOST_F_LOG_ALL)) and self.log is not None
+
+    def set_log_base(self, msg: P.Message) -> None:
+        """Map the log (at its offset, size checked against its fd and against guest memory), then switch the
+        workers to it: stopped, given the new log, restarted -- no write falls between the two logs."""
+        if not self.protocol_features & (1 << PF.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD negotiated")
+        req = P.log_base(msg)
+        new = DirtyLog(msg.fds[0], req.mmap_size, req.mmap_offset, self.fault_fd, arena=self.mem.arena)
+        try:
+            new.check_covers(guest_end(self.mem))
+        except Exception:
+            new.close()
+            raise
+        self.stop_workers()
+        old, self.log = self.log, new
+        self._release_log(old)
+        self.refresh()
+        log.info("dirty log: %d bytes (covers %d MiB of guest memory)", new.size, new.covers >> 20)
+
+    def set_log_fd(self, msg: P.Message) -> None:
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_LOG_FD with {len(msg.fds)} fds, expected 1")
+        kind = fd_kind(msg.fds[0])
+        if kind != EVENTFD_KIND:
+            raise ProtocolError(f"SET_LOG_FD: the fd is {kind}, not an eventfd")
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+        self.log_fd = os.dup(msg.fds[0])
+
+    def _release_log(self, old: DirtyLog | None) -> None:
+        """Unmap a log no worker uses any more -- unless requests of a stuck worker may still complete (and log):
+        then it stays mapped (with their memory) until the arena goes."""
+        if old is None:
+            return
+        if self.settled():
+            old.close()
+        else:
+            log.error("the old dirty log stays mapped: requests in flight on queue(s) %s", self._stuck_queues())
+
+    def _close_log(self) -> None:
+        self._release_log(self.log)
+        self.log = None
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+            self.log_fd = -1
+
     # -- memory -----------------------------------------------------------------------------------------
     def get_max_mem_slots(self, msg: P.Message) -> bytes:
         return P.U64.pack(P.MAX_MEM_SLOTS)
@@ -537,6 +613,11 @@ class Connection:
         self._new_state(vr)
 
     @property
+    def iommu(self) -> bool:
+        """VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs (a vIOMMU)."""
+        return bool(self.features & (1 << VIRTIO_F_ACCESS_PLATFORM))
+
+    @property
     def packed(self) -> bool:
         """VIRTIO_F_RING_PACKED negotiated: every ring of the device is packed."""
         return bool(self.features & (1 << VIRTIO_F_RING_PACKED))
@@ -581,6 +662,12 @@ class Connection:
         for name, value in (("descriptor table", addr.desc), ("used ring", addr.used), ("avail ring", addr.avail)):
             if value >= P.ADDR_LIMIT:  # also keeps the value inside the int64 queue state
                 raise VringError(f"vring {addr.index}: {name} address {value:#x} out of range")
+        if addr.flags & (1 << P.VHOST_VRING_F_LOG) and not self.iommu:
+            # the used ring's guest-physical address: writes are logged by the pages they reach, but a front-end
+            # that names a used ring outside guest memory is wrong about something (behind a vIOMMU, QEMU gives
+            # an IOVA here: not checked)
+            length = PK.EVENT_BYTES if self.packed else used_bytes(vr.size or 1)
+            check_ring_log_addr(self.mem, addr.log, length)
         self.stop_workers([vr.index])
         vr.views = None
         vr.addr = addr
@@ -743,6 +830,11 @@ class Connection:
         self.device.prepare_queue(vr.index, vr.q)
         vr.q[Q_EVENT_IDX] = 1 if self.features & (1 << VIRTIO_RING_F_EVENT_IDX) else 0
         vr.q[Q_BATCH] = self.batch
+        if self.logging:
+            assert self.log is not None
+            vr.q[Q_LOG_OFF], vr.q[Q_LOG_SIZE] = self.log.at, self.log.size
+        else:
+            vr.q[Q_LOG_OFF] = vr.q[Q_LOG_SIZE] = 0
         # unknown: the ring may hold NO_NOTIFY or a stale avail_event (left by a worker stopped while
         # polling, or by a previous back-end), so the first set_notify() must write it either way
         vr.q[Q_NOTIFY_ON] = -1
@@ -846,6 +938,7 @@ class Connection:
                 self.record_totals(vr)
             vr.views = None
             vr.close_fds()
+        self._close_log()
         self.kept_memory.append(self.mem)
         self._unmap(self.mem.clear())
         if self.kept_memory:

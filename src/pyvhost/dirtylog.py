@@ -24,7 +24,7 @@ import numpy as np
 
 from .atomic import fence_release, or8
 from .jit import helper, kernel
-from .memory import PAGE, SPACE_GPA, Arena, GuestMemory, MemoryError_
+from .memory import PAGE, SPACE_ARENA, SPACE_GPA, Arena, GuestMemory, MemoryError_, translate
 from .protocol import ADDR_LIMIT, VHOST_LOG_PAGE, LogBase
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,11 @@ class DirtyLog:
     compiled helpers take, with ``len(bitmap)`` as their ``log_len``.  ``skipped`` counts pages written past
     the log's end (by :meth:`write`), which were not logged."""
 
-    def __init__(self, fd: int, mmap_size: int, mmap_offset: int = 0, notify_fd: int = -1) -> None:
+    def __init__(
+        self, fd: int, mmap_size: int, mmap_offset: int = 0, notify_fd: int = -1, arena: Arena | None = None
+    ) -> None:
+        """Map the log; into ``arena`` if given (the connection's guest memory arena: the compiled datapath then
+        reaches it through the array it already has, at :attr:`at`), else into an arena of its own."""
         if not 0 < mmap_size <= MAX_LOG_SIZE:
             raise DirtyLogError(f"log size {mmap_size:#x} out of range (1 .. {MAX_LOG_SIZE:#x})")
         if not 0 <= mmap_offset < ADDR_LIMIT:
@@ -79,12 +83,17 @@ class DirtyLog:
             )
         delta = mmap_offset % PAGE
         maplen = -(-(delta + mmap_size) // PAGE) * PAGE
-        self.arena = Arena(maplen + PAGE, notify_fd)  # the last page stays PROT_NONE: a guard
+        self.shared = arena is not None
+        # an arena of its own: the last page stays PROT_NONE, a guard (in a shared one, placements are apart)
+        self.arena = arena if arena is not None else Arena(maplen + PAGE, notify_fd)
         try:
             start = self.arena.place(fd, mmap_offset, mmap_size, PAGE)
         except MemoryError_ as e:
-            self.arena.close()
+            if not self.shared:
+                self.arena.close()
             raise DirtyLogError(f"log: {e}") from e
+        #: arena offset of the bitmap's first byte
+        self.at = start
         self.size = mmap_size
         self.offset = mmap_offset
         self.bitmap: np.ndarray = self.arena.view[start : start + mmap_size]
@@ -148,7 +157,10 @@ class DirtyLog:
         if self.bitmap is None:
             return
         self.bitmap = None  # type: ignore[assignment]
-        self.arena.close()
+        if self.shared:
+            self.arena.release(self.at)
+        else:
+            self.arena.close()
 
     def __enter__(self) -> DirtyLog:
         return self
@@ -165,6 +177,26 @@ def check_ring_log_addr(memory: GuestMemory, log_guest_addr: int, length: int) -
 
 
 @helper
+def _set_bits(buf, base, pages, gpa, length):
+    """Set the bits of guest-physical [gpa, gpa+length) in the bitmap at ``buf[base:]`` that covers ``pages``
+    pages (a release fence first, then one atomic OR per byte); return the pages past its end (not logged)."""
+    page = gpa >> LOG_PAGE_SHIFT
+    last = (gpa + length - 1) >> LOG_PAGE_SHIFT
+    skipped = 0
+    if last >= pages:
+        skipped = last - max(page, pages) + 1
+        last = pages - 1
+    if page <= last:
+        fence_release()
+        while page <= last:
+            stop = min(last, page | 7)  # the last page of this byte in the range
+            mask = ((1 << (stop - page + 1)) - 1) << (page & 7)
+            or8(buf, base + (page >> 3), np.uint8(mask))
+            page = stop + 1
+    return skipped
+
+
+@helper
 def log_write(log_u8, log_len, gpa, length):
     """Set the bit of every page of guest-physical [gpa, gpa+length) in ``log_u8`` (the first ``log_len``
     bytes), each byte by one atomic OR, after one release fence (call it after writing the data).  Returns the
@@ -174,22 +206,21 @@ def log_write(log_u8, log_len, gpa, length):
         return -1
     if length == 0:
         return 0
-    limit = min(log_len, log_u8.shape[0]) * 8  # pages the log covers
-    page = gpa >> LOG_PAGE_SHIFT
-    last = (gpa + length - 1) >> LOG_PAGE_SHIFT
-    skipped = 0
-    if last >= limit:
-        skipped = last - max(page, limit) + 1
-        last = limit - 1
-    if page <= last:
-        fence_release()
-        while page <= last:
-            byte = page >> 3
-            stop = min(last, page | 7)  # the last page of this byte in the range
-            mask = ((1 << (stop - page + 1)) - 1) << (page & 7)
-            or8(log_u8, byte, np.uint8(mask))
-            page = stop + 1
-    return skipped
+    return _set_bits(log_u8, 0, min(log_len, log_u8.shape[0]) * 8, gpa, length)
+
+
+@helper
+def log_arena(mem, table, log_off, log_size, off, length):
+    """Log a write of ``length`` bytes at arena offset ``off`` (inside one region) in the log that lies at
+    ``mem[log_off:log_off+log_size]``: the page behind it is found by the table's ``SPACE_ARENA`` map, whatever
+    address (guest-physical, front-end, IOVA) the write was reached by.  Returns the pages not logged (past the
+    log's end), or -1 if ``off`` is not in a region (nothing logged)."""
+    if length <= 0:
+        return 0
+    gpa, _room = translate(table, SPACE_ARENA, off, length)
+    if gpa < 0:
+        return -1
+    return _set_bits(mem, log_off, log_size * 8, gpa, length)
 
 
 @helper

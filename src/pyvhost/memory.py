@@ -5,6 +5,15 @@ NumPy uint8 view.  Two address spaces translate to (region, offset): guest-physi
 buffers) and front-end virtual addresses (ring addresses in SET_VRING_ADDR).  Translation is a binary search in
 a sorted table, O(log n) in the region count, done both in Python (validation) and in compiled code
 (``translate``) over the same table.  Every change bumps ``generation``.
+
+The table has one sorted list of rows (start, size, arena offset) per *space*: buffer and ring addresses for
+reads (``SPACE_GPA``, ``SPACE_UVA``) and for writes (``SPACE_GPA_W``, ``SPACE_UVA_W``), and the reverse map
+``SPACE_ARENA`` (arena offset -> guest-physical address) by which a write is logged in the dirty log, whatever
+address space it was reached through.  Without an IOMMU the write spaces are the read ones.  Once the front-end
+plays a vIOMMU (``VIRTIO_F_ACCESS_PLATFORM``) ring and buffer addresses are IOVAs: :meth:`GuestMemory.set_iova_map`
+composes the IOTLB's entries with the regions, so that the read spaces hold what is mapped readable and the write
+spaces what is mapped writable -- the compiled datapath checks permissions by the space it translates in, at no
+extra cost per access.
 """
 
 from __future__ import annotations
@@ -28,8 +37,14 @@ from .protocol import ADDR_LIMIT, MAX_MEM_SLOTS, MemRegion
 log = logging.getLogger(__name__)
 
 #: Address spaces of the translation table (first index of ``table``).
-SPACE_GPA = 0
-SPACE_UVA = 1
+SPACE_GPA = 0  # buffer addresses, for reading (guest-physical; IOVAs behind a vIOMMU)
+SPACE_UVA = 1  # ring addresses, for reading (front-end virtual; IOVAs behind a vIOMMU)
+SPACE_GPA_W = 2  # buffer addresses, for writing
+SPACE_UVA_W = 3  # ring addresses, for writing
+SPACE_ARENA = 4  # arena offset -> guest-physical address (the dirty log's map)
+NSPACES = 5
+#: ``VHOST_ACCESS_*`` bits (protocol) an IOVA mapping needs for the read and the write spaces.
+_ACCESS_READ, _ACCESS_WRITE = 1, 2
 
 
 class MemoryError_(Exception):
@@ -252,6 +267,8 @@ class GuestMemory:
     def __init__(self, arena_size: int = ARENA_SIZE, notify_fd: int = -1) -> None:
         self.arena = Arena(arena_size, notify_fd)
         self.regions: list[MappedRegion] = []
+        #: the IOTLB's entries (iova, size, uaddr, perm) sorted by IOVA, or None: no vIOMMU (see set_iova_map)
+        self.iova_map: list[tuple[int, int, int, int]] | None = None
         self.generation = 0
         self.warned_unsealed = False
         self._rebuild()
@@ -348,21 +365,34 @@ class GuestMemory:
                 if end(a) > key(b):
                     raise MemoryError_(f"regions overlap at {key(b):#x}")
 
+    def set_iova_map(self, entries: list[tuple[int, int, int, int]] | None) -> None:
+        """Translate ring and buffer addresses as IOVAs through ``entries`` -- (iova, size, uaddr, perm) rows
+        sorted by IOVA, not overlapping (an IOTLB's) -- then through the regions by front-end address; None:
+        they are guest-physical and front-end addresses again.  Parts of an entry outside every region map
+        nothing.  Bumps the generation (the caller has stopped every user of the old translation)."""
+        self.iova_map = None if entries is None else list(entries)
+        self._rebuild()
+
     def _rebuild(self) -> None:
         """Recompute the sorted translation tables; bump the generation."""
-        n = len(self.regions)
-        table = np.zeros((2, max(n, 1), 3), dtype=np.int64)
-        table[:, :, 0] = ADDR_LIMIT  # an empty table translates nothing
-        for space, key in (
-            (SPACE_GPA, lambda i: self.regions[i].desc.guest_phys_addr),
-            (SPACE_UVA, lambda i: self.regions[i].desc.userspace_addr),
-        ):
-            for row, i in enumerate(sorted(range(n), key=key)):
-                r = self.regions[i]
-                table[space, row] = (key(i), r.desc.memory_size, r.offset)
+        by_uva = sorted((r.desc.userspace_addr, r.desc.memory_size, r.offset) for r in self.regions)
+        by_gpa = sorted((r.desc.guest_phys_addr, r.desc.memory_size, r.offset) for r in self.regions)
+        by_arena = sorted((r.offset, r.desc.memory_size, r.desc.guest_phys_addr) for r in self.regions)
+        if self.iova_map is None:
+            spaces = [by_gpa, by_uva, by_gpa, by_uva, by_arena]
+        else:
+            readable = _compose(self.iova_map, by_uva, _ACCESS_READ)
+            writable = _compose(self.iova_map, by_uva, _ACCESS_WRITE)
+            spaces = [readable, readable, writable, writable, by_arena]
+        width = max(1, max(len(rows) for rows in spaces))
+        table = np.zeros((NSPACES, width, 3), dtype=np.int64)
+        table[:, :, 0] = ADDR_LIMIT  # rows past a space's last map nothing (an empty table translates nothing)
+        for space, rows in enumerate(spaces):
+            if rows:
+                table[space, : len(rows)] = rows
         self.table = table
-        self.nregions = n
-        self._starts = [list(table[s, :n, 0]) for s in (SPACE_GPA, SPACE_UVA)]
+        self.nregions = len(self.regions)
+        self._starts = [[row[0] for row in rows] for rows in spaces]
         self.generation += 1
 
     # -- translation (Python side) ----------------------------------------------------------------------
@@ -388,6 +418,32 @@ class GuestMemory:
         for r in self.clear():
             self.unmap(r)
         self.arena.close()
+
+
+def _compose(
+    entries: list[tuple[int, int, int, int]], by_uva: list[tuple[int, int, int]], perm: int
+) -> list[tuple[int, int, int]]:
+    """Rows (iova, size, arena offset) of the parts of ``entries`` granting ``perm`` that lie in a region
+    (``by_uva``: rows sorted by front-end address), sorted by IOVA; rows contiguous in IOVA and in the arena are
+    merged (adjacent IOTLB pages of one guest buffer are usually adjacent in memory too)."""
+    starts = [row[0] for row in by_uva]
+    out: list[tuple[int, int, int]] = []
+    for iova, size, uaddr, p in entries:
+        if p & perm != perm:
+            continue
+        ustop = uaddr + size
+        i = max(bisect.bisect_right(starts, uaddr) - 1, 0)
+        while i < len(by_uva) and by_uva[i][0] < ustop:
+            rstart, rsize, roff = by_uva[i]
+            lo, hi = max(uaddr, rstart), min(ustop, rstart + rsize)
+            if lo < hi:
+                at, n, off = iova + (lo - uaddr), hi - lo, roff + (lo - rstart)
+                if out and out[-1][0] + out[-1][1] == at and out[-1][2] + out[-1][1] == off:
+                    out[-1] = (out[-1][0], out[-1][1] + n, out[-1][2])
+                else:
+                    out.append((at, n, off))
+            i += 1
+    return out
 
 
 @helper

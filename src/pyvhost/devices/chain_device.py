@@ -16,7 +16,7 @@ from ..access import _NO_U32, RingViews
 from ..atomic import fence_full
 from ..jit import helper, kernel
 from ..memory import GuestMemory
-from ..ring.chain import ANY, MAX_INDIRECT, new_sg, walk_chain
+from ..ring.chain import ANY, MAX_INDIRECT, log_rows, new_sg, walk_chain
 from ..ring.poll import POLL_AGAIN, POLL_IDLE
 from ..ring.split import flush_used, poll_avail, read_avail_entry, write_used
 from ..ring.state import (
@@ -25,6 +25,7 @@ from ..ring.state import (
     Q_ERROR,
     Q_IDLE,
     Q_LAST_AVAIL,
+    Q_LOG_SIZE,
     Q_SIZE,
     Q_STOP,
     Q_USED_IDX,
@@ -135,7 +136,7 @@ class Request:
     """One chain given to :meth:`ChainDevice.submit`: ``readable`` and ``writable`` are memoryviews of guest
     memory, valid until :meth:`complete` is called -- once, from any thread."""
 
-    __slots__ = ("queue", "head", "readable", "writable", "_sink", "_wmax")
+    __slots__ = ("queue", "head", "readable", "writable", "_sink", "_wmax", "_rows")
 
     def __init__(
         self,
@@ -145,10 +146,12 @@ class Request:
         writable: list[memoryview],
         sink: _Completions,
         wmax: int,
+        rows: np.ndarray | None = None,
     ) -> None:
         self.queue, self.head, self.readable, self.writable = queue, head, readable, writable
         self._sink = [sink]
         self._wmax = wmax  # bytes the device may write (the used length is capped to it)
+        self._rows = rows  # while dirty logging: the writable buffers' (arena offset, length) rows, logged whole
 
     @property
     def done(self) -> bool:
@@ -173,7 +176,7 @@ class Request:
             log.exception("queue %d: completing chain %d (written=%r)", self.queue, self.head, written)
         finally:
             self.readable = self.writable = []
-            sink.put(self.head, n)
+            sink.put(self.head, n, self._rows)
 
 
 class _Completions:
@@ -182,14 +185,14 @@ class _Completions:
     the worker is done with the ring, so that a late writer never writes into a reused fd number)."""
 
     def __init__(self) -> None:
-        self.items: collections.deque[tuple[int, int]] = collections.deque()
+        self.items: collections.deque[tuple[int, int, np.ndarray | None]] = collections.deque()
         self.lock = threading.Lock()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.owner = 0
         self.sleeping = False
 
-    def put(self, head: int, n: int) -> None:
-        self.items.append((head, n))
+    def put(self, head: int, n: int, rows: np.ndarray | None = None) -> None:
+        self.items.append((head, n, rows))
         # the worker sets ``sleeping`` before it last looks at ``items``, and we look at ``sleeping`` after
         # appending: one of the two sees the other (both under the GIL), so a completion never goes unnoticed
         if self.sleeping and threading.get_ident() != self.owner:
@@ -301,11 +304,14 @@ class ChainDevice(Device):
         outstanding = 0
         taken: collections.Counter[int] = collections.Counter()  # heads handed to the device, not yet reaped
         publish = True  # completions go to the used ring (until writing it fails)
+        logging = bool(q[Q_LOG_SIZE])  # fixed while the step lives (the backend restarts it to switch)
 
         def start(head: int, rows: list[list[int]], nread: int) -> None:
             nonlocal outstanding
             segs = [arena[o : o + ln].data for o, ln in rows]
-            req = Request(index, head, segs[:nread], segs[nread:], done, sum(ln for _, ln in rows[nread:]))
+            # while dirty logging, what the device may write is logged (whole) when it completes the chain
+            wrows = np.array(rows[nread:], dtype=np.int64).reshape(-1, 2) if logging and len(rows) > nread else None
+            req = Request(index, head, segs[:nread], segs[nread:], done, sum(ln for _, ln in rows[nread:]), wrows)
             outstanding += 1
             taken[head] += 1
             try:
@@ -327,7 +333,9 @@ class ChainDevice(Device):
             items = done.items
             k = 0
             while items and k < size:
-                heads[k], lens[k] = items.popleft()
+                heads[k], lens[k], wrows = items.popleft()
+                if wrows is not None:  # the device's writes, logged before the used entry is published
+                    log_rows(q, arena, table, wrows, len(wrows))
                 forget(int(heads[k]))
                 k += 1
             if not k:

@@ -16,7 +16,7 @@ import numpy as np
 from ..access import _NO_U16, _NO_U32, _NO_U64
 from ..jit import inline_helper, kernel
 from ..memory import GuestMemory
-from ..ring.chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write, walk_chain
+from ..ring.chain import READ_ONLY, WRITE_ONLY, log_segments, new_sg, sg_read, sg_write, walk_chain
 from ..ring.poll import POLL_AGAIN, POLL_IDLE
 from ..ring.split import flush_used, poll_avail, poll_avail_pair, read_avail_entry, write_used
 from ..ring.state import (
@@ -27,6 +27,7 @@ from ..ring.state import (
     Q_HDR_LEN,
     Q_LAST_AVAIL,
     Q_LIMIT,
+    Q_LOG_SIZE,
     Q_MRG,
     Q_PACKETS,
     Q_STOP,
@@ -178,6 +179,8 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
         else:
             chain_len = sg_write(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
         done += chain_len
+        if q[Q_LOG_SIZE]:  # dirty logging: after the data, before the used entry
+            log_segments(q, mem, table, sg, 0, nseg, chain_len)
         if not write_used(q, used32, mem, table, used + k + c, head, chain_len):
             return -1
         c += 1
@@ -185,6 +188,8 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
         hdrbuf[0] = c & 0xFF
         hdrbuf[1] = c >> 8
         sg_write(mem, sgs[0], 0, first_nseg, 10, hdrbuf, 0, 2)  # num_buffers
+        if q[Q_LOG_SIZE]:
+            log_segments(q, mem, table, sgs[0], 0, first_nseg, 12)
     q[Q_PACKETS] += 1
     q[Q_BYTES] += length
     return c

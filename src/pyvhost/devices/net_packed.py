@@ -18,7 +18,7 @@ import numpy as np
 from ..access import _NO_U16, _NO_U64
 from ..jit import helper, inline_helper, kernel
 from ..memory import GuestMemory
-from ..ring.chain import READ_ONLY, WRITE_ONLY, new_sg, sg_read, sg_write
+from ..ring.chain import READ_ONLY, WRITE_ONLY, log_segments, new_sg, sg_read, sg_write
 from ..ring.packed import (
     NOT_AVAIL,
     SH_ID,
@@ -44,6 +44,7 @@ from ..ring.state import (
     Q_HDR_LEN,
     Q_LAST_AVAIL,
     Q_LIMIT,
+    Q_LOG_SIZE,
     Q_MRG,
     Q_PACKETS,
     Q_SIZE,
@@ -189,6 +190,8 @@ def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, p
         else:
             chain_len = sg_write(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
         done += chain_len
+        if q[Q_LOG_SIZE]:  # dirty logging: after the data, before the used entry
+            log_segments(q, mem, table, sg, 0, nseg, chain_len)
         shadow[k + c, SH_ID] = bid
         shadow[k + c, SH_LEN] = chain_len
         shadow[k + c, SH_NDESC] = ndesc
@@ -199,6 +202,8 @@ def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, p
         hdrbuf[0] = c & 0xFF
         hdrbuf[1] = c >> 8
         sg_write(mem, sgs[0], 0, first_nseg, 10, hdrbuf, 0, 2)  # num_buffers
+        if q[Q_LOG_SIZE]:
+            log_segments(q, mem, table, sgs[0], 0, first_nseg, 12)
     q[Q_PACKETS] += 1
     q[Q_BYTES] += length
     return c, p, w, t

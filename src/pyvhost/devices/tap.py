@@ -39,7 +39,7 @@ import numpy as np
 from ..access import _NO_U16, _NO_U32, _NO_U64, RingViews
 from ..jit import kernel
 from ..memory import GuestMemory
-from ..ring.chain import ANY, MAX_INDIRECT, new_sg, walk_chain
+from ..ring.chain import ANY, MAX_INDIRECT, log_rows, new_sg, walk_chain
 from ..ring.split import flush_used, read_avail_entry, write_used
 from ..ring.state import (
     Q_BYTES,
@@ -48,6 +48,7 @@ from ..ring.state import (
     Q_ERROR,
     Q_IDLE,
     Q_LAST_AVAIL,
+    Q_LOG_SIZE,
     Q_PACKETS,
     Q_SIZE,
     Q_STOP,
@@ -442,6 +443,7 @@ class _RxStep(_RingIO):
         self.sizes: list[int] = []  # their writable bytes
         self.nviews: list[int] = []  # their writable segments
         self.held_views: list[memoryview] = []
+        self.held_rows: list[list[int]] = []  # their (arena offset, length), for the dirty log
         self.held_bytes = 0
         self.bounce = bytearray(MAX_GSO_FRAME + 64)
         self.bounce_view = memoryview(self.bounce)
@@ -459,15 +461,17 @@ class _RxStep(_RingIO):
         for i in range(max(n, 0)):
             head, first, nread, end = (int(x) for x in self.chains[i])
             views = self.views(first + nread, end)
+            rows = self.sg[first + nread : end].tolist()
             size = sum(len(v) for v in views)
             if nread or size < self.hdr:
                 for v in views:
                     v.release()
-                views, size = [], 0
+                views, rows, size = [], [], 0
             self.heads.append(head)
             self.sizes.append(size)
             self.nviews.append(len(views))
             self.held_views.extend(views)
+            self.held_rows.extend(rows)
             self.held_bytes += size
         return n
 
@@ -487,7 +491,7 @@ class _RxStep(_RingIO):
         nv = sum(self.nviews[:k])
         for v in self.held_views[:nv]:
             v.release()
-        del self.held_views[:nv]
+        del self.held_views[:nv], self.held_rows[:nv]
         self.held_bytes -= sum(self.sizes[:k])
         del self.heads[:k], self.sizes[:k], self.nviews[:k]
 
@@ -530,6 +534,9 @@ class _RxStep(_RingIO):
             left -= take
             k += 1
         self._set_num_buffers(k)
+        if self.q[Q_LOG_SIZE]:  # dirty logging: the chains the frame filled, before they are completed
+            nv = sum(self.nviews[:k])
+            log_rows(self.q, self.arena, self.table, np.array(self.held_rows[:nv], dtype=np.int64).reshape(-1, 2), nv)
         for j in range(k):
             if not self.complete(self.heads[j], lens[j]):
                 return False

@@ -18,12 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..atomic import copy_bytes, ld64
+from ..dirtylog import log_arena
 from ..errors import QueueError
-from ..jit import helper, inline_helper
-from ..memory import SPACE_GPA, translate
+from ..jit import helper, inline_helper, kernel
+from ..memory import SPACE_GPA, SPACE_GPA_W, translate
 from ..protocol import ADDR_LIMIT
 from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail, read_desc
-from .state import Q_SIZE
+from .state import Q_LOG_OFF, Q_LOG_SIZE, Q_SIZE
 
 #: Direction a caller demands of a chain.
 ANY = 0
@@ -41,8 +42,10 @@ def new_sg(queue_size: int) -> np.ndarray:
 
 
 @helper
-def add_buffer(q, mem, table, sg, n, addr, length):
-    """Append guest buffer [addr, addr+length) to ``sg`` from row ``n``; return the new row count or -1."""
+def add_buffer(q, mem, table, sg, n, addr, length, space):
+    """Append guest buffer [addr, addr+length) to ``sg`` from row ``n``; return the new row count or -1.
+    ``space`` is SPACE_GPA for a buffer the device reads, SPACE_GPA_W for one it writes (behind a vIOMMU the
+    two hold the IOVAs mapped readable and writable)."""
     if length == 0:
         return fail(q, QueueError.ZERO_LENGTH, addr)
     if addr >= _ADDR_LIMIT:
@@ -52,7 +55,7 @@ def add_buffer(q, mem, table, sg, n, addr, length):
     while rem > 0:
         if n >= sg.shape[0]:
             return fail(q, QueueError.CHAIN_TOO_LONG, n)
-        off, room = translate(table, SPACE_GPA, a, 1)
+        off, room = translate(table, space, a, 1)
         if off < 0:
             return fail(q, QueueError.BAD_ADDRESS, a)
         take = min(rem, room)
@@ -127,7 +130,7 @@ def walk_chain(q, desc, mem, table, head, sg, want):
                 if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
                     fail(q, QueueError.BAD_DIRECTION, j)
                     return bad
-                n2 = add_buffer(q, mem, table, sg, n, eaddr, elen)
+                n2 = add_buffer(q, mem, table, sg, n, eaddr, elen, SPACE_GPA_W if writable else SPACE_GPA)
                 if n2 < 0:
                     return bad
                 if writable:
@@ -147,7 +150,7 @@ def walk_chain(q, desc, mem, table, head, sg, want):
         if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
             fail(q, QueueError.BAD_DIRECTION, idx)
             return bad
-        n2 = add_buffer(q, mem, table, sg, n, addr, length)
+        n2 = add_buffer(q, mem, table, sg, n, addr, length, SPACE_GPA_W if writable else SPACE_GPA)
         if n2 < 0:
             return bad
         if writable:
@@ -203,3 +206,27 @@ def sg_read(mem, sg, first, last, src_off, dst, length):
         if done == length:
             break
     return done
+
+
+@helper
+def log_segments(q, mem, table, sg, first, last, length):
+    """Dirty logging (invariant 7) of what a device wrote into a chain: the first ``length`` bytes of segments
+    ``sg[first:last]`` (all of them if ``length`` < 0).  Call it after the data is written, before the used
+    entry is published; nothing happens while logging is off."""
+    if q[Q_LOG_SIZE] == 0:
+        return
+    left = length
+    for i in range(first, last):
+        if left == 0:
+            break
+        n = sg[i, 1] if left < 0 else min(sg[i, 1], left)
+        log_arena(mem, table, q[Q_LOG_OFF], q[Q_LOG_SIZE], sg[i, 0], n)
+        if left > 0:
+            left -= n
+
+
+@kernel
+def log_rows(q, mem, table, rows, n):
+    """:func:`log_segments` of the first ``n`` (arena offset, length) rows of ``rows``, whole, for devices
+    whose buffers are written outside compiled code (a ChainDevice's memoryviews, a tap's readv)."""
+    log_segments(q, mem, table, rows, 0, n, -1)

@@ -39,17 +39,18 @@ import numpy as np
 from ..atomic import eventfd_write, fence_full, ld16_acquire, ld32, ld64, st16, st16_release, st32
 from ..errors import QueueError
 from ..jit import helper, inline_helper
-from ..memory import SPACE_GPA, SPACE_UVA, translate
+from ..memory import SPACE_GPA, SPACE_GPA_W, SPACE_UVA, SPACE_UVA_W, translate
 from ..protocol import ADDR_LIMIT
 from .chain import MAX_INDIRECT, READ_ONLY, WRITE_ONLY, add_buffer
 from .poll import NOTHING, make_poll
-from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail
+from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail, log_guest_write
 from .state import (
     Q_AVAIL,
     Q_AVAIL_WRAP,
     Q_CALLFD,
     Q_CALLS,
     Q_DESC,
+    Q_DESC_AT,
     Q_DIRECT,
     Q_EVENT_IDX,
     Q_LAST_AVAIL,
@@ -59,6 +60,7 @@ from .state import (
     Q_SIGNALLED_VALID,
     Q_SIZE,
     Q_USED,
+    Q_USED_AT,
     Q_USED_IDX,
     Q_USED_WRAP,
     new_queue_state,
@@ -262,7 +264,7 @@ def walk_packed(q, desc, mem, table, pos, wrap, head_flags, sg, want, room):
                 if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
                     fail(q, QueueError.BAD_DIRECTION, j)
                     return bad
-                n2 = add_buffer(q, mem, table, sg, n, eaddr, elen)
+                n2 = add_buffer(q, mem, table, sg, n, eaddr, elen, SPACE_GPA_W if writable else SPACE_GPA)
                 if n2 < 0:
                     return bad
                 if writable:
@@ -279,7 +281,7 @@ def walk_packed(q, desc, mem, table, pos, wrap, head_flags, sg, want, room):
         if (writable and want == READ_ONLY) or (not writable and (want == WRITE_ONLY or n > nread)):
             fail(q, QueueError.BAD_DIRECTION, p)
             return bad
-        n2 = add_buffer(q, mem, table, sg, n, addr, length)
+        n2 = add_buffer(q, mem, table, sg, n, addr, length, SPACE_GPA_W if writable else SPACE_GPA)
         if n2 < 0:
             return bad
         if writable:
@@ -308,14 +310,16 @@ def write_used_desc(q, desc, mem, table, pos, bid, length, flags):
         st32(desc, o + 8, np.uint32(length))
         st16(desc, o + 12, np.uint16(bid))
         st16_release(desc, o + 14, np.uint16(flags))
+        log_guest_write(q, mem, table, q[Q_DESC_AT] + o + 8, 8)
         return True
-    off, _room = translate(table, SPACE_UVA, q[Q_DESC] + DESC_SIZE * pos, DESC_SIZE)
+    off, _room = translate(table, SPACE_UVA_W, q[Q_DESC] + DESC_SIZE * pos, DESC_SIZE)
     if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_DESC])
         return False
     st32(mem, off + 8, np.uint32(length))
     st16(mem, off + 12, np.uint16(bid))
     st16_release(mem, off + 14, np.uint16(flags))
+    log_guest_write(q, mem, table, off + 8, 8)
     return True
 
 
@@ -337,14 +341,16 @@ def write_device_event(q, dev, mem, table, off_wrap, flags, with_off):
         if with_off:
             st16(dev, 0, np.uint16(off_wrap))
         st16_release(dev, 2, np.uint16(flags))
+        log_guest_write(q, mem, table, q[Q_USED_AT], 4)
         return True
-    off, _room = translate(table, SPACE_UVA, q[Q_USED], 4)
+    off, _room = translate(table, SPACE_UVA_W, q[Q_USED], 4)
     if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_USED])
         return False
     if with_off:
         st16(mem, off, np.uint16(off_wrap))
     st16_release(mem, off + 2, np.uint16(flags))
+    log_guest_write(q, mem, table, off, 4)
     return True
 
 

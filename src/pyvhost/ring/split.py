@@ -30,9 +30,10 @@ from ..atomic import (
     st32,
     store_release,
 )
+from ..dirtylog import log_arena
 from ..errors import QueueError
 from ..jit import helper, inline_helper
-from ..memory import SPACE_UVA, translate
+from ..memory import SPACE_UVA, SPACE_UVA_W, translate
 from .poll import NOTHING, make_poll
 from .state import (
     Q_AVAIL,
@@ -44,12 +45,15 @@ from .state import (
     Q_ERROR_VALUE,
     Q_EVENT_IDX,
     Q_LAST_AVAIL,
+    Q_LOG_OFF,
+    Q_LOG_SIZE,
     Q_MASK,
     Q_NOTIFY_ON,
     Q_SIGNALLED,
     Q_SIGNALLED_VALID,
     Q_SIZE,
     Q_USED,
+    Q_USED_AT,
     Q_USED_IDX,
 )
 
@@ -139,6 +143,14 @@ def read_desc(q, desc, mem, table, idx):
     return ld64(mem, off), ld64(mem, off + 8), True
 
 
+@inline_helper
+def log_guest_write(q, mem, table, off, length):
+    """Dirty logging (invariant 7): after writing [off, off+length) of the arena, set its page's bit while
+    logging is on; one test of the queue state while it is off."""
+    if q[Q_LOG_SIZE]:
+        log_arena(mem, table, q[Q_LOG_OFF], q[Q_LOG_SIZE], off, length)
+
+
 @helper
 def write_used(q, used32, mem, table, i, head, length):
     """Used entry at free-running position ``i`` (not yet published).  False if the ring is unmapped."""
@@ -146,13 +158,15 @@ def write_used(q, used32, mem, table, i, head, length):
     if q[Q_DIRECT]:
         used32[1 + 2 * slot] = np.uint32(head)
         used32[2 + 2 * slot] = np.uint32(length)
+        log_guest_write(q, mem, table, q[Q_USED_AT] + 4 + 8 * slot, 8)
         return True
-    off, _room = translate(table, SPACE_UVA, q[Q_USED] + 4 + 8 * slot, 8)
+    off, _room = translate(table, SPACE_UVA_W, q[Q_USED] + 4 + 8 * slot, 8)
     if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_USED])
         return False
     st32(mem, off, np.uint32(head))
     st32(mem, off + 4, np.uint32(length))
+    log_guest_write(q, mem, table, off, 8)
     return True
 
 
@@ -161,12 +175,14 @@ def publish_used(q, used16, mem, table, new_idx):
     """Release-store the used index after the entries it covers."""
     if q[Q_DIRECT]:
         store_release(used16, 1, np.uint16(new_idx & 0xFFFF))
+        log_guest_write(q, mem, table, q[Q_USED_AT] + 2, 2)
         return True
-    off, _room = translate(table, SPACE_UVA, q[Q_USED] + 2, 2)
+    off, _room = translate(table, SPACE_UVA_W, q[Q_USED] + 2, 2)
     if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_USED])
         return False
     st16_release(mem, off, np.uint16(new_idx & 0xFFFF))
+    log_guest_write(q, mem, table, off, 2)
     return True
 
 
@@ -175,12 +191,14 @@ def write_used_u16(q, used16, mem, table, word, value):
     """Write used ring u16 field ``word`` (0 = flags, 2 + 4*size = avail_event)."""
     if q[Q_DIRECT]:
         used16[word] = np.uint16(value & 0xFFFF)
+        log_guest_write(q, mem, table, q[Q_USED_AT] + 2 * word, 2)
         return True
-    off, _room = translate(table, SPACE_UVA, q[Q_USED] + 2 * word, 2)
+    off, _room = translate(table, SPACE_UVA_W, q[Q_USED] + 2 * word, 2)
     if off < 0:
         fail(q, QueueError.RING_UNMAPPED, q[Q_USED])
         return False
     st16(mem, off, np.uint16(value & 0xFFFF))
+    log_guest_write(q, mem, table, off, 2)
     return True
 
 

@@ -37,7 +37,13 @@ Q_IDLE = 26  # empty polls in a row (kept across kernel calls, so polling before
 Q_AVAIL_WRAP = 27  # the device's avail wrap counter (0/1)
 Q_USED_WRAP = 28  # the device's used wrap counter (0/1)
 Q_PACKED = 29  # 1: the ring is packed
-Q_FIELDS = 32
+# dirty logging (VHOST_F_LOG_ALL): the log is mapped in the guest memory arena; Q_LOG_SIZE 0 while logging is off
+Q_LOG_OFF = 30  # arena offset of the log bitmap
+Q_LOG_SIZE = 31  # its size in bytes
+# direct path: arena offsets of the ring parts the device writes (written through views; logged by offset)
+Q_DESC_AT = 32  # descriptor table (packed rings write descriptors back)
+Q_USED_AT = 33  # used ring (split) / device event suppression area (packed)
+Q_FIELDS = 40
 
 
 def new_queue_state(size: int) -> np.ndarray:
