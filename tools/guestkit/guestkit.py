@@ -312,8 +312,20 @@ class Guest:
         self._tmp = tempfile.mkdtemp(prefix="pyvhost-guest-", dir=self.workdir)
         self.log_path = Path(self._tmp) / "console.log"
 
-    def command(self, initrd: str) -> list[str]:
+    def device_args(self) -> list[str]:
+        """The QEMU arguments of the vhost-user device (virtio-net here; a subclass may give another)."""
         chardev = f"socket,id=c0,path={self.socket_path}" + (",reconnect=1" if self.reconnect else "")
+        return [
+            "-chardev",
+            chardev,
+            "-netdev",
+            "vhost-user,id=n0,chardev=c0",
+            "-device",
+            f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile="
+            + (f",{self.device_opts}" if self.device_opts else ""),
+        ]
+
+    def command(self, initrd: str) -> list[str]:
         m = self.memory_mb
         return [
             QEMU,
@@ -331,13 +343,7 @@ class Guest:
             f"memory-backend-memfd,id=mem,size={m}M,share=on",
             "-numa",
             "node,memdev=mem",
-            "-chardev",
-            chardev,
-            "-netdev",
-            "vhost-user,id=n0,chardev=c0",
-            "-device",
-            f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile="
-            + (f",{self.device_opts}" if self.device_opts else ""),
+            *self.device_args(),
             "-kernel",
             str(self.kit.kernel),
             "-initrd",
