@@ -9,6 +9,7 @@ The guest kit (kernel, virtio and virtiofs modules, busybox initramfs) comes fro
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -90,42 +91,12 @@ echo "RESULT mount=ok"
 class FsGuest(guestkit.Guest):
     """The kit's guest with a vhost-user-fs device instead of virtio-net."""
 
-    def command(self, initrd: str) -> list[str]:
-        m = self.memory_mb
+    def device_args(self) -> list[str]:
         return [
-            guestkit.QEMU,
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-smp",
-            "1",
-            "-m",
-            str(m),
-            "-object",
-            f"memory-backend-memfd,id=mem,size={m}M,share=on",
-            "-numa",
-            "node,memdev=mem",
             "-chardev",
             f"socket,id=c0,path={self.socket_path}",
             "-device",
             f"vhost-user-fs-pci,chardev=c0,tag={TAG},queue-size=128,vectors=0",
-            "-kernel",
-            str(self.kit.kernel),
-            "-initrd",
-            initrd,
-            "-append",
-            f"console=ttyS0 quiet panic=-1 oops=panic {self.append}".strip(),
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            *self.extra_args,
         ]
 
 
@@ -270,3 +241,18 @@ def test_guest_mounts_the_python_memfs(kit, tmp_path):
     assert r["a"] == "hello" and r["big"] == r["back"], r
     assert r["listed"] == "202" and r["truncated"] == "he" and r["left"] == "0" and r["umount"] == "ok", r
     assert "Traceback" not in be.log.read_text(), be.log.read_text()[-3000:]
+
+
+def test_bench_fs_measures_both_back_ends(tmp_path):
+    """``pyvhost bench --device fs``: one pair of runs, a small file; four rows with rates for each back-end."""
+    out = tmp_path / "rows.json"
+    argv = [sys.executable, "-m", "pyvhost", "bench", "--device", "fs", "--runs", "1", "--fs-mb", "8"]
+    r = subprocess.run([*argv, "--json", str(out), "--workdir", str(tmp_path / "w")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    backends = {"pyvhost", "virtiofsd"} if os.path.exists(VIRTIOFSD) else {"pyvhost"}
+    assert {(x["backend"], x["workload"]) for x in rows} == {
+        (b, w) for b in backends for w in ("seqwrite", "seqread", "randread", "meta")
+    }
+    assert all(x["rate"] > 0 and x["errors"] == 0 and x["cpu_us_per_op"] >= 0 for x in rows), rows
+    assert "pyvhost/virtiofsd" in r.stdout

@@ -302,6 +302,8 @@ class Guest:
     workdir: str | None = None
     #: more virtio-net-pci properties, e.g. "packed=on"
     device_opts: str = ""
+    #: more files for the guest's root (name -> bytes), beside /test.sh
+    files: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -362,7 +364,7 @@ class Guest:
 
     def start(self) -> Guest:
         initrd = Path(self._tmp) / "initrd.gz"
-        initrd.write_bytes(self.kit.initrd.read_bytes() + script_archive(self.script))
+        initrd.write_bytes(self.kit.initrd.read_bytes() + script_archive(self.script, self.files))
         self.proc = subprocess.Popen(
             self.command(str(initrd)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )

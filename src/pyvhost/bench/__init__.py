@@ -1,22 +1,24 @@
 """``pyvhost bench``: devices measured side by side in one run, against the reference peers (net: the metadata
-paths and DPDK's vhost PMD; blk: qemu-storage-daemon).  ``net`` and ``blk`` hold the measurements, ``peers``
-the processes they run."""
+paths and DPDK's vhost PMD; blk: qemu-storage-daemon; fs: QEMU's virtiofsd, from inside a guest).  ``net``,
+``blk`` and ``fs`` hold the measurements, ``peers`` the processes they run."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import blk, net
+from . import blk, fs, net
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
-        choices=["net", "blk"],
+        choices=["net", "blk", "fs"],
         default="net",
-        help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py)",
+        help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py); "
+        "fs: pyvhost's virtio-fs against virtiofsd, measured in a QEMU guest (bench/fs.py)",
     )
     p.add_argument("--image-mb", type=int, default=256, help="blk: size of the benchmark image")
+    p.add_argument("--fs-mb", type=int, default=128, help="fs: size of the file the guest writes and reads")
     p.add_argument(
         "--peer",
         choices=["pyvhost", "dpdk"],
@@ -43,4 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
+    if a.device == "fs":
+        return fs.main(a)
     return blk.main(a) if a.device == "blk" else net.main(a)
