@@ -40,8 +40,11 @@ def create_net(args: argparse.Namespace) -> Device:
     if args.tap:  # a guest on a real network: frames go to and come from this tap device
         from . import tap
 
-        log.info("net on tap %s", args.tap)
-        return tap.TapDevice(args.tap, offloads=not args.no_offloads)
+        # --socket-count N: socket PATHi gets tap NAMEi (a guest per tap, as a guest per socket)
+        index = getattr(args, "socket_index", None)
+        name = args.tap if index is None else f"{args.tap}{index}"
+        log.info("net on tap %s", name)
+        return tap.TapDevice(name, offloads=not args.no_offloads)
     from . import net
 
     log.info("net in %s mode, %d queue pair(s)", args.mode, args.queue_pairs)
@@ -160,7 +163,14 @@ SPECS: dict[str, DeviceSpec] = {
         DeviceSpec(
             "net", "virtio-net: a sink, a source or a loopback, or a guest on a tap device", create_net, net_arguments
         ),
-        DeviceSpec("blk", "virtio-blk on a raw image file or block device", create_blk, blk_arguments),
+        DeviceSpec(
+            "blk",
+            "virtio-blk on a raw image file or block device",
+            create_blk,
+            blk_arguments,
+            one_socket="an image is one guest's disk (one guest writing under another's page cache corrupts it); "
+            "run one process per image, as vhost-device does",
+        ),
         DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng),
         DeviceSpec(
             "fs", "virtio-fs sharing a host directory, or a filesystem written in Python", create_fs, fs_arguments
