@@ -91,3 +91,21 @@ def test_bench_peer_dpdk_packed(tmp_path):
         ("pyvhost", "pyvhost"),
     }
     assert "pyvhost/DPDK" in table
+
+
+def test_bench_guests(tmp_path):
+    """``--guests``: one row per guest count, every guest's traffic counted, the memory fields filled."""
+    out = tmp_path / "guests.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "pyvhost", "bench", "--guests", "1,3", "--metadata", "direct", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["guests"], r["metadata"]) for r in rows] == [(1, "direct"), (3, "direct")]
+    for r in rows:
+        assert r["errors"] == 0 and r["packets"] == r["guests"] * 2000, r
+        assert r["connected_mb"] > 0 and r["idle_mb"] > 0 and r["threads"] > r["guests"], r
+    assert "MB/guest" in p.stdout

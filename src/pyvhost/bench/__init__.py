@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import blk, fs, net
+from . import blk, fs, guests, net
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="net",
         help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py); "
         "fs: pyvhost's virtio-fs against virtiofsd, measured in a QEMU guest (bench/fs.py)",
+    )
+    p.add_argument(
+        "--guests",
+        metavar="N,N,...",
+        help="measure instead the resident memory of one back-end process serving N guests (--socket-count N, "
+        "net sink), e.g. 1,8,64 (bench/guests.py)",
     )
     p.add_argument("--image-mb", type=int, default=256, help="blk: size of the benchmark image")
     p.add_argument("--fs-mb", type=int, default=128, help="fs: size of the file the guest writes and reads")
@@ -45,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
+    if a.guests:
+        return guests.main(a)
     if a.device == "fs":
         return fs.main(a)
     return blk.main(a) if a.device == "blk" else net.main(a)
