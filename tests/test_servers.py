@@ -185,3 +185,17 @@ def test_cli_socket_count(tmp_path: Path):
         timeout=120,
     )
     assert r.returncode != 0 and "--socket-count 2 refused" in r.stderr and "one process per image" in r.stderr
+
+
+def test_fs_guests_share_the_fd_budget(tmp_path: Path):
+    """``serve fs --socket-count N``: each guest's passthrough gets 1/N of the process's fd budget by default,
+    so one guest holding every inode it may cannot starve the others."""
+    from pyvhost.devices.fs_passthrough import Passthrough
+
+    one, quarter = Passthrough(str(tmp_path)), Passthrough(str(tmp_path), share=4)
+    try:
+        assert quarter.max_inodes + quarter.max_handles <= (one.max_inodes + one.max_handles) // 4 + 1
+        assert quarter.max_inodes > 0 and quarter.max_handles > 0
+    finally:
+        one.close()
+        quarter.close()

@@ -137,7 +137,11 @@ def create_fs(args: argparse.Namespace) -> Device:
         from . import fs_passthrough
 
         ops = fs_passthrough.Passthrough(
-            args.shared_dir, readonly=args.readonly, max_inodes=args.max_inodes, max_handles=args.max_handles
+            args.shared_dir,
+            readonly=args.readonly,
+            max_inodes=args.max_inodes,
+            max_handles=args.max_handles,
+            share=getattr(args, "socket_count", 1),  # --socket-count N: N guests share the fd budget
         )
         what = args.shared_dir
     else:
