@@ -3,8 +3,9 @@
 A :class:`ServerCollector` walks the servers of the process when Prometheus scrapes and turns each live
 connection's per-queue counters (the queue state arrays the compiled loops update anyway) into metric families,
 so the datapath pays nothing for being observed.  Labels: ``socket`` (the server's socket path: one guest),
-``connection`` (the connection's number on that socket, from 1) and ``queue`` (the virtqueue index).  The text
-format is served by ``prometheus_client``'s own HTTP server, in a thread of its own.
+``connection`` (the connection's number on that socket, from 1) and ``queue`` (the virtqueue index).  A counter
+the queue stats gain later (IOTLB misses, dirty-log writes) is exported as ``pyvhost_queue_<name>_total`` with
+no change here.  The text format is served by ``prometheus_client``'s own HTTP server, in a thread of its own.
 """
 
 from __future__ import annotations
@@ -70,8 +71,15 @@ class ServerCollector(Collector):
             vrings = {vr.index: vr for vr in list(conn.vrings)}
             for index, counters in sorted(conn.stats().items()):
                 labels = [sock, number, str(index)]
-                for key, family in queues.items():
-                    family.add_metric(labels, counters[key])
+                for key, value in counters.items():
+                    if key == "error":
+                        continue
+                    family = queues.get(key)
+                    if family is None:  # a counter the back-end keeps that is not named here (a newer feature's)
+                        family = queues[key] = CounterMetricFamily(
+                            f"pyvhost_queue_{key}", f"The queue's {key} counter", labels=QUEUE_LABELS
+                        )
+                    family.add_metric(labels, value)
                 vr = vrings.get(index)
                 broken.add_metric(labels, 1 if vr is not None and vr.broken else 0)
                 error.add_metric(labels, counters["error"])
