@@ -65,12 +65,13 @@ def test_scrape_while_traffic_runs(serve, sock_path):
             t = threading.Thread(target=traffic)
             t.start()
             try:
+                # a scrape, then two more rounds done, then the next: the back-end has counted more in between
+                # (each round posts exactly 500 frames), so the counter must have grown
                 seen: list[float] = []
                 while len(seen) < 3:
-                    s = scrape(metrics.port)
-                    value = queue_value(s, "pyvhost_queue_packets_total", sock_path, TX)
-                    if not seen or value > seen[-1]:
-                        seen.append(value)
+                    seen.append(queue_value(scrape(metrics.port), "pyvhost_queue_packets_total", sock_path, TX))
+                    done = len(rounds)
+                    wait_for(lambda: len(rounds) >= done + 2 or not t.is_alive(), what="two more rounds of traffic")
                     assert t.is_alive(), "the traffic thread ended"
                 assert seen[0] < seen[1] < seen[2]
             finally:
