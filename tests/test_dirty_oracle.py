@@ -9,6 +9,8 @@ request headers, data it writes) aside -- has its bit set, and that no bit lies 
 Hypothesis draws ring sizes, how far the rings have run before (their indices and wrap counters), batch sizes,
 frame sizes, mergeable buffers and EVENT_IDX.  Then ``VHOST_F_LOG_ALL`` is switched on and off while the rings
 run: every write between the acknowledged switch-on and switch-off is logged, and none after switch-off.
+Hostile front-ends: a ``log_guest_addr`` outside guest memory is refused and the ring goes on; a memory table
+that outgrows the log is reported and nothing is written outside the log (sentinels around it in its file).
 """
 
 from __future__ import annotations
@@ -24,18 +26,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyvhost import protocol as P
 from pyvhost.access import Metadata
 from pyvhost.devices.blk import VIRTIO_BLK_S_OK, BlkDevice
 from pyvhost.devices.chain_device import ChainDevice
 from pyvhost.devices.net import Mode
 from pyvhost.devices.rng import RngDevice
 from pyvhost.frontend.blk import BlkFrontend
-from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.log import FrontendLog
+from pyvhost.frontend.net import Frontend, FrontendError
 from pyvhost.frontend.packed import PackedDriverRing
 from pyvhost.frontend.ram import BUF_SIZE
 from pyvhost.frontend.split import D_DONE, D_LIMIT, D_POSTED
+from pyvhost.protocol import Request as R
+from pyvhost.ring.packed import EVENT_BYTES as PK_EVENT_BYTES
 from pyvhost.ring.packed import ring_bytes
-from pyvhost.ring.split import avail_bytes, desc_bytes
+from pyvhost.ring.split import avail_bytes, desc_bytes, used_bytes
 
 from .conftest import RunningServer
 
@@ -44,6 +50,7 @@ LAYOUTS = ["split", "packed"]
 PAGE = 4096
 RAM = 4 << 20
 TIMEOUT = 30.0
+SENTINEL = 0xA5
 EXAMPLES = settings(
     max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
@@ -354,3 +361,107 @@ def test_log_all_switched_while_rings_run(kind, metadata):
             driver.join(TIMEOUT)
         assert not failed, failed
     srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile front-ends (SET_LOG_BASE's own checks -- sizes, offsets, fds -- are in test_dirtylog.py and
+# test_cve_classes.py): a log address outside memory, a memory table that outgrows the log
+def log_addr_cases(fe: Frontend, ring_len: int) -> list[int]:
+    end = fe.ram.gpa_base + fe.ram.size
+    return [0, fe.ram.gpa_base - ring_len, end - ring_len + 2, end, P.ADDR_LIMIT - 8, (1 << 64) - 8]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("metadata", PATHS)
+def test_log_guest_addr_outside_memory_is_refused(serve, sock_path, errors, metadata, layout):
+    """SET_VRING_ADDR with VHOST_VRING_F_LOG and a ``log_guest_addr`` whose used area is not (wholly) in guest
+    memory: refused with a clear error, the ring goes on with the address it had, its writes logged."""
+    srv = serve("source", metadata)
+    with Frontend(sock_path, queue_size=64, ram_size=RAM, packed=layout == "packed", dirty_log=True) as fe:
+        fe.setup()
+        fe.set_logging(True)
+        fe.run("rx", count=100, timeout=TIMEOUT)
+        ring = fe.rings[0]
+        a = ring.addr()
+        ring_len = PK_EVENT_BYTES if layout == "packed" else used_bytes(ring.size)
+        n = len(errors())
+        cases = log_addr_cases(fe, ring_len)
+        for bad in cases:
+            payload = P.VRING_ADDR.pack(0, 1 << P.VHOST_VRING_F_LOG, a.desc, a.used, a.avail, bad)
+            with pytest.raises(FrontendError, match="SET_VRING_ADDR failed"):
+                fe.command(R.SET_VRING_ADDR, payload)
+        new = errors()[n:]
+        assert sum("not in guest memory" in e for e in new) == len(cases), new
+        fe.log.take()
+        before = fe.ram.buf.copy()
+        done_before = [int(r.d[D_DONE]) for r in fe.rings]
+        fe.run("rx", count=500, timeout=TIMEOUT)
+        fe.drain("rx")
+        assert_logged(fe, before, driver_written(fe, done_before))
+    assert srv.ended()[-1][0]["error"] == 0
+
+
+class HalfTable(Frontend):
+    """Shares the lower ``table_size`` bytes of its RAM in its memory table (all of it once told)."""
+
+    def __init__(self, path: str, **kw) -> None:
+        super().__init__(path, **kw)
+        self.table_size = self.ram.size // 2
+
+    def set_mem_table(self) -> None:
+        region = P.MemRegion(self.ram.gpa_base, self.table_size, self.ram.uva_base, 0)
+        self.command(R.SET_MEM_TABLE, P.MEM_TABLE_HDR.pack(1, 0) + region.pack(), [self.ram.fd])
+
+
+def rx_into(fe: Frontend, off: int, count: int) -> None:
+    """``count`` RX completions into buffers at RAM offset ``off`` (not where the ring's own buffers lie)."""
+    ring = fe.rings[0]
+    _, rx_k = fe._kernels()
+    want = int(ring.d[D_DONE]) + count
+    ring.d[D_LIMIT] = ring.d[D_POSTED] + count
+    deadline = time.monotonic() + TIMEOUT
+    while ring.d[D_DONE] < want:
+        assert time.monotonic() < deadline, f"{ring.d[D_DONE]} of {want} completions"
+        rx_k(*ring.views(), fe.ram.gpa(off), 64)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("metadata", PATHS)
+def test_memory_table_outgrowing_the_log_writes_nothing_outside_it(serve, sock_path, errors, metadata, layout):
+    """A log that covers the memory table exactly, sentinels before it (SET_LOG_BASE's offset) and after it in
+    its file; then a memory table twice as large (QEMU grows the log first): the back-end says so, goes on,
+    and logs nothing past the log's end -- the sentinels stay intact -- until a log that covers it comes."""
+    serve("source", metadata)
+    half = RAM // 2
+    with HalfTable(sock_path, queue_size=64, ram_size=RAM, packed=layout == "packed", dirty_log=True) as fe:
+        fe.log = FrontendLog(fe.ram.gpa_base + half, offset=PAGE, tail=PAGE)
+        fe.log.file[:PAGE] = fe.log.file[-PAGE:] = SENTINEL
+        fe.setup()  # SET_LOG_BASE: covers the table exactly
+        fe.set_logging(True)
+        fe.run("rx", count=300, timeout=TIMEOUT)
+        assert fe.log.bitmap.any()
+        n = len(errors())
+        fe.table_size = RAM
+        fe.set_mem_table()
+        assert any("outgrew the dirty log" in e for e in errors()[n:]), errors()[n:]
+        upper = half + PAGE
+        fe.ram.buf[upper : upper + 64 * BUF_SIZE] = 0
+        rx_into(fe, upper, 300)  # frames written above the log's reach
+        assert fe.ram.buf[upper : upper + 64 * BUF_SIZE].any()
+        fe.set_logging(False)  # acknowledged once the workers are quiet: every write done, every bit set
+        lo, hi = fe.ram.gpa_base >> 12, (fe.ram.gpa_base + half) >> 12
+        assert all(lo <= p < hi for p in fe.log.take().tolist())
+        assert (fe.log.file[:PAGE] == SENTINEL).all() and (fe.log.file[-PAGE:] == SENTINEL).all()
+        # a log that covers the table: the same writes are logged again
+        n = len(errors())
+        old, fe.log = fe.log, FrontendLog(fe.ram.gpa_base + RAM)
+        fe.share_log()
+        old.close()
+        fe.set_logging(True)
+        fe.ram.buf[upper : upper + 64 * BUF_SIZE] = 0
+        rx_into(fe, upper, 300)
+        fe.set_logging(False)
+        pages = set(fe.log.take().tolist())
+        first = (fe.ram.gpa_base + upper) >> 12
+        assert set(range(first, first + 64 * BUF_SIZE // PAGE)) <= pages
+        assert not errors()[n:], errors()[n:]

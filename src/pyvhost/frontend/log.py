@@ -34,19 +34,19 @@ class FrontendLog:
 
     ``size`` (what SET_LOG_BASE says) is the bytes needed rounded up to whole words; the file holds
     ``offset`` bytes before the log (SET_LOG_BASE's ``mmap_offset``), so a back-end that ignores the offset
-    writes where :meth:`take` never looks."""
+    writes where :meth:`take` never looks, and ``tail`` bytes after it (tests put sentinels around the log)."""
 
-    def __init__(self, mem_end: int, offset: int = 0) -> None:
+    def __init__(self, mem_end: int, offset: int = 0, tail: int = 0) -> None:
         if mem_end <= 0:
             raise ValueError(f"no guest memory to log (end {mem_end:#x})")
-        if offset % WORD:
-            raise ValueError(f"log offset {offset:#x} is not a multiple of {WORD}")
+        if offset % WORD or tail < 0:
+            raise ValueError(f"log offset {offset:#x} not a multiple of {WORD}, or a negative tail {tail}")
         self.size = -(-log_size_for(mem_end) // WORD) * WORD
         self.offset = offset
         self.fd = os.memfd_create("pyvhost-dirty-log", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, offset + self.size)
-            self.mm = mmap.mmap(self.fd, offset + self.size, flags=mmap.MAP_SHARED)
+            os.ftruncate(self.fd, offset + self.size + tail)
+            self.mm = mmap.mmap(self.fd, offset + self.size + tail, flags=mmap.MAP_SHARED)
         except OSError:
             os.close(self.fd)
             raise
