@@ -5,12 +5,16 @@ file, optionally at most ``max_bytes`` per ``period`` (a fixed window, as vhost-
 Without a limit and with getrandom, a chain is filled in the ring's worker (``handle``).  Otherwise the chains
 go to one feeder thread, in the order taken: it fills each with what the current window still allows (a
 request may get fewer bytes than its buffers hold, never 0), and when the window is used up it sleeps until
-the next one starts.  A ring that stops completes the requests still waiting with 0 bytes.
+the next one starts.  A ring that stops completes the requests still waiting at once, each with 1 byte: virtio
+1.2 §5.4.7.2 wants "one or more random bytes", and Linux's driver posts no new buffer after a completion of 0
+bytes (its reads of /dev/hwrng then hang after the ring restarts).  Those bytes beyond the window are counted
+(``over_limit``) and taken from the next window, so the limit holds over time.
 
 A file source is read as it comes: a FIFO is opened read-write, so that it never reads end-of-file and its
 writers may come and go (the feeder waits for their data); a regular file or a device that reaches its end is
 an error -- logged once, and from then on every request completes with the bytes it got (0 for new ones).
-Bytes are never repeated: wrapping around would hand the guest the same "entropy" twice.
+Bytes are never repeated: wrapping around would hand the guest the same "entropy" twice.  A ring that stops
+does not wait for a source: its requests get what the source has at once (0 bytes if it has none).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class Window:
         """Bytes the current window still allows (a new window starts if the last one has ended)."""
         now = self.clock()
         if now >= self.start + self.period:
-            self.start, self.used = now, 0
+            # bytes given beyond a window (when a ring stopped) are taken from the next one
+            self.start, self.used = now, max(0, self.used - self.max_bytes)
             self.history.append([now, 0])
         return self.max_bytes - self.used
 
@@ -65,8 +70,8 @@ class Window:
 
 
 class Source:
-    """Random bytes from an open file: ``read_into(buf, wake_fd)`` reads what the file has now into ``buf``, or
-    waits for data when there is none (until ``wake_fd`` is readable); returns the bytes read (0: its end)."""
+    """Random bytes from an open file: ``read_into(buf, wake_fd, wait)`` reads what the file has now into ``buf``,
+    or (``wait``) waits for data when there is none, until ``wake_fd`` is readable; returns the bytes read."""
 
     def __init__(self, path: str) -> None:
         st = os.stat(path)
@@ -76,13 +81,13 @@ class Source:
         self.fd = os.open(path, mode | os.O_NONBLOCK | os.O_CLOEXEC)
         self.eof = False
 
-    def read_into(self, buf: memoryview, wake_fd: int) -> int:
+    def read_into(self, buf: memoryview, wake_fd: int, wait: bool = True) -> int:
         got = 0
         while got < len(buf) and not self.eof:
             try:
                 n = os.readv(self.fd, [buf[got:]])
             except BlockingIOError:
-                if got:
+                if got or not wait:
                     break  # what the file has now: the driver takes fewer bytes than it asked for
                 ready, _, _ = select.select([self.fd, wake_fd], [], [])
                 if wake_fd in ready:
@@ -124,9 +129,11 @@ class RngDevice(ChainDevice):
         self.bytes_served = 0
         self.bad_requests = 0
         self.waited = 0  # requests that waited for a new window
-        self._pending: collections.deque[Request] = collections.deque()
+        self.over_limit = 0  # bytes given beyond a window to requests a stopping ring completed
+        #: requests for the feeder, each with the value of ``_stops`` when it came
+        self._pending: collections.deque[tuple[Request, int]] = collections.deque()
         self._cond = threading.Condition()
-        self._stops = 0  # bumped by stopping(): the request being served and the waiting ones end now
+        self._stops = 0  # bumped by stopping(): the requests that came before wait no more
         self._closed = False
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._feeder: threading.Thread | None = None
@@ -150,7 +157,7 @@ class RngDevice(ChainDevice):
             if self._feeder is None:
                 self._feeder = threading.Thread(target=self._feed, name="rng-feeder", daemon=True)
                 self._feeder.start()
-            self._pending.append(req)
+            self._pending.append((req, self._stops))
             self._cond.notify()
 
     def _bad(self, req: Request) -> None:
@@ -168,14 +175,12 @@ class RngDevice(ChainDevice):
         req.complete(0)
 
     def stopping(self, queue: int) -> None:
+        """The feeder completes every request that came before now without waiting (the ring's drain waits
+        for them)."""
         with self._cond:
-            waiting = list(self._pending)
-            self._pending.clear()
             self._stops += 1
             self._cond.notify_all()
         os.eventfd_write(self._wake, 1)  # a feeder waiting for a FIFO's data
-        for req in waiting:
-            req.complete(0)
 
     # -- in the feeder thread ------------------------------------------------------------------------------
     def _feed(self) -> None:
@@ -185,8 +190,7 @@ class RngDevice(ChainDevice):
                     self._cond.wait()
                 if self._closed:
                     return
-                req = self._pending.popleft()
-                stops = self._stops
+                req, stops = self._pending.popleft()
             try:
                 n = self._serve(req, stops)
             except Exception:
@@ -196,19 +200,20 @@ class RngDevice(ChainDevice):
             req.complete(n)
 
     def _serve(self, req: Request, stops: int) -> int:
-        """Fill ``req`` with what the window allows (waiting for a window with room); the bytes written."""
+        """Fill ``req`` with what the window allows, waiting for a window with room -- unless the ring stops
+        meanwhile (``_stops`` moved on from ``stops``): then 1 byte beyond the window; the bytes written."""
         want = sum(len(b) for b in req.writable)
         if self.window is not None:
             room = self.window.room()
-            if not room:
+            if room <= 0:
                 self.waited += 1
-            while not room:
+            while room <= 0 and self._stops == stops and not self._closed:
                 with self._cond:
                     self._cond.wait_for(lambda: self._stops != stops or self._closed, self.window.left())
-                    if self._stops != stops or self._closed:
-                        return 0
                 room = self.window.room()
-            want = min(want, room)
+            if self._closed:
+                return 0
+            want = min(want, room) if room > 0 else 1
         written = 0
         for b in req.writable:
             if written == want:
@@ -223,6 +228,7 @@ class RngDevice(ChainDevice):
             if got < len(part):
                 break
         if self.window is not None:
+            self.over_limit += max(0, written - max(room, 0))
             self.window.take(written)
         return written
 
@@ -234,9 +240,7 @@ class RngDevice(ChainDevice):
             os.eventfd_read(self._wake)  # a wake-up from an earlier stop
         except BlockingIOError:
             pass
-        if self._stops != stops:
-            return 0
-        got = self.source.read_into(buf, self._wake)
+        got = self.source.read_into(buf, self._wake, wait=self._stops == stops)
         if self.source.eof:
             log.error(
                 "rng source %s: end of file; requests complete with the bytes they got (none from now on)",
@@ -249,6 +253,7 @@ class RngDevice(ChainDevice):
         s: dict[str, object] = {"bytes": self.bytes_served, "bad_requests": self.bad_requests}
         if self.window is not None:
             s["waited"] = self.waited
+            s["over_limit"] = self.over_limit
             s["window_bytes"] = [b for _, b in self.window.history]
         if self.source is not None:
             s["source_eof"] = self.source.eof
@@ -261,7 +266,7 @@ class RngDevice(ChainDevice):
             feeder = self._feeder
             waiting = list(self._pending)
             self._pending.clear()
-        for req in waiting:
+        for req, _ in waiting:
             req.complete(0)
         os.eventfd_write(self._wake, 1)
         if feeder is not None:
