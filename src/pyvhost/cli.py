@@ -69,6 +69,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec: DeviceSpec = args.spec
     device = spec.create(args)
     server = Server(device, args.socket_path, Metadata(args.metadata), batch=args.batch, listener=listener)
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import MetricsServer
+
+        metrics = MetricsServer(lambda: [server], args.metrics_port, args.metrics_addr)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_addr, metrics.port)
 
     def on_signal(signum, frame):
         server.stop()
@@ -92,6 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.serve(connections=args.connections)
     finally:
         done.set()
+        if metrics is not None:
+            metrics.close()
         stats = server.stats()
         server.close()
         device.close()
@@ -183,6 +191,13 @@ def serve_arguments() -> argparse.ArgumentParser:
     p.add_argument("--stats-json", help="write the per-queue counters here at exit")
     p.add_argument("--stats-interval", type=float, default=0, help="log the counters every N seconds")
     p.add_argument("--ready-file", help="write the pid here once the socket listens")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics (per connection and queue) on this TCP port (0: any free one)",
+    )
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)")
     return p
 
 
