@@ -78,6 +78,15 @@ def test_bench_ring_both(tmp_path):
     assert "packed/split" in table
 
 
+def test_bench_dirty_log_both(tmp_path):
+    """Logging off and on, in pairs: the back-end logs (the front-end sees bits set) only when asked."""
+    rows, table = bench(tmp_path, "--dirty-log", "both", "--metadata", "direct")
+    check(rows)
+    assert {(r["dirty_log"], r["direction"]) for r in rows} == {(g, d) for g in ("off", "on") for d in ("tx", "rx")}
+    assert all((r["dirty_pages"] > 0) == (r["dirty_log"] == "on") for r in rows), rows
+    assert "log on/off" in table
+
+
 @needs_dpdk
 @pytest.mark.dpdk
 def test_bench_peer_dpdk_packed(tmp_path):

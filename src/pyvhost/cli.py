@@ -161,9 +161,15 @@ def cmd_drive(args: argparse.Namespace) -> int:
     warm_up()
     t_connect = time.perf_counter()
     with Frontend(
-        args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx, packed=args.packed
+        args.socket_path,
+        queue_size=args.queue_size,
+        event_idx=not args.no_event_idx,
+        packed=args.packed,
+        dirty_log=args.dirty_log,
     ) as fe:
         fe.setup()
+        if args.dirty_log:
+            fe.set_logging(True)
         result = fe.run(
             args.direction,
             seconds=args.seconds,
@@ -173,6 +179,8 @@ def cmd_drive(args: argparse.Namespace) -> int:
             batch=args.batch,
         )
         result["final"] = fe.drain(args.direction)
+        if fe.log is not None:
+            result["dirty_pages"] = int(fe.log.dirty_pages().size)
     first = result.pop("first_completion_at")
     result["first_packet_s"] = None if first is None else first - t_connect
     print(json.dumps(result), flush=True)
@@ -268,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--batch", type=int, default=64)
     drive.add_argument("--no-event-idx", action="store_true")
     drive.add_argument("--packed", action="store_true", help="packed virtqueues (VIRTIO_F_RING_PACKED)")
+    drive.add_argument(
+        "--dirty-log",
+        action="store_true",
+        help="share a dirty log and switch VHOST_F_LOG_ALL on before the traffic (as QEMU does to migrate)",
+    )
     drive.add_argument("--cpu", type=int)
     drive.set_defaults(func=cmd_drive)
 

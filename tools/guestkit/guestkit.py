@@ -44,6 +44,7 @@ MODULES = [
     "virtio_blk",
     "fuse",
     "virtiofs",
+    "virtio_rng",
 ]
 
 QEMU = "qemu-system-x86_64"

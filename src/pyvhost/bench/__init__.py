@@ -39,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="split",
         help="virtqueue layout the front-ends negotiate (packed: VIRTIO_F_RING_PACKED)",
     )
+    p.add_argument(
+        "--dirty-log",
+        choices=["off", "on", "both"],
+        default="off",
+        help="net: the pyvhost front-end shares a dirty log and switches VHOST_F_LOG_ALL on (a migrating guest); "
+        "both: each configuration with logging off and on, run in pairs",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")

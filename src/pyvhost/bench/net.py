@@ -44,6 +44,9 @@ class Row:
     run: int = 0
     first_packet_s: float | None = None
     note: str = ""
+    dirty_log: str = "off"
+    #: pages the log showed at the end (pyvhost's front-end with the log on; 0 otherwise)
+    dirty_pages: int = 0
 
 
 @dataclass
@@ -53,11 +56,13 @@ class Config:
     direction: str  # tx | rx
     metadata: str  # copy | direct | "-" for DPDK's back-end
     ring: str = "split"  # split | packed (VIRTIO_F_RING_PACKED, negotiated by the front-end)
+    dirty_log: str = "off"  # on: the front-end shares a dirty log and switches VHOST_F_LOG_ALL on (migrating)
     rows: list[Row] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring}"
+        log = " log" if self.dirty_log == "on" else ""
+        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring}{log}"
 
 
 class Runner:
@@ -105,7 +110,7 @@ class Runner:
         return data["ended"][-1][str(queue)]
 
     # -- pyvhost front-end ------------------------------------------------------------------------------
-    def drive(self, sock: Path, direction: str, ring: str = "split") -> dict:
+    def drive(self, sock: Path, direction: str, ring: str = "split", dirty_log: bool = False) -> dict:
         cmd = pyvhost_cmd(
             "drive",
             "net",
@@ -128,6 +133,8 @@ class Runner:
         )
         if ring == "packed":
             cmd.append("--packed")
+        if dirty_log:
+            cmd.append("--dirty-log")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.seconds + self.a.warmup + 120)
         if out.returncode:
             raise RuntimeError(f"pyvhost drive failed: {out.stderr[-2000:]}")
@@ -186,9 +193,10 @@ def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row) -> None:
     """Drive ``sock`` with the configuration's front-end (pyvhost's, or testpmd's virtio-user with ``fwd``) and
     put its rate and packet count in ``row``."""
     if c.frontend == "pyvhost":
-        res = r.drive(sock, c.direction, c.ring)
+        res = r.drive(sock, c.direction, c.ring, c.dirty_log == "on")
         row.mpps, row.packets = res["mpps"], res["final"]["packets"]
         row.first_packet_s = res.get("first_packet_s")
+        row.dirty_pages = res.get("dirty_pages", 0)
     else:
         res = r.dpdk_frontend(sock, fwd, c.ring)
         row.mpps = res["mpps"]
@@ -200,7 +208,20 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     r.n += 1
     sock = r.dir / f"vhost{r.n}.sock"
     a = r.a
-    row = Row(c.backend, c.frontend, c.direction, c.metadata, a.pkt_size, a.queue_size, 0.0, 0, 0, ring=c.ring, run=run)
+    row = Row(
+        c.backend,
+        c.frontend,
+        c.direction,
+        c.metadata,
+        a.pkt_size,
+        a.queue_size,
+        0.0,
+        0,
+        0,
+        ring=c.ring,
+        run=run,
+        dirty_log=c.dirty_log,
+    )
     mode = "sink" if c.direction == "tx" else "source"
     dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
     fe_fwd = "txonly" if c.direction == "tx" else "rxonly"
@@ -248,14 +269,18 @@ def configs(a: argparse.Namespace) -> list[Config]:
     dirs = ["tx", "rx"] if a.direction == "both" else [a.direction]
     paths = ["copy", "direct"] if a.metadata == "both" else [a.metadata]
     rings = ["split", "packed"] if getattr(a, "ring", "split") == "both" else [getattr(a, "ring", "split")]
+    logs = ["off", "on"] if getattr(a, "dirty_log", "off") == "both" else [getattr(a, "dirty_log", "off")]
     out: list[Config] = []
     fronts = ["dpdk", "pyvhost"] if a.peer == "dpdk" else ["pyvhost"]
     for fe in fronts:
+        # only pyvhost's front-end shares a dirty log (testpmd's virtio-user does not migrate)
+        fe_logs = logs if fe == "pyvhost" else [x for x in logs if x == "off"]
         for d in dirs:
             for ring in rings:
-                if a.peer == "dpdk":
-                    out.append(Config("dpdk", fe, d, "-", ring))
-                out += [Config("pyvhost", fe, d, m, ring) for m in paths]
+                if a.peer == "dpdk" and fe_logs:
+                    out.append(Config("dpdk", fe, d, "-", ring, fe_logs[0]))
+                # logging off and on next to each other: each round runs them as a pair, one after the other
+                out += [Config("pyvhost", fe, d, m, ring, lg) for m in paths for lg in fe_logs]
     return out
 
 
@@ -269,9 +294,8 @@ def table(cs: list[Config]) -> str:
     lines = []
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
-        lines.append(
-            f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'Mpps median (min–max)':24} {'errors':>6}  ratio"
-        )
+        head = f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'log':3}"
+        lines.append(f"{head} {'Mpps median (min–max)':24} {'errors':>6}  ratio")
         for c in (c for c in cs if c.frontend == fe):
             if not c.rows:
                 continue
@@ -280,7 +304,11 @@ def table(cs: list[Config]) -> str:
             same = {
                 x.metadata: x
                 for x in cs
-                if x.frontend == fe and x.direction == c.direction and x.ring == c.ring and x.rows
+                if x.frontend == fe
+                and x.direction == c.direction
+                and x.ring == c.ring
+                and x.rows
+                and (x.dirty_log == c.dirty_log or x.backend == "dpdk")
             }
             if c.backend == "pyvhost" and c.metadata == "direct" and "copy" in same:
                 base = statistics.median(x.mpps for x in same["copy"].rows)
@@ -293,6 +321,7 @@ def table(cs: list[Config]) -> str:
                 and x.direction == c.direction
                 and x.metadata == c.metadata
                 and x.ring == "split"
+                and x.dirty_log == c.dirty_log
                 and x.rows
             ]
             if c.ring == "packed" and split:
@@ -305,9 +334,27 @@ def table(cs: list[Config]) -> str:
                     ratio += (
                         " " if ratio else ""
                     ) + f"pyvhost/DPDK {statistics.median(pairs):.2f}x (runs {', '.join(f'{x:.2f}' for x in pairs)})"
+            off = [
+                x
+                for x in cs
+                if x.frontend == fe
+                and x.backend == c.backend
+                and x.direction == c.direction
+                and x.metadata == c.metadata
+                and x.ring == c.ring
+                and x.dirty_log == "off"
+                and x.rows
+            ]
+            if c.dirty_log == "on" and off:  # each run against the logging-off run just before it
+                pairs = [on.mpps / o.mpps for on, o in zip(c.rows, off[0].rows) if o.mpps]
+                if pairs:
+                    ratio += (" " if ratio else "") + (
+                        f"log on/off {statistics.median(pairs):.2f}x (runs {', '.join(f'{x:.2f}' for x in pairs)})"
+                    )
             errs = sum(x.errors for x in c.rows)
             lines.append(
-                f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {_fmt(c.rows):24} {errs:6d}  {ratio}"
+                f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {c.dirty_log:3} {_fmt(c.rows):24} "
+                f"{errs:6d}  {ratio}"
             )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
         if fp:
@@ -370,8 +417,10 @@ def main(a: argparse.Namespace) -> int:
                         0.0,
                         0,
                         1,
+                        ring=c.ring,
                         run=run,
                         note=str(e)[:300],
+                        dirty_log=c.dirty_log,
                     )
                 c.rows.append(row)
                 eta = (time.monotonic() - t0) / done * (total - done)

@@ -93,10 +93,38 @@ def create_blk(args: argparse.Namespace) -> Device:
     return device
 
 
+def rng_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        metavar="FILE",
+        help="read random bytes from FILE (a device, a FIFO, a file: its end is an error, never wrapped around); "
+        "default: the kernel's getrandom",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give the guest at most N bytes per --period (default 0: no limit); requests beyond wait",
+    )
+    p.add_argument("--period", type=int, default=1000, metavar="MS", help="the --max-bytes window (default 1000 ms)")
+
+
 def create_rng(args: argparse.Namespace) -> Device:
     from . import rng
 
-    return rng.RngDevice()
+    if args.max_bytes < 0 or args.period <= 0:
+        raise SystemExit("serve rng: --max-bytes must be >= 0 and --period > 0")
+    try:
+        device = rng.RngDevice(args.source, max_bytes=args.max_bytes, period=args.period / 1000)
+    except OSError as e:
+        raise SystemExit(f"serve rng: --source {args.source}: {e.strerror}") from None
+    log.info(
+        "rng from %s%s",
+        args.source or "getrandom",
+        f", at most {args.max_bytes} bytes per {args.period} ms" if args.max_bytes else "",
+    )
+    return device
 
 
 CACHE_MODES = ("none", "auto", "always")
@@ -175,7 +203,7 @@ SPECS: dict[str, DeviceSpec] = {
             one_socket="an image is one guest's disk (one guest writing under another's page cache corrupts it); "
             "run one process per image, as vhost-device does",
         ),
-        DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng),
+        DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng, rng_arguments),
         DeviceSpec(
             "fs", "virtio-fs sharing a host directory, or a filesystem written in Python", create_fs, fs_arguments
         ),
