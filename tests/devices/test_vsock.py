@@ -147,13 +147,15 @@ class Driver:
         return [EVENT.unpack(bytes(self.ev.buf(h)[:n]))[0] for h, n in self.ev.used() if n == EVENT.size]
 
 
-@pytest.fixture
-def vsock(serve, sock_path, tmp_path):
+@pytest.fixture(params=["direct", "copy"])
+def vsock(serve, sock_path, tmp_path, request):
+    """A vsock device served on each metadata path, a front-end with its three rings, the driver, the uds path."""
     uds = str(tmp_path / "vm.vsock")
     dev = VsockDevice(CID, uds)
-    serve(device=dev)
+    srv = serve(device=dev, metadata=request.param)
     fe = Frontend(sock_path, num_queues=3)
     fe.setup()
+    srv.assert_path(request.param, [0, 1, 2])
     try:
         yield dev, fe, Driver(fe), uds
     finally:
