@@ -958,6 +958,10 @@ class Connection:
             self.inflight.close()
             self.inflight = None
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+        try:
+            self.device.driver_gone()
+        except Exception:
+            log.exception("device %s: forgetting the driver failed", type(self.device).__name__)
 
 
 EVENTFD_KIND = "anon_inode:[eventfd]"

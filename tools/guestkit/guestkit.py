@@ -45,6 +45,7 @@ MODULES = [
     "fuse",
     "virtiofs",
     "virtio_rng",
+    "vmw_vsock_virtio_transport",
 ]
 
 QEMU = "qemu-system-x86_64"

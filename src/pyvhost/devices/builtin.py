@@ -127,6 +127,28 @@ def create_rng(args: argparse.Namespace) -> Device:
     return device
 
 
+def vsock_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guest-cid", type=int, required=True, help="the guest's CID (3 or more)")
+    p.add_argument(
+        "--uds-path",
+        required=True,
+        metavar="PATH",
+        help="host side: a guest connecting to port P reaches the Unix socket PATH_P; a host process connects "
+        "to PATH and writes 'CONNECT P\\n' to reach guest port P",
+    )
+
+
+def create_vsock(args: argparse.Namespace) -> Device:
+    from . import vsock
+
+    try:
+        device = vsock.VsockDevice(args.guest_cid, args.uds_path)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"serve vsock: {e}") from None
+    log.info("vsock for guest cid %d on %s", args.guest_cid, args.uds_path)
+    return device
+
+
 CACHE_MODES = ("none", "auto", "always")
 
 
@@ -204,6 +226,9 @@ SPECS: dict[str, DeviceSpec] = {
             "run one process per image, as vhost-device does",
         ),
         DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng, rng_arguments),
+        DeviceSpec(
+            "vsock", "virtio-vsock to host Unix sockets (Firecracker's hybrid scheme)", create_vsock, vsock_arguments
+        ),
         DeviceSpec(
             "fs", "virtio-fs sharing a host directory, or a filesystem written in Python", create_fs, fs_arguments
         ),
