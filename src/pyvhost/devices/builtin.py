@@ -31,7 +31,12 @@ def net_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-offloads", action="store_true", help="with --tap: offer no checksum/TSO/UFO offloads to the guest"
     )
-    p.add_argument("--pkt-size", type=int, default=64, help="frame size generated in source mode")
+    p.add_argument(
+        "--pkt-size",
+        type=int,
+        default=64,
+        help="frame size generated in source mode (each frame numbered and UDP-checksummed: devices/net_frame.py)",
+    )
     p.add_argument("--queue-pairs", type=int, default=1)
     p.add_argument("--count", type=int, default=-1, help="source mode: stop after this many packets per queue")
 

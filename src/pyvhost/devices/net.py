@@ -36,6 +36,7 @@ from ..ring.state import (
 )
 from . import net_packed
 from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
+from .net_frame import SEQ_LEN, SEQ_OFF, frame_sum, stamp
 
 VIRTIO_ID_NET = 1
 VIRTIO_NET_F_CSUM = 0
@@ -197,7 +198,10 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
 
 @kernel
 def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, budget, spins):
-    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1)."""
+    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1), each stamped
+    with its sequence number and UDP checksum (net_frame.py; ``frame`` is the step's own copy)."""
+    numbered = frame.shape[0] >= SEQ_OFF + SEQ_LEN
+    base = frame_sum(frame, frame.shape[0]) if numbered else 0
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
@@ -211,6 +215,8 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
         k = 0
         status = _MORE
         while k < n and (q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]):
+            if numbered:
+                stamp(frame, base, q[Q_PACKETS])
             c = rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, frame, frame.shape[0], k, n)
             if c < 0:
                 status = _BROKEN
@@ -381,7 +387,7 @@ class NetDevice(Device):
     def _step(self, mode: Mode, rings: list[Ring]) -> StepFn:
         spins = self.spins
         if self.negotiated & (1 << VIRTIO_F_RING_PACKED):
-            return net_packed.make_step(mode.value, rings, spins, self.frame, MAX_FRAME)
+            return net_packed.make_step(mode.value, rings, spins, self.frame.copy(), MAX_FRAME)
         mem = rings[0].mem
         views, table = mem.arena.view, mem.table
         if mode is Mode.SINK:
@@ -392,7 +398,8 @@ class NetDevice(Device):
         if mode is Mode.SOURCE:
             (rx,) = rings
             sgs = np.stack([new_sg(int(rx.q[0]))] * 2)
-            source = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame)
+            # the step's own copy of the frame: it stamps a sequence number into it (one per queue)
+            source = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame.copy())
             return lambda budget: rx_source(*source, budget, spins)
         rx, tx = rings
         tsg = new_sg(int(tx.q[0]))
