@@ -40,7 +40,7 @@ def completions(fe: Frontend, n: int) -> list[bytes]:
 @pytest.mark.parametrize("pkt_size", [60, 61, 1500])
 def test_source_frames_are_numbered_and_checksummed(serve, sock_path, metadata, layout, pkt_size):
     size = 128
-    serve("source", metadata, pkt_size=pkt_size)
+    serve("source", metadata, pkt_size=pkt_size, numbered=True)
     with Frontend(sock_path, queue_size=size, ram_size=8 << 20, packed=layout == "packed") as fe:
         fe.setup()
         fe.run("rx", count=size, batch=size, timeout=30)  # the whole ring posted in one batch: no buffer reused
@@ -48,6 +48,18 @@ def test_source_frames_are_numbered_and_checksummed(serve, sock_path, metadata, 
         fe.drain("rx")
     assert [len(f) for f in frames] == [pkt_size] * size
     assert [check_frame(f) for f in frames] == list(range(size))
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_plain_frames_when_not_numbered(serve, sock_path, layout):
+    """NetDevice(numbered=False) (the Python API's default; serve's --plain-frames): identical frames."""
+    serve("source", "direct", pkt_size=100)
+    with Frontend(sock_path, queue_size=16, ram_size=8 << 20, packed=layout == "packed") as fe:
+        fe.setup()
+        fe.run("rx", count=16, batch=16, timeout=30)
+        frames = completions(fe, 16)
+        fe.drain("rx")
+    assert frames == [make_frame(100).tobytes()] * 16
 
 
 @given(size=st.integers(60, 2000), seq=st.integers(0, 2**63 - 1), flip=st.integers(0, 1999))

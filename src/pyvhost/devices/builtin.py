@@ -35,10 +35,15 @@ def net_arguments(p: argparse.ArgumentParser) -> None:
         "--pkt-size",
         type=int,
         default=64,
-        help="frame size generated in source mode (each frame numbered and UDP-checksummed: devices/net_frame.py)",
+        help="frame size generated in source mode (each numbered and UDP-checksummed: devices/net_frame.py)",
     )
     p.add_argument("--queue-pairs", type=int, default=1)
     p.add_argument("--count", type=int, default=-1, help="source mode: stop after this many packets per queue")
+    p.add_argument(
+        "--plain-frames",
+        action="store_true",
+        help="source mode: identical frames, without sequence numbers and UDP checksums",
+    )
 
 
 def create_net(args: argparse.Namespace) -> Device:
@@ -50,7 +55,13 @@ def create_net(args: argparse.Namespace) -> Device:
     from . import net
 
     log.info("net in %s mode, %d queue pair(s)", args.mode, args.queue_pairs)
-    return net.NetDevice(net.Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size, count=args.count)
+    return net.NetDevice(
+        net.Mode(args.mode),
+        queue_pairs=args.queue_pairs,
+        pkt_size=args.pkt_size,
+        count=args.count,
+        numbered=not args.plain_frames,
+    )
 
 
 def blk_arguments(p: argparse.ArgumentParser) -> None:

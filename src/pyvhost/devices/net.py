@@ -30,6 +30,7 @@ from ..ring.state import (
     Q_LOG_SIZE,
     Q_MRG,
     Q_PACKETS,
+    Q_SEQ,
     Q_STOP,
     Q_USED_IDX,
     new_queue_state,
@@ -199,8 +200,9 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
 @kernel
 def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, budget, spins):
     """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1), each stamped
-    with its sequence number and UDP checksum (net_frame.py; ``frame`` is the step's own copy)."""
-    numbered = frame.shape[0] >= SEQ_OFF + SEQ_LEN
+    with its sequence number and UDP checksum if q[Q_SEQ] (net_frame.py; ``frame`` is then the step's own
+    copy)."""
+    numbered = q[Q_SEQ] != 0 and frame.shape[0] >= SEQ_OFF + SEQ_LEN
     base = frame_sum(frame, frame.shape[0]) if numbered else 0
     for _ in range(budget):
         if q[Q_STOP]:
@@ -327,8 +329,11 @@ class NetDevice(Device):
         mtu: int = 1500,
         spins: int = 20000,
         count: int = -1,
+        numbered: bool = False,
     ) -> None:
         self.mode = Mode(mode)
+        #: source mode: each frame carries its sequence number and a valid UDP checksum (devices/net_frame.py)
+        self.numbered = numbered
         self.count = count
         self.queue_pairs = queue_pairs
         self.num_queues = 2 * queue_pairs
@@ -360,6 +365,7 @@ class NetDevice(Device):
         q[Q_MRG] = 1 if self.negotiated & (1 << VIRTIO_NET_F_MRG_RXBUF) else 0
         if self.mode is Mode.SOURCE:
             q[Q_LIMIT] = self.count
+            q[Q_SEQ] = 1 if self.numbered else 0
 
     def workers(self) -> list[tuple[int, ...]]:
         pairs = range(self.queue_pairs)

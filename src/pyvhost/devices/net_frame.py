@@ -1,7 +1,8 @@
 """The numbered frames ``serve net --mode source`` sends: a sequence number and a valid UDP checksum in each.
 
 A source frame is :func:`~pyvhost.devices.net.make_frame`'s UDP/IPv4 frame (Ethernet 14 bytes, IPv4 20, UDP 8,
-then the payload).  Before each frame is delivered the source stamps it:
+then the payload).  With ``NetDevice(numbered=True)`` (what ``serve`` does unless ``--plain-frames``; the queue's
+``Q_SEQ``) the source stamps each frame before delivering it:
 
 * payload bytes 0..7: the frame's sequence number on its queue (big-endian u64; 0 for the first frame a queue
   delivers after the back-end (re)started it, +1 for each frame delivered -- a frame dropped for want of room

@@ -47,6 +47,7 @@ from ..ring.state import (
     Q_LOG_SIZE,
     Q_MRG,
     Q_PACKETS,
+    Q_SEQ,
     Q_SIZE,
     Q_STOP,
 )
@@ -213,8 +214,9 @@ def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, p
 @kernel
 def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget, spins):
     """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1), each stamped
-    with its sequence number and UDP checksum (net_frame.py; ``frame`` is the step's own copy)."""
-    numbered = frame.shape[0] >= SEQ_OFF + SEQ_LEN
+    with its sequence number and UDP checksum if q[Q_SEQ] (net_frame.py; ``frame`` is then the step's own
+    copy)."""
+    numbered = q[Q_SEQ] != 0 and frame.shape[0] >= SEQ_OFF + SEQ_LEN
     base = frame_sum(frame, frame.shape[0]) if numbered else 0
     for _ in range(budget):
         if q[Q_STOP]:
