@@ -31,9 +31,19 @@ def net_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-offloads", action="store_true", help="with --tap: offer no checksum/TSO/UFO offloads to the guest"
     )
-    p.add_argument("--pkt-size", type=int, default=64, help="frame size generated in source mode")
+    p.add_argument(
+        "--pkt-size",
+        type=int,
+        default=64,
+        help="frame size generated in source mode (each numbered and UDP-checksummed: devices/net_frame.py)",
+    )
     p.add_argument("--queue-pairs", type=int, default=1)
     p.add_argument("--count", type=int, default=-1, help="source mode: stop after this many packets per queue")
+    p.add_argument(
+        "--plain-frames",
+        action="store_true",
+        help="source mode: identical frames, without sequence numbers and UDP checksums",
+    )
 
 
 def create_net(args: argparse.Namespace) -> Device:
@@ -48,7 +58,13 @@ def create_net(args: argparse.Namespace) -> Device:
     from . import net
 
     log.info("net in %s mode, %d queue pair(s)", args.mode, args.queue_pairs)
-    return net.NetDevice(net.Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size, count=args.count)
+    return net.NetDevice(
+        net.Mode(args.mode),
+        queue_pairs=args.queue_pairs,
+        pkt_size=args.pkt_size,
+        count=args.count,
+        numbered=not args.plain_frames,
+    )
 
 
 def blk_arguments(p: argparse.ArgumentParser) -> None:
