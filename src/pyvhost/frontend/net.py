@@ -26,7 +26,7 @@ from ..ring.split import (
     used_bytes,
 )
 from . import packed as frontend_packed
-from .iommu import RO, RW, WO, Viommu
+from .iommu import RO, RW, Viommu
 from .ram import BUF_SIZE, PAGE, GuestRam
 from .split import (
     D_BATCH,
@@ -187,7 +187,8 @@ class Frontend:
         return ring.buf_gpa(0) if self.viommu is None else self.viommu.iova(ring.bufs_off)
 
     def _map_ring(self, ring) -> None:
-        """Map a ring's parts and buffers in the vIOMMU (TX buffers read-only, RX ones write-only)."""
+        """Map a ring's parts and buffers in the vIOMMU (TX buffers read-only; RX ones read/write, as an IOMMU
+        without zero-length-read support maps DMA_FROM_DEVICE, and as DPDK's vhost asks for them)."""
         v = self.viommu
         assert v is not None
         n = ring.size
@@ -200,7 +201,7 @@ class Frontend:
             v.map(ring.avail_off, avail_bytes(n), RW)
             v.map(ring.used_off, used_bytes(n), RW)
         net = self.num_queues == 2 * self.queue_pairs
-        v.map(ring.bufs_off, n * BUF_SIZE, (RO if ring.index % 2 else WO) if net else RW)
+        v.map(ring.bufs_off, n * BUF_SIZE, RO if net and ring.index % 2 else RW)
 
     @property
     def hdr_len(self) -> int:
