@@ -111,7 +111,12 @@ def cmd_drive(args: argparse.Namespace) -> int:
     warm_up()
     t_connect = time.perf_counter()
     with Frontend(
-        args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx, packed=args.packed
+        args.socket_path,
+        queue_size=args.queue_size,
+        event_idx=not args.no_event_idx,
+        packed=args.packed,
+        iommu=args.iommu_entries is not None,
+        iommu_prefill=args.iommu_entries,
     ) as fe:
         fe.setup()
         result = fe.run(
@@ -203,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--batch", type=int, default=64)
     drive.add_argument("--no-event-idx", action="store_true")
     drive.add_argument("--packed", action="store_true", help="packed virtqueues (VIRTIO_F_RING_PACKED)")
+    drive.add_argument(
+        "--iommu-entries",
+        type=int,
+        metavar="N",
+        help="play a vIOMMU (VIRTIO_F_ACCESS_PLATFORM) whose IOTLB holds N entries, all sent up front",
+    )
     drive.add_argument("--cpu", type=int)
     drive.set_defaults(func=cmd_drive)
 

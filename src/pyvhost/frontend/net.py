@@ -187,8 +187,9 @@ class Frontend:
         return ring.buf_gpa(0) if self.viommu is None else self.viommu.iova(ring.bufs_off)
 
     def _map_ring(self, ring) -> None:
-        """Map a ring's parts and buffers in the vIOMMU (TX buffers read-only; RX ones read/write, as an IOMMU
-        without zero-length-read support maps DMA_FROM_DEVICE, and as DPDK's vhost asks for them)."""
+        """Map a ring's parts and buffers in the vIOMMU: TX buffers read-only (unless everything is sent up
+        front: then, as one run of read/write pages, all of RAM in use is one IOTLB entry); RX ones read/write,
+        as an IOMMU without zero-length-read support maps DMA_FROM_DEVICE, and as DPDK's vhost asks for them."""
         v = self.viommu
         assert v is not None
         n = ring.size
@@ -201,7 +202,7 @@ class Frontend:
             v.map(ring.avail_off, avail_bytes(n), RW)
             v.map(ring.used_off, used_bytes(n), RW)
         net = self.num_queues == 2 * self.queue_pairs
-        v.map(ring.bufs_off, n * BUF_SIZE, RO if net and ring.index % 2 else RW)
+        v.map(ring.bufs_off, n * BUF_SIZE, RO if net and ring.index % 2 and self.iommu_prefill is None else RW)
 
     @property
     def hdr_len(self) -> int:
