@@ -164,7 +164,10 @@ class Frontend:
         need = (1 << PF.BACKEND_REQ) | (1 << PF.REPLY_ACK)
         if self.protocol_features & need != need:
             raise FrontendError("an IOMMU needs VHOST_USER_PROTOCOL_F_BACKEND_REQ and REPLY_ACK from the back-end")
-        self.viommu = Viommu(self.ram, lambda m: self.command(R.IOTLB_MSG, m.pack()), self.iommu_grain)
+        if self.viommu is None:
+            self.viommu = Viommu(self.ram, lambda m: self.command(R.IOTLB_MSG, m.pack()), self.iommu_grain)
+        else:  # a new connection: the same page table, a new backend channel
+            self.viommu.close()
         fd = self.viommu.channel_pair()
         try:
             self.command(R.SET_BACKEND_REQ_FD, b"", [fd])
