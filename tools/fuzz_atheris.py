@@ -152,6 +152,7 @@ class ParserHarness:
                     assert got[0].request == req and got[0].flags & P.VHOST_USER_REPLY_MASK
         finally:
             conn.teardown()
+            conn.close()  # the backend channel and the resume eventfd outlive teardown (a RESET_OWNER)
             a.close()
             b.close()
         after = _fds()

@@ -166,6 +166,8 @@ def cmd_drive(args: argparse.Namespace) -> int:
         event_idx=not args.no_event_idx,
         packed=args.packed,
         dirty_log=args.dirty_log,
+        iommu=args.iommu_entries is not None,
+        iommu_prefill=args.iommu_entries,
     ) as fe:
         fe.setup()
         if args.dirty_log:
@@ -280,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dirty-log",
         action="store_true",
         help="share a dirty log and switch VHOST_F_LOG_ALL on before the traffic (as QEMU does to migrate)",
+    )
+    drive.add_argument(
+        "--iommu-entries",
+        type=int,
+        metavar="N",
+        help="play a vIOMMU (VIRTIO_F_ACCESS_PLATFORM) whose IOTLB holds N entries, all sent up front",
     )
     drive.add_argument("--cpu", type=int)
     drive.set_defaults(func=cmd_drive)

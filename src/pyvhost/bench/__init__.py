@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="net: the pyvhost front-end shares a dirty log and switches VHOST_F_LOG_ALL on (a migrating guest); "
         "both: each configuration with logging off and on, run in pairs",
     )
+    p.add_argument(
+        "--iommu",
+        action="store_true",
+        help="net: the vIOMMU rows -- direct vs copy with the IOTLB on at 1, 64 and 2,048 entries (and without), "
+        "and with --peer dpdk DPDK's net_vhost iommu-support=1, all driven by pyvhost's front-end",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")

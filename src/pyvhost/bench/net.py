@@ -8,6 +8,9 @@ the packets the front-end saw complete must agree with the back-end's own counte
 Default: pyvhost's front-end, TX (front-end transmits, back-end sinks) and RX (back-end sources, front-end
 receives), for the ``copy`` and ``direct`` metadata paths.  ``--peer dpdk`` adds DPDK's vhost PMD as the
 back-end to beat, with testpmd's virtio-user as the front-end, and pyvhost's front-end against both.
+``--iommu``: pyvhost's front-end plays a vIOMMU whose IOTLB holds 1, 64 or 2,048 entries (sent up front), so
+every ring and buffer address is an IOVA: the copy path pays a lookup in that many entries per access, the
+direct path only when it binds a ring; with ``--peer dpdk`` also DPDK's net_vhost ``iommu-support=1``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from .peers import BACKEND_CPU, FRONTEND_CPU, PmdConsole, parse_testpmd, pyvhost
 
 #: Rings' worth of received packets a stopping testpmd front-end may not have counted.
 RX_INFLIGHT_RINGS = 4
+#: IOTLB sizes of ``--iommu`` (None: the same runs without a vIOMMU, the baseline).
+IOMMU_ENTRIES = (None, 1, 64, 2048)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Row:
     dirty_log: str = "off"
     #: pages the log showed at the end (pyvhost's front-end with the log on; 0 otherwise)
     dirty_pages: int = 0
+    iommu: int | None = None  # IOTLB entries (None: no vIOMMU)
 
 
 @dataclass
@@ -57,12 +63,14 @@ class Config:
     metadata: str  # copy | direct | "-" for DPDK's back-end
     ring: str = "split"  # split | packed (VIRTIO_F_RING_PACKED, negotiated by the front-end)
     dirty_log: str = "off"  # on: the front-end shares a dirty log and switches VHOST_F_LOG_ALL on (migrating)
+    iommu: int | None = None  # pyvhost's front-end plays a vIOMMU with this many IOTLB entries
     rows: list[Row] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         log = " log" if self.dirty_log == "on" else ""
-        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring}{log}"
+        iotlb = "" if self.iommu is None else f" iotlb={self.iommu}"
+        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring}{iotlb}{log}"
 
 
 class Runner:
@@ -110,7 +118,9 @@ class Runner:
         return data["ended"][-1][str(queue)]
 
     # -- pyvhost front-end ------------------------------------------------------------------------------
-    def drive(self, sock: Path, direction: str, ring: str = "split", dirty_log: bool = False) -> dict:
+    def drive(
+        self, sock: Path, direction: str, ring: str = "split", dirty_log: bool = False, iommu: int | None = None
+    ) -> dict:
         cmd = pyvhost_cmd(
             "drive",
             "net",
@@ -135,6 +145,8 @@ class Runner:
             cmd.append("--packed")
         if dirty_log:
             cmd.append("--dirty-log")
+        if iommu is not None:
+            cmd += ["--iommu-entries", str(iommu)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.seconds + self.a.warmup + 120)
         if out.returncode:
             raise RuntimeError(f"pyvhost drive failed: {out.stderr[-2000:]}")
@@ -152,8 +164,9 @@ class Runner:
             interactive,
         )
 
-    def dpdk_backend(self, sock: Path, fwd: str) -> tuple[subprocess.Popen, Path]:
-        proc, out = self.testpmd(f"net_vhost0,iface={sock},queues=1", fwd, BACKEND_CPU, "vhost")
+    def dpdk_backend(self, sock: Path, fwd: str, iommu: bool = False) -> tuple[subprocess.Popen, Path]:
+        vdev = f"net_vhost0,iface={sock},queues=1" + (",iommu-support=1" if iommu else "")
+        proc, out = self.testpmd(vdev, fwd, BACKEND_CPU, "vhost")
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -193,7 +206,7 @@ def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row) -> None:
     """Drive ``sock`` with the configuration's front-end (pyvhost's, or testpmd's virtio-user with ``fwd``) and
     put its rate and packet count in ``row``."""
     if c.frontend == "pyvhost":
-        res = r.drive(sock, c.direction, c.ring, c.dirty_log == "on")
+        res = r.drive(sock, c.direction, c.ring, c.dirty_log == "on", c.iommu)
         row.mpps, row.packets = res["mpps"], res["final"]["packets"]
         row.first_packet_s = res.get("first_packet_s")
         row.dirty_pages = res.get("dirty_pages", 0)
@@ -221,6 +234,7 @@ def measure(r: Runner, c: Config, run: int) -> Row:
         ring=c.ring,
         run=run,
         dirty_log=c.dirty_log,
+        iommu=c.iommu,
     )
     mode = "sink" if c.direction == "tx" else "source"
     dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
@@ -246,7 +260,7 @@ def measure(r: Runner, c: Config, run: int) -> Row:
             row.errors += 1
             row.note = f"counts disagree: front-end {row.packets}, back-end {counts['packets']}"
     else:
-        proc, log = r.dpdk_backend(sock, dpdk_fwd)
+        proc, log = r.dpdk_backend(sock, dpdk_fwd, c.iommu is not None)
         try:
             run_frontend(r, c, sock, fe_fwd, row)
         finally:
@@ -271,6 +285,14 @@ def configs(a: argparse.Namespace) -> list[Config]:
     rings = ["split", "packed"] if getattr(a, "ring", "split") == "both" else [getattr(a, "ring", "split")]
     logs = ["off", "on"] if getattr(a, "dirty_log", "off") == "both" else [getattr(a, "dirty_log", "off")]
     out: list[Config] = []
+    if getattr(a, "iommu", False):  # pyvhost's front-end only: DPDK's virtio-user plays no vIOMMU
+        for d in dirs:
+            for ring in rings:
+                for n in IOMMU_ENTRIES:
+                    if a.peer == "dpdk" and n is not None:
+                        out.append(Config("dpdk", "pyvhost", d, "-", ring, iommu=n))
+                    out += [Config("pyvhost", "pyvhost", d, m, ring, iommu=n) for m in paths]
+        return out
     fronts = ["dpdk", "pyvhost"] if a.peer == "dpdk" else ["pyvhost"]
     for fe in fronts:
         # only pyvhost's front-end shares a dirty log (testpmd's virtio-user does not migrate)
@@ -294,7 +316,7 @@ def table(cs: list[Config]) -> str:
     lines = []
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
-        head = f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'log':3}"
+        head = f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'iotlb':5} {'log':3}"
         lines.append(f"{head} {'Mpps median (min–max)':24} {'errors':>6}  ratio")
         for c in (c for c in cs if c.frontend == fe):
             if not c.rows:
@@ -309,6 +331,7 @@ def table(cs: list[Config]) -> str:
                 and x.ring == c.ring
                 and x.rows
                 and (x.dirty_log == c.dirty_log or x.backend == "dpdk")
+                and x.iommu == c.iommu
             }
             if c.backend == "pyvhost" and c.metadata == "direct" and "copy" in same:
                 base = statistics.median(x.mpps for x in same["copy"].rows)
@@ -322,6 +345,7 @@ def table(cs: list[Config]) -> str:
                 and x.metadata == c.metadata
                 and x.ring == "split"
                 and x.dirty_log == c.dirty_log
+                and x.iommu == c.iommu
                 and x.rows
             ]
             if c.ring == "packed" and split:
@@ -351,9 +375,16 @@ def table(cs: list[Config]) -> str:
                     ratio += (" " if ratio else "") + (
                         f"log on/off {statistics.median(pairs):.2f}x (runs {', '.join(f'{x:.2f}' for x in pairs)})"
                     )
+            if c.iommu is not None and c.backend == "pyvhost":
+                plain = [x for x in cs if x.frontend == fe and x.backend == c.backend and x.iommu is None and x.rows]
+                plain = [x for x in plain if (x.direction, x.metadata, x.ring) == (c.direction, c.metadata, c.ring)]
+                if plain:
+                    base = statistics.median(x.mpps for x in plain[0].rows)
+                    ratio += (" " if ratio else "") + (f"vs no vIOMMU {med / base:.2f}x" if base else "")
             errs = sum(x.errors for x in c.rows)
+            iotlb = "-" if c.iommu is None else str(c.iommu)
             lines.append(
-                f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {c.dirty_log:3} {_fmt(c.rows):24} "
+                f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {iotlb:5} {c.dirty_log:3} {_fmt(c.rows):24} "
                 f"{errs:6d}  {ratio}"
             )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
@@ -421,6 +452,7 @@ def main(a: argparse.Namespace) -> int:
                         run=run,
                         note=str(e)[:300],
                         dirty_log=c.dirty_log,
+                        iommu=c.iommu,
                     )
                 c.rows.append(row)
                 eta = (time.monotonic() - t0) / done * (total - done)

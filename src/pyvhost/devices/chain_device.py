@@ -420,6 +420,8 @@ class ChainDevice(Device):
                 if n == POP_BROKEN:
                     return Step.BROKEN
                 if n == POP_IDLE:
+                    if q[Q_ERROR]:  # a fault at the first chain takes none: still a fault (an IOTLB miss?)
+                        return Step.BROKEN
                     if not outstanding:
                         return Step.IDLE
                     if not done.items:

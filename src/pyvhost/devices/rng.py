@@ -122,6 +122,7 @@ class RngDevice(ChainDevice):
 
     device_id = VIRTIO_ID_RNG
     num_queues = 1
+    access_platform = True  # behind a vIOMMU: every access translated, requests drained on a stop
 
     def __init__(self, source: str | None = None, max_bytes: int = 0, period: float = 1.0) -> None:
         self.window = Window(max_bytes, period) if max_bytes else None

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import protocol as P
 from ..atomic import fence_full, store_release
-from ..devices.base import VIRTIO_F_VERSION_1
+from ..devices.base import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
 from ..devices.blk import (
     DISCARD_WZ,
     OUTHDR,
@@ -149,7 +149,10 @@ class BlkFrontend(Frontend):
         poll: bool = False,
         connect_timeout: float = 10.0,
         dirty_log: bool = False,
+        iommu: bool = False,
     ) -> None:
+        """``iommu``: play a vIOMMU (frontend/iommu.py): every address the back-end sees is an IOVA, and the
+        driver reaches headers, data and status through the vIOMMU's page table (pages may be remapped)."""
         slots = queue_size // 3
         per_queue = (
             desc_bytes(queue_size)
@@ -169,6 +172,7 @@ class BlkFrontend(Frontend):
             connect_timeout=connect_timeout,
             num_queues=num_queues,
             dirty_log=dirty_log,
+            iommu=iommu,
         )
         self.max_io = max_io
         self.want_inflight = inflight
@@ -189,14 +193,22 @@ class BlkFrontend(Frontend):
         if not offered & (1 << VIRTIO_F_VERSION_1):
             raise FrontendError(f"back-end does not offer VIRTIO_F_VERSION_1 (features {offered:#x})")
         want = (1 << VIRTIO_F_VERSION_1) | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES) | BLK_FEATURES
+        if self.want_iommu:
+            if not offered & (1 << VIRTIO_F_ACCESS_PLATFORM):
+                raise FrontendError(f"back-end does not offer VIRTIO_F_ACCESS_PLATFORM (features {offered:#x})")
+            want |= 1 << VIRTIO_F_ACCESS_PLATFORM
         self.features = want & offered
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
             pf = P.U64.unpack(self.request(R.GET_PROTOCOL_FEATURES))[0]
             mine = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG)
             if self.want_inflight:
                 mine |= 1 << PF.INFLIGHT_SHMFD
+            if self.want_iommu:
+                mine |= 1 << PF.BACKEND_REQ
             self.protocol_features = pf & (mine | self.log_pf(pf))
             P.send_message(self.sock, R.SET_PROTOCOL_FEATURES, P.U64.pack(self.protocol_features))
+            if self.want_iommu:
+                self.start_viommu()
             if self.protocol_features & (1 << PF.MQ):
                 nq = P.U64.unpack(self.request(R.GET_QUEUE_NUM))[0]
                 if nq < self.num_queues:
@@ -240,6 +252,11 @@ class BlkFrontend(Frontend):
             ring.avail[0] = VRING_AVAIL_F_NO_INTERRUPT if self.poll else 0
             self.rings.append(ring)
             self.queues.append(BlkQueue(ring, slots, hdr, status, data, self.max_io, list(range(slots))[::-1]))
+            if self.viommu is not None:
+                for off, size in ((desc, desc_bytes(n)), (avail, avail_bytes(n)), (used, used_bytes(n))):
+                    self.viommu.map(off, size)
+                self.viommu.map(hdr, status + slots - hdr)  # headers and status bytes
+                self.viommu.map(data, slots * self.max_io)
         self.setup_inflight()
         self.set_mem_table()
         self.share_log()
@@ -320,23 +337,23 @@ class BlkFrontend(Frontend):
         if nbytes > bq.max_io:
             raise FrontendError(f"request of {nbytes} bytes over the slot size {bq.max_io}")
         s = bq.free.pop()
-        ring, mm = bq.ring, self.ram.mm
+        ring = bq.ring
         h_off, st_off, d_off = bq.hdr_off + 16 * s, bq.status_off + s, bq.data_off + s * bq.max_io
-        mm[h_off : h_off + 16] = OUTHDR.pack(rtype, 0, sector)
-        mm[st_off] = STATUS_UNSET
+        self._put(h_off, OUTHDR.pack(rtype, 0, sector))
+        self._put(st_off, bytes([STATUS_UNSET]))
         if data is not None:
-            mm[d_off : d_off + nbytes] = data
+            self._put(d_off, data)
         desc = ring.desc
         d0, d1, d2 = 3 * s, 3 * s + 1, 3 * s + 2
-        desc[2 * d0] = self.ram.gpa(h_off)
+        desc[2 * d0] = self.dma(h_off)
         if nbytes:
             wflag = VRING_DESC_F_WRITE if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID) else 0
             desc[2 * d0 + 1] = 16 | (VRING_DESC_F_NEXT << 32) | (d1 << 48)
-            desc[2 * d1] = self.ram.gpa(d_off)
+            desc[2 * d1] = self.dma(d_off)
             desc[2 * d1 + 1] = nbytes | ((VRING_DESC_F_NEXT | wflag) << 32) | (d2 << 48)
         else:
             desc[2 * d0 + 1] = 16 | (VRING_DESC_F_NEXT << 32) | (d2 << 48)
-        desc[2 * d2] = self.ram.gpa(st_off)
+        desc[2 * d2] = self.dma(st_off)
         desc[2 * d2 + 1] = 1 | (VRING_DESC_F_WRITE << 32)
         ring.avail[2 + (bq.avail_idx & (ring.size - 1))] = d0
         bq.avail_idx = (bq.avail_idx + 1) & 0xFFFF
@@ -357,22 +374,22 @@ class BlkFrontend(Frontend):
         segments, ``area`` one of ``hdr`` (at most 16 bytes), ``data``, ``status`` (at most 1) of the slot."""
         bq = self.queues[queue]
         s = bq.free.pop()
-        mm, desc = self.ram.mm, bq.ring.desc
+        desc = bq.ring.desc
         areas = {
             "hdr": (bq.hdr_off + 16 * s, 16),
             "data": (bq.data_off + s * bq.max_io, bq.max_io),
             "status": (bq.status_off + s, 1),
         }
-        mm[areas["hdr"][0] : areas["hdr"][0] + len(header)] = header
-        mm[areas["data"][0] : areas["data"][0] + len(data)] = data
-        mm[areas["status"][0]] = STATUS_UNSET
+        self._put(areas["hdr"][0], header)
+        self._put(areas["data"][0], data)
+        self._put(areas["status"][0], bytes([STATUS_UNSET]))
         for k, (area, length, writable) in enumerate(segments):
             off, room = areas[area]
             assert length <= room, (area, length)
             d = 3 * s + k
             more = k + 1 < len(segments)
             flags = (VRING_DESC_F_NEXT if more else 0) | (VRING_DESC_F_WRITE if writable else 0)
-            desc[2 * d] = self.ram.gpa(off)
+            desc[2 * d] = self.dma(off)
             desc[2 * d + 1] = length | (flags << 32) | ((d + 1 if more else 0) << 48)
         bq.ring.avail[2 + (bq.avail_idx & (bq.ring.size - 1))] = 3 * s
         bq.avail_idx = (bq.avail_idx + 1) & 0xFFFF
@@ -407,7 +424,9 @@ class BlkFrontend(Frontend):
                 self.anomalies.append(f"queue {queue}: completion of head {head} that is not outstanding")
                 continue
             tag, rtype, sector, _n = bq.busy.pop(s)
-            status = int(status_mm[bq.status_off + s])
+            status = (
+                self._get(bq.status_off + s, 1)[0] if self.viommu is not None else int(status_mm[bq.status_off + s])
+            )
             if status == STATUS_UNSET and rtype >= 0:
                 self.anomalies.append(f"queue {queue}: request {tag!r} completed without a status")
             out.append(Completion(tag, status, length, rtype, sector, s))
@@ -417,7 +436,35 @@ class BlkFrontend(Frontend):
     def data(self, c: Completion, nbytes: int, queue: int = 0) -> bytes:
         """The data buffer of a completed request's slot (valid until the slot is reused)."""
         off = self.queues[queue].data_off + c.slot * self.max_io
-        return bytes(self.ram.mm[off : off + nbytes])
+        return self._get(off, nbytes)
+
+    # -- guest RAM as the device sees it --------------------------------------------------------------------
+    def dma(self, off: int) -> int:
+        """The address a descriptor gives for RAM offset ``off``: guest-physical, or its IOVA."""
+        return self.ram.gpa(off) if self.viommu is None else self.viommu.iova(off)
+
+    def _pieces(self, off: int, n: int) -> list[tuple[int, int]]:
+        """(RAM offset, length) of [off, off+n) as the device reaches it (through the vIOMMU's pages)."""
+        if self.viommu is None:
+            return [(off, n)]
+        out, at, end = [], off, off + n
+        while at < end:
+            take = min(end, (at // PAGE + 1) * PAGE) - at
+            ram_off = self.viommu.resolve(self.viommu.iova(at))
+            if ram_off is None:
+                raise FrontendError(f"RAM offset {at:#x} is not mapped in the vIOMMU")
+            out.append((ram_off, take))
+            at += take
+        return out
+
+    def _put(self, off: int, data: bytes) -> None:
+        done = 0
+        for ram_off, n in self._pieces(off, len(data)):
+            self.ram.mm[ram_off : ram_off + n] = data[done : done + n]
+            done += n
+
+    def _get(self, off: int, n: int) -> bytes:
+        return b"".join(bytes(self.ram.mm[o : o + k]) for o, k in self._pieces(off, n))
 
     def wait(self, queue: int = 0, timeout: float = 10.0) -> list[Completion]:
         """Completions, waiting (on the call fd, or polling) until there is at least one."""
