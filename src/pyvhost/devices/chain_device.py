@@ -405,6 +405,8 @@ class ChainDevice(Device):
                 if n == POP_BROKEN:
                     return Step.BROKEN
                 if n == POP_IDLE:
+                    if q[Q_ERROR]:
+                        return Step.BROKEN  # a fault at the first chain takes none; drain() completes those out
                     if not outstanding:
                         return Step.IDLE
                     if not done.items:
