@@ -115,7 +115,8 @@ def bind(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q: np.nda
                 True,
                 mem.generation,
             )
-        log.warning(
+        # behind a vIOMMU a part not yet in the IOTLB is normal: the first access asks for it (MISS)
+        (log.info if mem.iova_map is not None else log.warning)(
             "ring at desc=%#x avail=%#x used=%#x (size %d) does not lie in mapped memory; using the copy path",
             addr.desc,
             addr.avail,
@@ -145,7 +146,8 @@ def bind_packed(mem: GuestMemory, addr: VringAddr, size: int, mode: Metadata, q:
             q[Q_DIRECT] = 1
             q[Q_DESC_AT], q[Q_USED_AT] = desc_at, dev_at
             return PackedViews(d.view(np.uint64), drv.view(np.uint16), dev.view(np.uint16), True, mem.generation)
-        log.warning(
+        # behind a vIOMMU a part not yet in the IOTLB is normal: the first access asks for it (MISS)
+        (log.info if mem.iova_map is not None else log.warning)(
             "packed ring at desc=%#x driver=%#x device=%#x (size %d) does not lie in mapped memory; "
             "using the copy path",
             addr.desc,

@@ -13,6 +13,18 @@ their views, then unmaps, then bumps the generation; workers restart with views 
 Stopping is bounded (STOP_TIMEOUT): a worker that does not end in time, or whose requests are still with the
 device, breaks its queue, and guest memory then stays mapped until those requests complete -- a deliberate,
 logged leak rather than an unmap under a view in use.
+
+Behind a vIOMMU (``VIRTIO_F_ACCESS_PLATFORM``, offered for devices with ``Device.access_platform``) ring and
+buffer addresses are IOVAs, translated through the IOTLB the front-end fills with IOTLB_MSG UPDATEs.  Workers
+run with a translation table composed from the IOTLB when they started (``GuestMemory.set_iova_map``); an
+UPDATE does not stop them.  A worker that faults on an IOVA its table lacks asks the front-end with a MISS on
+the backend channel and sleeps (on its eventfds, no polling) until an UPDATE covers it -- then the control plane
+restarts it with a new table -- or until ``MISS_TRIES`` MISS messages ``MISS_INTERVAL`` apart went unanswered
+(then the queue breaks).  An INVALIDATE (or an UPDATE changing a mapping) that touches any translation a
+worker's table may hold stops *every* worker (their requests in flight finished or given back, bounded by
+STOP_TIMEOUT), then the table is rebuilt without it, and only then is the message acknowledged (invariant 6):
+stopping all queues rather than only those whose rings or buffers overlap is simpler and as safe -- any
+worker's table maps every IOVA a descriptor may name.
 """
 
 from __future__ import annotations
@@ -46,14 +58,15 @@ from .devices.base import (
     Step,
 )
 from .dirtylog import DirtyLog, check_ring_log_addr, guest_end
-from .errors import describe
+from .errors import QueueError, describe
+from .iotlb import IOTLB_DENIED, IOTLB_MISS, IOTLB_OK, Iotlb
 from .memory import SPACE_UVA, GuestMemory, MappedRegion, MemoryError_
 from .protocol import ProtocolError
 from .protocol import ProtocolFeature as PF
 from .protocol import Request as R
 from .ring import inflight
 from .ring import packed as PK
-from .ring.split import MAX_QUEUE_SIZE, used_bytes
+from .ring.split import MAX_QUEUE_SIZE, avail_bytes, desc_bytes, used_bytes
 from .ring.state import (
     Q_AVAIL_WRAP,
     Q_BATCH,
@@ -65,6 +78,8 @@ from .ring.state import (
     Q_ERROR,
     Q_ERROR_VALUE,
     Q_EVENT_IDX,
+    Q_FAULT_LEN,
+    Q_FAULT_WRITE,
     Q_LAST_AVAIL,
     Q_LOG_OFF,
     Q_LOG_SIZE,
@@ -109,6 +124,16 @@ HISTORY = 64
 STOP_TIMEOUT = 5.0
 #: Seconds more the control plane waits for a worker that gave up on its requests to leave.
 STOP_GRACE = 1.0
+#: IOTLB MISS messages a queue sends for one IOVA (``MISS_INTERVAL`` seconds apart) before it breaks; the count
+#: starts again with every UPDATE or INVALIDATE the front-end sends meanwhile.
+MISS_TRIES = 5
+MISS_INTERVAL = 1.0
+#: Queue errors that behind a vIOMMU may be an IOTLB miss rather than the guest's fault.
+_ADDRESS_FAULTS = (QueueError.RING_UNMAPPED, QueueError.BAD_ADDRESS, QueueError.INDIRECT_UNMAPPED)
+_PERM_NAMES = {P.VHOST_ACCESS_RO: "read", P.VHOST_ACCESS_WO: "write", P.VHOST_ACCESS_RW: "read/write"}
+#: Entries of IOTLB snapshots handed to running workers that the backend remembers (``Connection.exposed``)
+#: before it stops every worker to start afresh from the current IOTLB alone.
+EXPOSED_MAX = 8 * 2048
 
 
 class VringError(ProtocolError):
@@ -163,6 +188,12 @@ class Worker(threading.Thread):
         self.deadline: float | None = None  # set by stop(): when the drain gives up
         #: heads of chains whose buffers may still be in use after the drain ([] none; None unknown)
         self.held: list[int] | None = None
+        #: behind a vIOMMU: written by the control plane on every IOTLB change while the worker waits for a MISS
+        self.iotlb_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: the IOTLB generation its translation table was composed from (Connection.map_generation)
+        self.map_generation = conn.map_generation
+        #: (iova, length, perm, covered) the worker waits for after an IOTLB fault, or None
+        self.waiting: tuple[int, int, int, bool] | None = None
 
     def run(self) -> None:
         reason: str | None = None
@@ -186,7 +217,7 @@ class Worker(threading.Thread):
             if status == Step.STOPPED:
                 return None
             if status == Step.BROKEN:
-                return ""
+                return self._iotlb_wait() if self.conn.iommu else ""
             fds = [r.kick_fd for r in self.rings if r.kick_fd >= 0] + [self.wake_fd]
             # a step may also sleep on fds of its own (``step.wait_fds``: a tap, a socket); those wake the
             # worker when readable and are left for the step to read
@@ -201,6 +232,35 @@ class Worker(threading.Thread):
                     pass
                 except OSError as e:
                     return f"reading its kick fd failed ({e})"
+
+    def _iotlb_wait(self) -> str | None:
+        """A ring faulted behind a vIOMMU: if the IOVA is missing from the IOTLB, send MISS and sleep until the
+        control plane restarts the worker (an UPDATE covered it: None) or MISS_TRIES went unanswered (the
+        reason the queue breaks).  "" if the fault is the guest's (the queue state says why)."""
+        verdict = self.conn.iotlb_fault(self)
+        if verdict is not None:
+            return verdict
+        assert self.waiting is not None
+        iova, _length, perm, covered = self.waiting
+        tries = 0
+        while True:
+            if not covered:
+                if tries == MISS_TRIES:
+                    return (
+                        f"IOTLB miss at iova {iova:#x} ({_PERM_NAMES.get(perm, perm)}) not answered after "
+                        f"{MISS_TRIES} MISS messages {MISS_INTERVAL:g} s apart"
+                    )
+                self.conn.send_miss(iova, perm)
+                tries += 1
+            ready, _, _ = select.select([self.wake_fd, self.iotlb_fd], [], [], MISS_INTERVAL)
+            if self.wake_fd in ready or any(r.q[Q_STOP] for r in self.rings):
+                return None  # stopped (to be restarted with the new translation, or for good)
+            if self.iotlb_fd in ready:
+                try:
+                    os.eventfd_read(self.iotlb_fd)
+                except BlockingIOError:
+                    pass
+                tries = 0  # the front-end is answering: a fresh count of tries
 
     def _drain(self) -> None:
         """Let the step finish or drop what it took, for at most the time left (see ``stop``)."""
@@ -222,6 +282,14 @@ class Worker(threading.Thread):
         with self.wake_lock:
             os.close(self.wake_fd)
             self.wake_fd = -1
+            os.close(self.iotlb_fd)
+            self.iotlb_fd = -1
+
+    def iotlb_changed(self) -> None:
+        """The IOTLB changed (without covering what the worker waits for): its count of MISS tries restarts."""
+        with self.wake_lock:
+            if self.iotlb_fd >= 0:
+                os.eventfd_write(self.iotlb_fd, 1)
 
     def request_stop(self, deadline: float) -> None:
         """Ask the worker to leave its loop; its drain gives up at ``deadline`` (time.monotonic())."""
@@ -326,6 +394,8 @@ class Connection:
             R.SET_INFLIGHT_FD: self.set_inflight_fd,
             R.SET_LOG_BASE: self.set_log_base,
             R.SET_LOG_FD: self.set_log_fd,
+            R.SET_BACKEND_REQ_FD: self.set_backend_req_fd,
+            R.IOTLB_MSG: self.iotlb_msg,
         }
         #: requests whose reply is their answer (a failure still owes one, of the right shape)
         self.replies: dict[int, int | None] = {
@@ -346,6 +416,22 @@ class Connection:
         #: counters of queue states that were replaced (a ring set up again, the connection reset): stats()
         #: adds the live ones, so counters are cumulative over ring restarts
         self.totals: dict[int, dict[str, int]] = {}
+        # -- vIOMMU (VIRTIO_F_ACCESS_PLATFORM) --
+        #: what the front-end mapped (IOTLB_MSG UPDATE/INVALIDATE); guarded by iotlb_lock (workers read it)
+        self.iotlb = Iotlb()
+        self.iotlb_lock = threading.Lock()
+        #: every mapping in a translation table some running worker may still hold (the union of the IOTLB
+        #: snapshots handed out since every worker last stopped): an INVALIDATE touching it stops them all
+        self.exposed = Iotlb(max_entries=EXPOSED_MAX * 2)
+        #: the IOTLB generation the memory's translation table was composed from (-1: not yet)
+        self.map_generation = -1
+        #: the backend channel (SET_BACKEND_REQ_FD): MISS and ACCESS_FAIL go there
+        self.backend_sock: socket.socket | None = None
+        self.backend_lock = threading.Lock()
+        self.warned_no_channel = False
+        #: written by a worker whose faulting IOVA an UPDATE had already covered: the server's selector
+        #: then has the control plane restart it with a new table (``wake_waiting``)
+        self.resume_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def handle(self, msg: P.Message) -> None:
@@ -401,11 +487,15 @@ class Connection:
     # -- features and ownership -------------------------------------------------------------------------
     @property
     def offered_features(self) -> int:
-        return (self.device.features | TRANSPORT_FEATURES) & ~self.device.transport_features_off
+        platform = (1 << VIRTIO_F_ACCESS_PLATFORM) if self.device.access_platform else 0
+        return (self.device.features | TRANSPORT_FEATURES | platform) & ~self.device.transport_features_off
 
     @property
     def offered_protocol_features(self) -> int:
-        return PROTOCOL_FEATURES | ((1 << PF.INFLIGHT_SHMFD) if self.device.inflight_tracking else 0)
+        out = PROTOCOL_FEATURES | ((1 << PF.INFLIGHT_SHMFD) if self.device.inflight_tracking else 0)
+        if self.device.access_platform:  # the backend channel carries IOTLB misses
+            out |= 1 << PF.BACKEND_REQ
+        return out
 
     def get_features(self, msg: P.Message) -> bytes:
         return P.U64.pack(self.offered_features)
@@ -419,6 +509,9 @@ class Connection:
             # workers run with what the old features implied (a header size, the ring layout...): stop them,
             # apply the new features at this quiescent point, then restart them
             self.stop_workers()
+        if (features ^ self.features) & (1 << VIRTIO_F_ACCESS_PLATFORM):
+            # addresses change meaning (IOVAs or not): no translation or view of the other kind survives
+            self._set_platform(bool(features & (1 << VIRTIO_F_ACCESS_PLATFORM)))
         if (features ^ self.features) & (1 << VIRTIO_F_RING_PACKED):
             # the ring layout changes: no view or state of the other one survives
             self.features = features
@@ -456,6 +549,255 @@ class Connection:
         self.mem = GuestMemory(notify_fd=self.fault_fd)  # teardown closed the old memory (and its arena) for good
         self.features = 0
         self.owner = False
+        self._set_platform(False)
+
+    # -- vIOMMU: the IOTLB and the backend channel ------------------------------------------------------
+    def _set_platform(self, on: bool) -> None:
+        """VIRTIO_F_ACCESS_PLATFORM switched (every worker is stopped): start from an empty IOTLB, addresses
+        translated as IOVAs (on) or as guest-physical and front-end addresses (off)."""
+        for vr in self.vrings:
+            vr.views = None
+        with self.iotlb_lock:
+            self.iotlb.clear()
+            self.exposed.clear()
+            self.mem.set_iova_map([] if on else None)
+            self.map_generation = self.iotlb.generation
+        if on and not self.protocol_features & (1 << PF.BACKEND_REQ):
+            log.warning(
+                "VIRTIO_F_ACCESS_PLATFORM without VHOST_USER_PROTOCOL_F_BACKEND_REQ: IOTLB misses cannot be "
+                "reported, the front-end must send every UPDATE unasked"
+            )
+
+    def set_backend_req_fd(self, msg: P.Message) -> None:
+        """The backend channel: a connected Unix stream socket on which MISS and ACCESS_FAIL are sent."""
+        if not self.protocol_features & (1 << PF.BACKEND_REQ):
+            raise ProtocolError("SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ negotiated")
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_BACKEND_REQ_FD with {len(msg.fds)} fds, expected 1")
+        fd = msg.take_fd(0)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise ProtocolError(f"SET_BACKEND_REQ_FD: the fd is {fd_kind(fd)}, not a socket ({e.strerror})") from e
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            kind = f"{sock.family.name}/{sock.type.name}"
+            sock.close()
+            raise ProtocolError(f"SET_BACKEND_REQ_FD: the socket is {kind}, not a Unix stream socket")
+        sock.settimeout(MESSAGE_TIMEOUT)  # a front-end that stops reading it never blocks a worker for good
+        with self.backend_lock:
+            old, self.backend_sock = self.backend_sock, sock
+        if old is not None:
+            old.close()
+
+    def send_iotlb(self, kind: int, iova: int, perm: int) -> None:
+        """Send a MISS or an ACCESS_FAIL for ``iova`` on the backend channel (from a worker's thread too).
+        No NEED_REPLY: the front-end answers a MISS with an UPDATE on the main channel (as QEMU and DPDK do)."""
+        with self.backend_lock:
+            sock = self.backend_sock
+            if sock is None:
+                if not self.warned_no_channel:
+                    self.warned_no_channel = True
+                    log.error("IOTLB %s at iova %#x: no backend channel to send it on", _IOTLB_NAMES[kind], iova)
+                return
+            try:
+                P.send_message(sock, P.BackendRequest.IOTLB_MSG, P.IotlbMsg(iova, 0, 0, perm, kind).pack())
+            except OSError as e:
+                log.error("sending IOTLB %s at iova %#x on the backend channel failed: %s", _IOTLB_NAMES[kind], iova, e)
+                return
+        log.debug("-> IOTLB %s iova %#x perm %d", _IOTLB_NAMES[kind], iova, perm)
+
+    def send_miss(self, iova: int, perm: int) -> None:
+        self.send_iotlb(P.VHOST_IOTLB_MISS, iova, perm)
+
+    def iotlb_msg(self, msg: P.Message) -> None:
+        """VHOST_USER_IOTLB_MSG: UPDATE or INVALIDATE (acknowledged only once no queue can reach what an
+        INVALIDATE removed)."""
+        if not self.iommu:
+            raise ProtocolError("IOTLB_MSG before VIRTIO_F_ACCESS_PLATFORM was negotiated (addresses are not IOVAs)")
+        m = msg.iotlb()
+        if m.type == P.VHOST_IOTLB_UPDATE:
+            self._iotlb_update(m)
+        elif m.type == P.VHOST_IOTLB_INVALIDATE:
+            self._iotlb_invalidate(m.iova, m.size)
+        else:
+            raise ProtocolError(f"IOTLB_MSG of type {_IOTLB_NAMES[m.type]}: a front-end sends UPDATE or INVALIDATE")
+
+    def _in_memory(self, uaddr: int, size: int) -> bool:
+        """Whether front-end addresses [uaddr, uaddr+size) lie whole in the memory regions (adjacent ones may
+        share the range) -- the check CVE-2018-1059's class of bugs did only in part."""
+        at, end = uaddr, uaddr + size
+        for r in sorted(self.mem.regions, key=lambda r: r.desc.userspace_addr):
+            if r.desc.userspace_addr <= at < r.uva_end:
+                at = r.uva_end
+                if at >= end:
+                    return True
+        return False
+
+    def _iotlb_update(self, m: P.IotlbMsg) -> None:
+        if not self._in_memory(m.uaddr, m.size):
+            raise MemoryError_(
+                f"IOTLB UPDATE iova {m.iova:#x}: uaddr {m.uaddr:#x} + size {m.size:#x} does not lie whole in guest "
+                "memory"
+            )
+        with self.iotlb_lock:
+            # a running worker's table may map part of this range otherwise (another address, more permission):
+            # then the UPDATE invalidates that first
+            held = self.exposed.overlapping(m.iova, m.size)
+            conflict = any(e.uaddr - e.iova != m.uaddr - m.iova or e.perm & ~m.perm for e in held)
+            if not conflict:
+                self.iotlb.update(m.iova, m.size, m.uaddr, m.perm)
+        if conflict:
+            self._iotlb_change(lambda: self.iotlb.update(m.iova, m.size, m.uaddr, m.perm))
+        else:
+            self.wake_waiting()
+
+    def _iotlb_invalidate(self, iova: int, size: int) -> None:
+        with self.iotlb_lock:
+            exposed = bool(self.exposed.overlapping(iova, size))
+            if not exposed:  # no worker's table maps any of it: nothing to quiesce
+                self.iotlb.invalidate(iova, size)
+        if exposed:
+            self._iotlb_change(lambda: self.iotlb.invalidate(iova, size))
+        else:
+            self.wake_waiting()
+
+    def _iotlb_change(self, change) -> None:
+        """Stop every worker (their requests finished or given back), drop every view, apply ``change`` to the
+        IOTLB, restart with tables composed from it -- all before the message is acknowledged."""
+        self.stop_workers()
+        for vr in self.vrings:
+            vr.views = None
+        if not self.settled():
+            log.error(
+                "IOTLB change acknowledged while requests of queue(s) %s are still in flight on the old "
+                "translation (their queues are broken)",
+                self._stuck_queues(),
+            )
+        try:
+            with self.iotlb_lock:
+                change()
+                self.exposed.clear()
+                self.map_generation = -1
+        finally:
+            self.refresh()
+
+    def _sync_map(self) -> None:
+        """Compose the memory's translation table from the IOTLB if it changed since (before workers start)."""
+        with self.iotlb_lock:
+            if self.map_generation == self.iotlb.generation:
+                return
+            entries = self.iotlb.entries()
+            generation = self.iotlb.generation
+        if len(self.exposed) + len(entries) > EXPOSED_MAX and (self.workers or self.discarding):
+            self.stop_workers()  # start afresh rather than remember ever more old mappings
+        with self.iotlb_lock:
+            if not (self.workers or self.discarding):
+                self.exposed.clear()
+            for e in entries:
+                self.exposed.update(*e)
+        self.mem.set_iova_map([(e.iova, e.size, e.uaddr, e.perm) for e in entries])
+        self.map_generation = generation
+
+    def _ring_parts(self, vr: Vring) -> list[tuple[int, int, int]]:
+        """(iova, length, permission) of each part of ``vr``."""
+        a, n = vr.addr, vr.size
+        assert a is not None
+        if self.packed:
+            return [
+                (a.desc, PK.ring_bytes(n), P.VHOST_ACCESS_RW),
+                (a.avail, PK.EVENT_BYTES, P.VHOST_ACCESS_RO),
+                (a.used, PK.EVENT_BYTES, P.VHOST_ACCESS_WO),
+            ]
+        return [
+            (a.desc, desc_bytes(n), P.VHOST_ACCESS_RO),
+            (a.avail, avail_bytes(n), P.VHOST_ACCESS_RO),
+            (a.used, used_bytes(n), P.VHOST_ACCESS_WO),
+        ]
+
+    def _fault_range(self, vr: Vring, code: int) -> tuple[int, int, int] | None:
+        q = vr.q
+        if code == QueueError.BAD_ADDRESS:
+            return int(q[Q_ERROR_VALUE]), 1, P.VHOST_ACCESS_WO if q[Q_FAULT_WRITE] else P.VHOST_ACCESS_RO
+        if code == QueueError.INDIRECT_UNMAPPED:
+            return int(q[Q_ERROR_VALUE]), max(1, int(q[Q_FAULT_LEN])), P.VHOST_ACCESS_RO
+        if vr.addr is None or not vr.size:
+            return None
+        parts = self._ring_parts(vr)
+        for part in parts:
+            if not self.iotlb.covers(*part):
+                return part
+        return parts[0]
+
+    def iotlb_fault(self, w: Worker) -> str | None:
+        """(Worker's thread) A ring of ``w`` faulted behind a vIOMMU.  None: an IOTLB miss -- ``w.waiting`` is
+        set and the fault cleared, the worker asks and waits; otherwise what breaks the queue ("": the queue
+        state says why)."""
+        vr = next((r for r in w.rings if r.q[Q_ERROR]), None)
+        if vr is None or int(vr.q[Q_ERROR]) not in _ADDRESS_FAULTS:
+            return ""
+        with self.iotlb_lock:
+            want = self._fault_range(vr, int(vr.q[Q_ERROR]))
+            if want is None:
+                return ""
+            iova, length, perm = want
+            t = self.iotlb.translate(iova, length, perm)
+            if t.status == IOTLB_OK:
+                if w.map_generation == self.iotlb.generation:
+                    return ""  # mapped, and still it did not translate: not into guest memory (or split)
+                w.waiting = (iova, length, perm, True)  # an UPDATE came since the worker's table was made
+            elif t.status == IOTLB_MISS:
+                w.waiting = (t.at, 1, perm, False)
+            elif t.status == IOTLB_DENIED:
+                self.send_iotlb(P.VHOST_IOTLB_ACCESS_FAIL, t.at, perm)
+                return f"iova {t.at:#x} is mapped without {_PERM_NAMES[perm]} permission (IOTLB ACCESS_FAIL sent)"
+            else:
+                return ""
+            vr.q[Q_ERROR] = vr.q[Q_ERROR_VALUE] = 0
+        log.info(
+            "vring %d: iova %#x (%s) %s",
+            vr.index,
+            w.waiting[0],
+            _PERM_NAMES[perm],
+            "mapped since the queue started: restarting it" if w.waiting[3] else "not in the IOTLB: MISS sent",
+        )
+        if w.waiting[3]:
+            os.eventfd_write(self.resume_fd, 1)
+        return None
+
+    def wake_waiting(self) -> None:
+        """After an IOTLB change (or a worker's resume_fd): restart the workers waiting for what the IOTLB now
+        maps; tell the others to count their MISS tries afresh."""
+        if self.resume_fd >= 0:
+            try:
+                os.eventfd_read(self.resume_fd)
+            except BlockingIOError:
+                pass
+        restart: list[int] = []
+        with self.iotlb_lock:
+            waiting = [(g, w) for g, w in self.workers.items()] + [((i,), w) for i, w in self.discarding.items()]
+            for group, w in waiting:
+                if w.waiting is None:
+                    continue
+                iova, length, perm, covered = w.waiting
+                # mapped now (or mapped without the permission: the restarted worker reports ACCESS_FAIL)
+                if covered or self.iotlb.translate(iova, length, perm).status != IOTLB_MISS:
+                    restart.extend(group)
+                else:
+                    w.iotlb_changed()
+        if restart:
+            self.stop_workers(restart)
+            self.refresh()
+
+    def close(self) -> None:
+        """Release what outlives teardown (the connection is over): the backend channel and the resume fd."""
+        with self.backend_lock:
+            if self.backend_sock is not None:
+                self.backend_sock.close()
+                self.backend_sock = None
+        if self.resume_fd >= 0:
+            os.close(self.resume_fd)
+            self.resume_fd = -1
 
     def get_queue_num(self, msg: P.Message) -> bytes:
         return P.U64.pack(len(self.vrings))
@@ -851,6 +1193,8 @@ class Connection:
     def refresh(self) -> None:
         """Start a worker for every group whose rings are all ready and that has none, and one for every ring
         that is started but disabled and that the device processes then (``Device.discard_step``)."""
+        if self.iommu:
+            self._sync_map()
         if self.mem.nregions == 0:
             return
         for group in self.device.workers():
@@ -952,6 +1296,12 @@ class Connection:
 
 
 EVENTFD_KIND = "anon_inode:[eventfd]"
+_IOTLB_NAMES = {
+    P.VHOST_IOTLB_MISS: "MISS",
+    P.VHOST_IOTLB_UPDATE: "UPDATE",
+    P.VHOST_IOTLB_INVALIDATE: "INVALIDATE",
+    P.VHOST_IOTLB_ACCESS_FAIL: "ACCESS_FAIL",
+}
 
 
 def fd_kind(fd: int) -> str:
@@ -1057,6 +1407,7 @@ class Server:
                     )
                     sel.unregister(self.listener)
                     sel.register(sock, selectors.EVENT_READ, "conn")
+                    sel.register(self.connection.resume_fd, selectors.EVENT_READ, "resume")
                     log.info("front-end connected")
                 end = False
                 if "bus" in kinds:
@@ -1068,11 +1419,14 @@ class Server:
                     if fault is not None:
                         log.error("%s: closing the connection", fault)
                         end = True
+                if not end and "resume" in kinds and self.connection is not None:
+                    self.connection.wake_waiting()  # a worker's IOVA was mapped after its table was made
                 if not end and "conn" in kinds and self.connection is not None:
                     end = not self._read_one(self.connection)
                 if end:
                     assert self.connection is not None
                     sel.unregister(self.connection.sock)
+                    sel.unregister(self.connection.resume_fd)
                     self._end_connection()
                     served += 1
                     sel.register(self.listener, selectors.EVENT_READ, "listen")
@@ -1107,6 +1461,7 @@ class Server:
         conn = self.connection
         assert conn is not None
         conn.teardown()
+        conn.close()
         stats = conn.stats()
         self.history.append(stats)
         log.info("connection closed; queue stats %s", json.dumps(stats))

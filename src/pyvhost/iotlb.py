@@ -247,6 +247,20 @@ class Iotlb:
         s = self._starts[i]
         return IotlbEntry(s, self._ends[i] - s, self._uaddrs[i], self._perms[i])
 
+    def overlapping(self, iova: int, size: int) -> list[IotlbEntry]:
+        """The entries that share a byte with [iova, iova+size), sorted by IOVA (O(log n + k))."""
+        if size <= 0:
+            return []
+        end = iova + size
+        i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        out = []
+        while i < len(self._starts) and self._starts[i] < end:
+            if self._ends[i] > iova:
+                s = self._starts[i]
+                out.append(IotlbEntry(s, self._ends[i] - s, self._uaddrs[i], self._perms[i]))
+            i += 1
+        return out
+
     def translate(self, iova: int, length: int, perm: int) -> Translation:
         """Translate [iova, iova+length) for an access needing ``perm`` into front-end address segments."""
         end = iova + length

@@ -84,6 +84,14 @@ class Request(enum.IntEnum):
     GET_STATUS = 40
 
 
+class BackendRequest(enum.IntEnum):
+    """Back-end → front-end request ids, sent on the backend channel (SET_BACKEND_REQ_FD)."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+
+
 class ProtocolFeature(enum.IntEnum):
     """Bits of GET/SET_PROTOCOL_FEATURES."""
 

@@ -81,6 +81,10 @@ class Device(abc.ABC):
     transport_features_off: int = 0
     #: the device records chains in flight (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD is offered)
     inflight_tracking: bool = False
+    #: the device may sit behind a vIOMMU: VIRTIO_F_ACCESS_PLATFORM is offered (with the backend channel for
+    #: IOTLB misses).  Only for devices whose every guest access goes through the translated ring and chain
+    #: API and whose buffers held across steps are given back or drained when the worker stops.
+    access_platform: bool = False
 
     def config_space(self) -> bytes:
         """The device's config space (GET_CONFIG reads from it)."""

@@ -133,6 +133,7 @@ class BlkDevice(ChainDevice):
     """virtio-blk on ``path`` (a raw image file or a block device)."""
 
     device_id = VIRTIO_ID_BLOCK
+    access_platform = True  # behind a vIOMMU: every access translated, requests drained on a stop
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ class RngDevice(ChainDevice):
 
     device_id = VIRTIO_ID_RNG
     num_queues = 1
+    access_platform = True  # behind a vIOMMU: every access translated, requests drained on a stop
 
     def __init__(self, source=os.urandom) -> None:
         self.source = source

@@ -203,6 +203,7 @@ class TapDevice(Device):
     num_queues = 2
     #: the datapath walks split rings (pop_chains/push_used)
     transport_features_off = 1 << VIRTIO_F_RING_PACKED
+    access_platform = True  # behind a vIOMMU: every access translated, held chains given back
 
     def __init__(
         self,
@@ -633,7 +634,10 @@ class _RxStep(_RingIO):
             if need:
                 n = self._take(self.batch)
                 if n == POP_BROKEN or q[Q_ERROR]:  # (chains taken before a fault are not used either)
+                    # they go back to the driver: behind a vIOMMU the fault may be an IOTLB miss after which
+                    # the queue resumes from the avail index, and a chain kept out of it would be lost
                     self.flush()
+                    self._give_back()
                     return Step.BROKEN
                 if n == POP_STOPPED:
                     continue

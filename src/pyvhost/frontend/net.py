@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 
 from .. import protocol as P
-from ..devices.base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from ..devices.base import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
 from ..devices.net import NET_HDR_LEN, NET_HDR_LEN_LEGACY, VIRTIO_NET_F_MRG_RXBUF, make_frame
 from ..protocol import ProtocolFeature as PF
 from ..protocol import Request as R
@@ -25,6 +26,7 @@ from ..ring.split import (
     used_bytes,
 )
 from . import packed as frontend_packed
+from .iommu import RO, RW, Viommu
 from .ram import BUF_SIZE, PAGE, GuestRam
 from .split import (
     D_BATCH,
@@ -64,7 +66,13 @@ class Frontend:
         connect_timeout: float = 10.0,
         num_queues: int | None = None,
         seal_memory: bool = True,
+        iommu: bool = False,
+        iommu_grain: int = PAGE,
+        iommu_prefill: int | None = None,
     ) -> None:
+        """``iommu``: play a vIOMMU (frontend/iommu.py): rings and buffers at IOVAs, MISS answered with UPDATEs
+        of at most ``iommu_grain`` bytes; ``iommu_prefill``: before the rings start, send UPDATEs for all of
+        them cut into about that many entries (None: nothing, the back-end asks for each page)."""
         self.socket_path = socket_path
         #: virtqueues to set up: a net device's 2 per pair unless told otherwise (e.g. 1 for virtio-rng)
         self.num_queues = num_queues or 2 * queue_pairs
@@ -78,6 +86,12 @@ class Frontend:
         self.rings: list[DriverRing] = []
         self.features = 0
         self.protocol_features = 0
+        self.want_iommu = iommu
+        self.iommu_grain = iommu_grain
+        self.iommu_prefill = iommu_prefill
+        self.viommu: Viommu | None = None
+        #: one exchange (request and its reply) at a time on the socket: the vIOMMU's thread answers MISSes too
+        self.lock = threading.RLock()
 
     @staticmethod
     def _connect(path: str, timeout: float) -> socket.socket:
@@ -96,16 +110,17 @@ class Frontend:
     # -- messages ---------------------------------------------------------------------------------------
     def request(self, req: int, payload: bytes = b"", fds: list[int] | None = None) -> bytes:
         """Send a request that has a reply; return the reply payload."""
-        P.send_message(self.sock, req, payload, fds)
-        return P.recv_reply(self.sock, req).payload
+        with self.lock:
+            P.send_message(self.sock, req, payload, fds)
+            return P.recv_reply(self.sock, req).payload
 
     def command(self, req: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         """Send a request without a reply, asking for REPLY_ACK when negotiated; raise if it failed."""
         ack = bool(self.protocol_features & (1 << PF.REPLY_ACK))
         flags = P.VHOST_USER_VERSION | (P.VHOST_USER_NEED_REPLY_MASK if ack else 0)
-        P.send_message(self.sock, req, payload, fds, flags=flags)
-        if ack:
-            status = P.U64.unpack(P.recv_reply(self.sock, req).payload[:8])[0]
+        with self.lock:
+            P.send_message(self.sock, req, payload, fds, flags=flags)
+            status = P.U64.unpack(P.recv_reply(self.sock, req).payload[:8])[0] if ack else 0
             if status:
                 raise FrontendError(f"{R(req).name} failed on the back-end (status {status})")
 
@@ -123,16 +138,70 @@ class Frontend:
             want |= 1 << VIRTIO_F_RING_PACKED
         if not offered & (1 << VIRTIO_F_VERSION_1):
             raise FrontendError(f"back-end does not offer VIRTIO_F_VERSION_1 (features {offered:#x})")
+        if self.want_iommu:
+            if not offered & (1 << VIRTIO_F_ACCESS_PLATFORM):
+                raise FrontendError(f"back-end does not offer VIRTIO_F_ACCESS_PLATFORM (features {offered:#x})")
+            want |= 1 << VIRTIO_F_ACCESS_PLATFORM
         self.features = want & offered
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
             pf = P.U64.unpack(self.request(R.GET_PROTOCOL_FEATURES))[0]
-            self.protocol_features = pf & ((1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG))
+            mine = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG)
+            if self.want_iommu:
+                mine |= 1 << PF.BACKEND_REQ
+            self.protocol_features = pf & mine
             P.send_message(self.sock, R.SET_PROTOCOL_FEATURES, P.U64.pack(self.protocol_features))
+            if self.want_iommu:
+                self.start_viommu()
             if self.protocol_features & (1 << PF.MQ):
                 nq = P.U64.unpack(self.request(R.GET_QUEUE_NUM))[0]
                 if nq < self.num_queues:
                     raise FrontendError(f"back-end has {nq} queues, {self.num_queues} wanted")
         self.command(R.SET_FEATURES, P.U64.pack(self.features))
+
+    def start_viommu(self) -> None:
+        """Become the vIOMMU: the backend channel (SET_BACKEND_REQ_FD) and the page table answering MISS
+        (QEMU refuses ACCESS_PLATFORM without BACKEND_REQ and REPLY_ACK: so does this front-end)."""
+        need = (1 << PF.BACKEND_REQ) | (1 << PF.REPLY_ACK)
+        if self.protocol_features & need != need:
+            raise FrontendError("an IOMMU needs VHOST_USER_PROTOCOL_F_BACKEND_REQ and REPLY_ACK from the back-end")
+        self.viommu = Viommu(self.ram, lambda m: self.command(R.IOTLB_MSG, m.pack()), self.iommu_grain)
+        fd = self.viommu.channel_pair()
+        try:
+            self.command(R.SET_BACKEND_REQ_FD, b"", [fd])
+        finally:
+            os.close(fd)
+
+    def ring_addr(self, ring) -> P.VringAddr:
+        """SET_VRING_ADDR's addresses: front-end virtual ones, or IOVAs behind the vIOMMU."""
+        a = ring.addr()
+        if self.viommu is None:
+            return a
+        used_off, avail_off = (
+            (ring.device_off, ring.driver_off) if self.want_packed else (ring.used_off, ring.avail_off)
+        )
+        v = self.viommu
+        return P.VringAddr(a.index, a.flags, v.iova(ring.desc_off), v.iova(used_off), v.iova(avail_off), a.log)
+
+    def buf_addr(self, ring) -> int:
+        """Address of the ring's first buffer in descriptors: guest-physical, or its IOVA."""
+        return ring.buf_gpa(0) if self.viommu is None else self.viommu.iova(ring.bufs_off)
+
+    def _map_ring(self, ring) -> None:
+        """Map a ring's parts and buffers in the vIOMMU (TX buffers read-only; RX ones read/write, as an IOMMU
+        without zero-length-read support maps DMA_FROM_DEVICE, and as DPDK's vhost asks for them)."""
+        v = self.viommu
+        assert v is not None
+        n = ring.size
+        if self.want_packed:
+            v.map(ring.desc_off, frontend_packed.ring_bytes(n), RW)
+            v.map(ring.driver_off, 4, RW)
+            v.map(ring.device_off, 4, RW)
+        else:
+            v.map(ring.desc_off, desc_bytes(n), RW)
+            v.map(ring.avail_off, avail_bytes(n), RW)
+            v.map(ring.used_off, used_bytes(n), RW)
+        net = self.num_queues == 2 * self.queue_pairs
+        v.map(ring.bufs_off, n * BUF_SIZE, RO if net and ring.index % 2 else RW)
 
     @property
     def hdr_len(self) -> int:
@@ -143,6 +212,11 @@ class Frontend:
     def setup(self) -> None:
         """Negotiate, share memory, lay out and start every ring."""
         self.negotiate()
+        self.setup_rings()
+        self.start()
+
+    def setup_rings(self) -> None:
+        """Lay every ring out in guest RAM (and map it in the vIOMMU)."""
         n = self.queue_size
         for i in range(self.num_queues):
             if self.want_packed:
@@ -169,7 +243,15 @@ class Frontend:
             ring.d[D_HDR] = self.hdr_len
             ring.avail[0] = VRING_AVAIL_F_NO_INTERRUPT  # a polling driver
             self.rings.append(ring)
+        if self.viommu is not None:
+            for ring in self.rings:
+                self._map_ring(ring)
+
+    def start(self) -> None:
+        """Share memory (and send the vIOMMU's UPDATEs, if asked to up front), start every ring."""
         self.set_mem_table()
+        if self.viommu is not None and self.iommu_prefill is not None:
+            self.viommu.prefill(self.iommu_prefill)
         for ring in self.rings:
             self.start_ring(ring)
 
@@ -183,7 +265,7 @@ class Frontend:
             base = frontend_packed.INITIAL_BASE if self.want_packed else 0
         self.command(R.SET_VRING_NUM, P.VRING_STATE.pack(i, ring.size))
         self.command(R.SET_VRING_BASE, P.VRING_STATE.pack(i, base))
-        a = ring.addr()
+        a = self.ring_addr(ring)
         self.command(R.SET_VRING_ADDR, P.VRING_ADDR.pack(i, a.flags, a.desc, a.used, a.avail, a.log))
         self.command(R.SET_VRING_KICK, P.U64.pack(i), [ring.kick_fd])
         self.command(R.SET_VRING_CALL, P.U64.pack(i), [ring.call_fd])
@@ -223,7 +305,7 @@ class Frontend:
         ring.d[D_BATCH] = batch
         done0 = int(ring.d[D_DONE])
         ring.d[D_LIMIT] = ring.d[D_POSTED] + count if count >= 0 else -1
-        gpa = ring.buf_gpa(0)
+        gpa = self.buf_addr(ring)
         tx_k, rx_k = self._kernels()
         if direction == "tx":
             length = self.fill_tx_frames(ring, pkt_size)
@@ -278,7 +360,7 @@ class Frontend:
         ring = self.rings[2 * pair + (1 if direction == "tx" else 0)]
         base = self.stop_ring(ring)
         ring.d[D_LIMIT] = ring.d[D_POSTED]  # post nothing more
-        gpa = ring.buf_gpa(0)
+        gpa = self.buf_addr(ring)
         tx_k, rx_k = self._kernels()
         if direction == "tx":
             tx_k(*ring.views(), gpa, 0, 1)
@@ -300,6 +382,8 @@ class Frontend:
                     self.stop_ring(ring)
                 except (OSError, P.ProtocolError, P.ConnectionClosed) as e:
                     log.warning("GET_VRING_BASE %d: %s", ring.index, e)
+        if self.viommu is not None:
+            self.viommu.close()
         self.sock.close()
         for ring in self.rings:
             ring.close()

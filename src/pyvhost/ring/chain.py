@@ -24,7 +24,7 @@ from ..jit import helper, inline_helper, kernel
 from ..memory import SPACE_GPA, SPACE_GPA_W, translate
 from ..protocol import ADDR_LIMIT
 from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, fail, read_desc
-from .state import Q_LOG_OFF, Q_LOG_SIZE, Q_SIZE
+from .state import Q_ERROR, Q_FAULT_LEN, Q_FAULT_WRITE, Q_LOG_OFF, Q_LOG_SIZE, Q_SIZE
 
 #: Direction a caller demands of a chain.
 ANY = 0
@@ -57,6 +57,9 @@ def add_buffer(q, mem, table, sg, n, addr, length, space):
             return fail(q, QueueError.CHAIN_TOO_LONG, n)
         off, room = translate(table, space, a, 1)
         if off < 0:
+            if q[Q_ERROR] == 0:
+                q[Q_FAULT_WRITE] = 1 if space == SPACE_GPA_W else 0
+                q[Q_FAULT_LEN] = 1
             return fail(q, QueueError.BAD_ADDRESS, a)
         take = min(rem, room)
         sg[n, 0] = off
@@ -108,6 +111,9 @@ def walk_chain(q, desc, mem, table, head, sg, want):
                 return bad
             base, _room = translate(table, SPACE_GPA, np.int64(addr), length)
             if base < 0:
+                if q[Q_ERROR] == 0:
+                    q[Q_FAULT_WRITE] = 0
+                    q[Q_FAULT_LEN] = length
                 fail(q, QueueError.INDIRECT_UNMAPPED, addr)
                 return bad
             cnt = length // DESC_SIZE

@@ -53,7 +53,10 @@ from .state import (
     Q_DESC,
     Q_DESC_AT,
     Q_DIRECT,
+    Q_ERROR,
     Q_EVENT_IDX,
+    Q_FAULT_LEN,
+    Q_FAULT_WRITE,
     Q_LAST_AVAIL,
     Q_LOG_OFF,
     Q_LOG_SIZE,
@@ -253,6 +256,9 @@ def walk_packed(q, desc, mem, table, pos, wrap, head_flags, sg, want, room):
                 return bad
             base, _room = translate(table, SPACE_GPA, np.int64(addr), length)
             if base < 0:
+                if q[Q_ERROR] == 0:
+                    q[Q_FAULT_WRITE] = 0
+                    q[Q_FAULT_LEN] = length
                 fail(q, QueueError.INDIRECT_UNMAPPED, addr)
                 return bad
             for j in range(length // DESC_SIZE):

@@ -43,6 +43,9 @@ Q_LOG_SIZE = 31  # its size in bytes
 # direct path: arena offsets of the ring parts the device writes (written through views; logged by offset)
 Q_DESC_AT = 32  # descriptor table (packed rings write descriptors back)
 Q_USED_AT = 33  # used ring (split) / device event suppression area (packed)
+# the last address fault (behind a vIOMMU the backend asks the front-end for the missing IOVA, backend.py)
+Q_FAULT_WRITE = 34  # 1: the faulting buffer is one the device writes (SPACE_GPA_W), 0: one it reads
+Q_FAULT_LEN = 35  # bytes of the range that did not translate (an indirect table's length; 1 for a buffer)
 Q_FIELDS = 40
 
 
