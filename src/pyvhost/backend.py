@@ -250,8 +250,8 @@ class Worker(threading.Thread):
                         f"IOTLB miss at iova {iova:#x} ({_PERM_NAMES.get(perm, perm)}) not answered after "
                         f"{MISS_TRIES} MISS messages {MISS_INTERVAL:g} s apart"
                     )
-                self.conn.send_miss(iova, perm)
-                tries += 1
+                if self.conn.send_miss(iova, perm):
+                    tries += 1  # (a MISS the full channel did not take is tried again, not counted)
             ready, _, _ = select.select([self.wake_fd, self.iotlb_fd], [], [], MISS_INTERVAL)
             if self.wake_fd in ready or any(r.q[Q_STOP] for r in self.rings):
                 return None  # stopped (to be restarted with the new translation, or for good)
@@ -431,6 +431,8 @@ class Connection:
         self.backend_sock: socket.socket | None = None
         self.backend_lock = threading.Lock()
         self.warned_no_channel = False
+        #: IOTLB messages taken (UPDATE, INVALIDATE) and sent (MISS): logged when the connection ends
+        self.iotlb_counts = {P.VHOST_IOTLB_UPDATE: 0, P.VHOST_IOTLB_INVALIDATE: 0, P.VHOST_IOTLB_MISS: 0}
         #: written by a worker whose faulting IOVA an UPDATE had already covered: the server's selector
         #: then has the control plane restart it with a new table (``wake_waiting``)
         self.resume_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -588,31 +590,49 @@ class Connection:
             kind = f"{sock.family.name}/{sock.type.name}"
             sock.close()
             raise ProtocolError(f"SET_BACKEND_REQ_FD: the socket is {kind}, not a Unix stream socket")
-        sock.settimeout(MESSAGE_TIMEOUT)  # a front-end that stops reading it never blocks a worker for good
+        sock.setblocking(False)  # a front-end that is not reading it never blocks a worker (send_iotlb)
         with self.backend_lock:
             old, self.backend_sock = self.backend_sock, sock
         if old is not None:
             old.close()
 
-    def send_iotlb(self, kind: int, iova: int, perm: int) -> None:
-        """Send a MISS or an ACCESS_FAIL for ``iova`` on the backend channel (from a worker's thread too).
-        No NEED_REPLY: the front-end answers a MISS with an UPDATE on the main channel (as QEMU and DPDK do)."""
+    def send_iotlb(self, kind: int, iova: int, perm: int) -> bool:
+        """Send a MISS or an ACCESS_FAIL for ``iova`` on the backend channel (from a worker's thread too); whether
+        it was sent.  No NEED_REPLY: the front-end answers a MISS with an UPDATE on the main channel (as QEMU and
+        DPDK do).  Never blocks: QEMU may be waiting for our ack of an INVALIDATE (which waits for this worker
+        to stop) and read nothing meanwhile; a message the full channel does not take is dropped (the worker
+        asks again ``MISS_INTERVAL`` later)."""
         with self.backend_lock:
             sock = self.backend_sock
             if sock is None:
                 if not self.warned_no_channel:
                     self.warned_no_channel = True
                     log.error("IOTLB %s at iova %#x: no backend channel to send it on", _IOTLB_NAMES[kind], iova)
-                return
+                return False
+            data = P.pack_message(P.BackendRequest.IOTLB_MSG, P.IotlbMsg(iova, 0, 0, perm, kind).pack())
             try:
-                P.send_message(sock, P.BackendRequest.IOTLB_MSG, P.IotlbMsg(iova, 0, 0, perm, kind).pack())
+                # one small message on a Unix stream socket: taken whole or not at all
+                sent = sock.send(data)
+            except BlockingIOError:
+                log.debug("IOTLB %s at iova %#x: the backend channel is full, not sent", _IOTLB_NAMES[kind], iova)
+                return False
             except OSError as e:
                 log.error("sending IOTLB %s at iova %#x on the backend channel failed: %s", _IOTLB_NAMES[kind], iova, e)
-                return
+                return False
+            if sent != len(data):  # cannot happen for a message this small; the channel's framing would be lost
+                log.error(
+                    "IOTLB %s: the backend channel took %d of %d bytes; closing it", _IOTLB_NAMES[kind], sent, len(data)
+                )
+                self.backend_sock = None
+                sock.close()
+                return False
+            if kind in self.iotlb_counts:
+                self.iotlb_counts[kind] += 1
         log.debug("-> IOTLB %s iova %#x perm %d", _IOTLB_NAMES[kind], iova, perm)
+        return True
 
-    def send_miss(self, iova: int, perm: int) -> None:
-        self.send_iotlb(P.VHOST_IOTLB_MISS, iova, perm)
+    def send_miss(self, iova: int, perm: int) -> bool:
+        return self.send_iotlb(P.VHOST_IOTLB_MISS, iova, perm)
 
     def iotlb_msg(self, msg: P.Message) -> None:
         """VHOST_USER_IOTLB_MSG: UPDATE or INVALIDATE (acknowledged only once no queue can reach what an
@@ -620,6 +640,8 @@ class Connection:
         if not self.iommu:
             raise ProtocolError("IOTLB_MSG before VIRTIO_F_ACCESS_PLATFORM was negotiated (addresses are not IOVAs)")
         m = msg.iotlb()
+        if m.type in self.iotlb_counts:
+            self.iotlb_counts[m.type] += 1
         if m.type == P.VHOST_IOTLB_UPDATE:
             self._iotlb_update(m)
         elif m.type == P.VHOST_IOTLB_INVALIDATE:
@@ -1482,6 +1504,14 @@ class Server:
         stats = conn.stats()
         self.history.append(stats)
         log.info("connection closed; queue stats %s", json.dumps(stats))
+        if conn.iommu or any(conn.iotlb_counts.values()):
+            n = conn.iotlb_counts
+            log.info(
+                "IOTLB: %d updates, %d invalidates, %d misses sent",
+                n[P.VHOST_IOTLB_UPDATE],
+                n[P.VHOST_IOTLB_INVALIDATE],
+                n[P.VHOST_IOTLB_MISS],
+            )
         conn.sock.close()
         self.connection = None
 

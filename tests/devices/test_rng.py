@@ -346,3 +346,28 @@ def test_device_completion_mistakes_do_not_lose_chains(serve, sock_path, errors)
     assert final["packets"] == 300
     msgs = errors()
     assert any("completing chain 0" in m for m in msgs) and any("completed twice" in m for m in msgs)
+
+
+def test_fault_at_the_first_chain_breaks_the_queue(serve, sock_path, errors):
+    """The only chain on the avail ring names a buffer outside guest memory: the queue breaks, logged.  (A fault
+    at the first chain takes no chain, and ChainDevice took that for an idle ring: the queue hung silently --
+    behind a vIOMMU, where such a fault is an IOTLB miss, no MISS was ever sent.)"""
+    import os
+    import time
+
+    from pyvhost.ring.split import VRING_DESC_F_WRITE
+
+    serve(device=Echo())
+    with Frontend(sock_path, num_queues=1) as fe:
+        fe.setup()
+        ring = fe.rings[0]
+        ring.desc[0] = 1 << 40  # far past the front-end's RAM
+        ring.desc[1] = 64 | (VRING_DESC_F_WRITE << 32)
+        ring.avail[2] = 0
+        ring.avail[1] = 1
+        os.eventfd_write(ring.kick_fd, 1)
+        deadline = time.monotonic() + 10
+        while not any("vring 0 broken" in m for m in errors()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any("vring 0 broken: BAD_ADDRESS" in m for m in errors()), errors()
+        assert ring.used16[1] == 0  # nothing completed

@@ -306,6 +306,10 @@ class Guest:
     device_opts: str = ""
     #: more files for the guest's root (name -> bytes), beside /test.sh
     files: dict[str, bytes] = field(default_factory=dict)
+    #: behind a virtual IOMMU: an intel-iommu (interrupt remapping, device IOTLB) on a split-irqchip q35, the
+    #: device on a PCIe root port (ATS needs PCIe; without it the guest sends no invalidations to the device)
+    #: with ``iommu_platform=on,ats=on``, and the guest kernel's ``intel_iommu=on``
+    viommu: bool = False
 
     def __post_init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -325,16 +329,35 @@ class Guest:
             "-netdev",
             "vhost-user,id=n0,chardev=c0",
             "-device",
-            f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile="
+            f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile={self.iommu_opts()}"
             + (f",{self.device_opts}" if self.device_opts else ""),
         ]
 
+    def machine_args(self) -> list[str]:
+        """``-machine`` and, with :attr:`viommu`, the IOMMU and the root port the device goes on (``rp0``)."""
+        if not self.viommu:
+            return ["-machine", "q35"]
+        return [
+            "-machine",
+            "q35,kernel-irqchip=split",
+            "-device",
+            "intel-iommu,intremap=on,device-iotlb=on",
+            "-device",
+            "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+        ]
+
+    def iommu_opts(self) -> str:
+        """The device properties that put a virtio device behind the vIOMMU (empty without :attr:`viommu`)."""
+        return ",bus=rp0,iommu_platform=on,ats=on" if self.viommu else ""
+
     def command(self, initrd: str) -> list[str]:
         m = self.memory_mb
+        append = f"console=ttyS0 quiet panic=-1 oops=panic {self.append}"
+        if self.viommu:
+            append += " intel_iommu=on no_timer_check"
         return [
             QEMU,
-            "-machine",
-            "q35",
+            *self.machine_args(),
             "-accel",
             "tcg",
             "-cpu",
@@ -353,7 +376,7 @@ class Guest:
             "-initrd",
             initrd,
             "-append",
-            f"console=ttyS0 quiet panic=-1 oops=panic {self.append}".strip(),
+            " ".join(append.split()),
             "-nographic",
             "-no-reboot",
             "-nodefaults",
