@@ -197,6 +197,34 @@ def test_loopback_scattered_chains_exactly(serve, sock_path, metadata):
 
 
 @pytest.mark.parametrize("metadata", PATHS)
+def test_sink_read_checksums_every_payload_byte(serve, sock_path, metadata):
+    """sink-read reads every payload byte: 500 numbered frames of their own lengths and bytes, the device's
+    checksum is the sum of exactly their payload bytes (the headers' bytes left out)."""
+    srv = serve("sink-read", metadata)
+    total = 500
+    with Frontend(sock_path, queue_size=QSIZE, ram_size=RAM) as fe:
+        fe.setup()
+        srv.assert_path(metadata, [1])
+        tx = Guest(fe, 1)
+        try:
+            for sent in range(total):
+                slot = sent % QSIZE
+                data = _numbered(sent)
+                data = data[:12].replace(bytes(12), bytes(range(1, 13))) + data[12:]  # header bytes are not summed
+                off = tx.ring.bufs_off + slot * 2048
+                fe.ram.buf[off : off + len(data)] = np.frombuffer(data, np.uint8)
+                tx.desc(slot, tx.ring.buf_gpa(slot), len(data))
+                tx.post(slot)
+                tx.wait_used((sent + 1) & 0xFFFF)
+        finally:
+            tx.close()
+    stats = srv.ended()[-1][1]
+    assert stats["packets"] == total and stats["error"] == stats["drops"] == 0
+    want = sum(sum(_numbered(s)[12:]) for s in range(total))
+    assert srv.device.stats() == {"payload_checksum": {"1": want}}
+
+
+@pytest.mark.parametrize("metadata", PATHS)
 def test_sink_counts_numbered_frames_exactly(serve, sock_path, metadata):
     """Sink, frame by frame: 3000 frames of their own lengths; the byte count names exactly which were
     counted (the sink reads no payload, so lengths are what it can get wrong)."""
