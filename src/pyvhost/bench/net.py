@@ -261,8 +261,8 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     a = r.a
     label, mode, dpdk_fwd, fe_fwd = WORKLOADS[c.direction]
     row = Row(c.backend, c.frontend, c.direction, c.metadata, c.pkt_size, a.queue_size, 0.0, 0, 0, ring=c.ring, run=run)
-    row.workload = label
     tx = c.direction.startswith("tx")
+    row.workload = "frame copied to an mbuf" if c.backend == "dpdk" and tx else label
     # DPDK's virtio-user counts as sent what it put on the ring, and quits without waiting for it to be taken
     # (up to a ring, 256 seen under load), and still holds up to a few rings of received packets when it stops
     # (768 = 3 x 256 seen with DPDK's own back-end as well)
