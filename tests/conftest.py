@@ -4,12 +4,14 @@ ring runs on, requirements that skip here but never in CI, the Hypothesis profil
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
 import os
 import re
 import select
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -25,6 +27,8 @@ from pyvhost.ring.state import Q_DIRECT
 
 #: set by .ci/run: a missing requirement fails the test instead of skipping it
 CI = bool(os.environ.get("CI"))
+#: the guest kit of the VM tests (a Debian kernel and a busybox initramfs, see its module docstring)
+GUESTKIT = Path(__file__).resolve().parents[1] / "tools" / "guestkit"
 
 # Hypothesis: "ci" is reproducible (a fixed seed, no example database) and never fails on a slow example;
 # "dev" (the default) explores anew each run and keeps what it found in the local database.  A failing
@@ -214,3 +218,18 @@ def errors(caplog: pytest.LogCaptureFixture):
 TESTPMD = shutil.which("dpdk-testpmd")
 
 needs_dpdk = needs(TESTPMD is not None, "dpdk-testpmd missing: run `make deps`")
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """The VM tests' guest kit, built once (or taken from its cache); where it cannot be built the test is
+    skipped -- in CI it fails."""
+    if str(GUESTKIT) not in sys.path:
+        sys.path.insert(0, str(GUESTKIT))
+    guestkit = importlib.import_module("guestkit")
+    try:
+        return guestkit.build(log=lambda s: None)
+    except Exception as e:  # noqa: BLE001
+        if CI:
+            raise
+        pytest.skip(f"the guest kit cannot be built here ({e}); run tools/guestkit/build.sh")

@@ -12,7 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "pyvhost"
 DOC = ROOT / "docs" / "architecture.md"
 #: modules whose function-level imports are deliberate: the parser must answer without loading the datapath
-LAZY_BY_DESIGN = {"pyvhost.cli", "pyvhost.devices.builtin", "pyvhost.bench", "pyvhost.bench.net", "pyvhost.bench.blk"}
+LAZY_BY_DESIGN = {
+    "pyvhost.cli",
+    "pyvhost.devices.builtin",
+    "pyvhost.bench",
+    "pyvhost.bench.net",
+    "pyvhost.bench.blk",
+    "pyvhost.bench.guests",
+}
 
 
 def modules() -> dict[str, Path]:

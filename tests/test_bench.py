@@ -78,6 +78,15 @@ def test_bench_ring_both(tmp_path):
     assert "packed/split" in table
 
 
+def test_bench_dirty_log_both(tmp_path):
+    """Logging off and on, in pairs: the back-end logs (the front-end sees bits set) only when asked."""
+    rows, table = bench(tmp_path, "--dirty-log", "both", "--metadata", "direct")
+    check(rows)
+    assert {(r["dirty_log"], r["direction"]) for r in rows} == {(g, d) for g in ("off", "on") for d in ("tx", "rx")}
+    assert all((r["dirty_pages"] > 0) == (r["dirty_log"] == "on") for r in rows), rows
+    assert "log on/off" in table
+
+
 @needs_dpdk
 @pytest.mark.dpdk
 def test_bench_peer_dpdk_packed(tmp_path):
@@ -122,3 +131,21 @@ def test_bench_like_for_like_workloads(tmp_path):
             labels["tx"] = "frame copied to an mbuf"
         assert r["workload"] == labels[r["direction"]], r
     assert table.count("pyvhost/DPDK") == 6 and "1 pairs" in table
+
+
+def test_bench_guests(tmp_path):
+    """``--guests``: one row per guest count, every guest's traffic counted, the memory fields filled."""
+    out = tmp_path / "guests.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "pyvhost", "bench", "--guests", "1,3", "--metadata", "direct", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["guests"], r["metadata"]) for r in rows] == [(1, "direct"), (3, "direct")]
+    for r in rows:
+        assert r["errors"] == 0 and r["packets"] == r["guests"] * 2000, r
+        assert r["connected_mb"] > 0 and r["idle_mb"] > 0 and r["threads"] > r["guests"], r
+    assert "MB/guest" in p.stdout

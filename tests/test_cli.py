@@ -58,8 +58,9 @@ def test_help_and_argument_errors_load_no_datapath(argv):
 
 def test_every_builtin_device_is_served_by_name():
     parser = cli.build_parser()
+    required = {"blk": ["--file", "f"], "vsock": ["--guest-cid", "3", "--uds-path", "u"]}
     for name in SPECS:
-        args = parser.parse_args(["serve", name, "--socket-path", "s"] + (["--file", "f"] if name == "blk" else []))
+        args = parser.parse_args(["serve", name, "--socket-path", "s", *required.get(name, [])])
         assert args.spec is SPECS[name] and args.func is cli.cmd_serve
 
 

@@ -10,7 +10,6 @@ sector (it drops its page cache and reads it again until the marker is there).
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -93,16 +92,6 @@ class BlkGuest(guestkit.Guest):
             "none",
             *self.extra_args,
         ]
-
-
-@pytest.fixture(scope="module")
-def kit() -> guestkit.Kit:
-    try:
-        return guestkit.build(log=lambda s: None)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the guest kit cannot be built here ({e}); run tools/guestkit/build.sh")
 
 
 class Disk:

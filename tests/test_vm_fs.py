@@ -100,16 +100,6 @@ class FsGuest(guestkit.Guest):
         ]
 
 
-@pytest.fixture(scope="module")
-def kit() -> guestkit.Kit:
-    try:
-        return guestkit.build(log=lambda s: None)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the guest kit cannot be built here ({e}); run tools/guestkit/build.sh")
-
-
 class Backend:
     """A vhost-user-fs back-end process on a socket (pyvhost or virtiofsd), stopped at the end."""
 

@@ -43,16 +43,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def kit() -> guestkit.Kit:
-    try:
-        return guestkit.build(log=lambda s: None)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the guest kit cannot be built here ({e}); run tools/guestkit/build.sh")
-
-
 class Cleanup:
     """Guests and back-ends a test started, closed at its end (guests first)."""
 

@@ -78,16 +78,6 @@ features() {{  # the virtio feature bits the guest driver negotiated (a string o
 """
 
 
-@pytest.fixture(scope="module")
-def kit() -> guestkit.Kit:
-    try:
-        return guestkit.build(log=lambda s: None)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the guest kit cannot be built here ({e}); run tools/guestkit/build.sh")
-
-
 class Net:
     """The test's namespace, its tap, and the pyvhost back-end serving that tap."""
 

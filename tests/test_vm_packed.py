@@ -9,7 +9,6 @@ loopback: what the guest transmits comes back to it.  Both metadata paths.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -41,16 +40,6 @@ sleep 1
 echo "RESULT tx=$(cat /sys/class/net/eth0/statistics/tx_packets) rx=$(cat /sys/class/net/eth0/statistics/rx_packets)"
 echo "RESULT done=1"
 """
-
-
-@pytest.fixture(scope="module")
-def kit() -> guestkit.Kit:
-    try:
-        return guestkit.build(log=lambda s: None)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the guest kit cannot be built here ({e}); run tools/guestkit/build.sh")
 
 
 def serve(tmp: Path, mode: str, metadata: str, *extra: str) -> tuple[subprocess.Popen, Path, Path]:

@@ -3,7 +3,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 pkgs=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
-      qemu-system-common)  # qemu-storage-daemon: the vhost-user-blk back-end `pyvhost bench --device blk` compares with
+      qemu-system-common   # qemu-storage-daemon: the vhost-user-blk back-end `pyvhost bench --device blk` compares with
+      gcc libc6-dev)       # test_vm_vsock builds the guest's vsock client (tools/guestkit/vsockcat.c) static
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,6 +9,7 @@ duplicated or reordered by the compiler:
   path, so each guest field is read exactly once, whole;
 * ``fence_full()`` – the store→load barrier needed before reading the other side's event index;
 * ``or8(buf, off, v)`` – an atomic OR into one byte (the dirty log's bits), after a ``fence_release()``;
+* ``xchg64(buf, off, v)`` – an atomic exchange of 8 bytes (the front-end reading and clearing the dirty log);
 * ``eventfd_write(fd, v)`` – glibc's eventfd_write, linked by name so cached code stays valid.
 """
 
@@ -154,6 +155,26 @@ def or8(buf, off, v):
     """Atomic ``buf[off] |= v`` on a uint8 array, relaxed: no bit set by another agent is lost.  Order the
     writes it stands for before it with one :func:`fence_release` (as DPDK's ``__vhost_log_write`` does)."""
     _or8(buf.ctypes.data + off, v)
+
+
+@intrinsic
+def _xchg64(typingctx, addr, val):
+    """``old = *(uint64 *)addr; *(uint64 *)addr = val`` as one atomic read-modify-write (``xchg``), acquire
+    and release (sequentially consistent)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        v = context.cast(builder, args[1], sig.args[1], types.uint64)
+        return builder.atomic_rmw("xchg", ptr, v, "seq_cst")
+
+    return types.uint64(types.intp, val), codegen
+
+
+@helper
+def xchg64(buf, off, v):
+    """Atomically swap the aligned 8 bytes at ``buf[off]`` (a uint8 array) for ``v``; return what they held.  No
+    bit another agent ORs in at the same time is lost: it is either in the value returned or left in memory."""
+    return _xchg64(buf.ctypes.data + off, v)
 
 
 @intrinsic

@@ -45,7 +45,7 @@ from .devices.base import (
     Ring,
     Step,
 )
-from .dirtylog import DirtyLog, check_ring_log_addr, guest_end
+from .dirtylog import DirtyLog, DirtyLogError, check_ring_log_addr, guest_end
 from .errors import describe
 from .memory import SPACE_UVA, GuestMemory, MappedRegion, MemoryError_
 from .protocol import ProtocolError
@@ -346,6 +346,8 @@ class Connection:
         #: counters of queue states that were replaced (a ring set up again, the connection reset): stats()
         #: adds the live ones, so counters are cumulative over ring restarts
         self.totals: dict[int, dict[str, int]] = {}
+        #: messages that failed: malformed (counted by the server) or failed by their handler
+        self.failed = 0
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def handle(self, msg: P.Message) -> None:
@@ -365,6 +367,8 @@ class Connection:
             log.exception("%s failed unexpectedly", msg.name)
         finally:
             msg.close_fds()
+        if not ok:
+            self.failed += 1
         self.answer(msg, reply, ok)
 
     def answer(self, msg: P.Message, reply: bytes | None, ok: bool) -> None:
@@ -545,6 +549,11 @@ class Connection:
             self.refresh()  # the change was refused and memory is unchanged: restart the stopped workers
             raise
         self._unmap(old)
+        if self.log is not None:  # QEMU grows the log before the table; a table past it is a front-end's bug
+            try:
+                self.log.check_covers(guest_end(self.mem))
+            except DirtyLogError as e:
+                log.error("the memory table outgrew the dirty log (writes past it are not logged): %s", e)
         self.refresh()
 
     def _unmap(self, old: list[MappedRegion]) -> None:
@@ -949,6 +958,10 @@ class Connection:
             self.inflight.close()
             self.inflight = None
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+        try:
+            self.device.driver_gone()
+        except Exception:
+            log.exception("device %s: forgetting the driver failed", type(self.device).__name__)
 
 
 EVENTFD_KIND = "anon_inode:[eventfd]"
@@ -1011,6 +1024,8 @@ class Server:
         #: written by the SIGBUS guard when it recovered a fault in the connection's memory
         self.fault_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.connection: Connection | None = None
+        #: connections accepted so far (the live one's number)
+        self.accepted = 0
         #: counters of the connections that ended, the most recent last (bounded: a server runs for long)
         self.history: collections.deque[dict[int, dict[str, int]]] = collections.deque(maxlen=HISTORY)
         self.owns_path = listener is None
@@ -1055,6 +1070,7 @@ class Server:
                         fault_fd=self.fault_fd,
                         stop_timeout=self.stop_timeout,
                     )
+                    self.accepted += 1
                     sel.unregister(self.listener)
                     sel.register(sock, selectors.EVENT_READ, "conn")
                     log.info("front-end connected")
@@ -1089,6 +1105,7 @@ class Server:
             return False
         except ProtocolError as e:
             log.error("bad message: %s", e)
+            conn.failed += 1
             if e.message is not None:  # rejected before dispatch: still answer, or a waiting front-end hangs
                 conn.answer(e.message, None, False)
             return True

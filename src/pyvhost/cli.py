@@ -10,10 +10,14 @@ import signal
 import socket
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from .bench import add_arguments as add_bench_arguments
 from .devices.builtin import SPECS
 from .devices.registry import DeviceSpec, discover
+
+if TYPE_CHECKING:
+    from .devices.base import Device
 
 log = logging.getLogger("pyvhost")
 
@@ -60,45 +64,91 @@ def listening_socket(args: argparse.Namespace) -> socket.socket | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve one device (any in the registry) until a signal, or ``--connections`` connections have ended."""
+    """Serve one device (any in the registry) on one socket, or on ``--socket-count`` sockets with a device
+    each, until a signal, or until ``--connections`` connections have ended on every socket."""
     from .access import Metadata
     from .backend import Server
+    from .servers import ServerGroup, socket_paths
 
+    spec: DeviceSpec = args.spec
+    count = args.socket_count
+    if count < 1:
+        raise SystemExit(f"pyvhost serve: --socket-count {count}: at least 1")
+    if count > 1 and args.socket_path is None:
+        raise SystemExit("pyvhost serve: --socket-count N > 1 needs --socket-path PATH (it serves PATH0..PATH{N-1})")
+    if count > 1 and spec.one_socket is not None:
+        raise SystemExit(f"pyvhost serve {spec.name}: --socket-count {count} refused: {spec.one_socket}")
     _pin(args.cpu)
     listener = listening_socket(args)
-    spec: DeviceSpec = args.spec
-    device = spec.create(args)
-    server = Server(device, args.socket_path, Metadata(args.metadata), batch=args.batch, listener=listener)
+    paths: list[str | None] = list(socket_paths(args.socket_path, count)) if args.socket_path else [None]
+    devices: list[Device] = []
+    servers: list[Server] = []
+    try:
+        for i, path in enumerate(paths):
+            device = spec.create(argparse.Namespace(**vars(args), socket_index=i if count > 1 else None))
+            devices.append(device)
+            servers.append(
+                Server(device, path, Metadata(args.metadata), batch=args.batch, listener=listener if i == 0 else None)
+            )
+    except BaseException:
+        for s in servers:
+            s.close()
+        for d in devices:
+            d.close()
+        raise
+    group = ServerGroup(servers)
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import MetricsServer
+
+        metrics = MetricsServer(lambda: group.servers, args.metrics_port, args.metrics_addr)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_addr, metrics.port)
+
+    def stats() -> dict:
+        return servers[0].stats() if count == 1 else group.stats()
 
     def on_signal(signum, frame):
-        server.stop()
+        group.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGUSR1, lambda s, f: log.info("stats %s", json.dumps(server.stats())))
+    signal.signal(signal.SIGUSR1, lambda s, f: log.info("stats %s", json.dumps(stats())))
     done = threading.Event()
     if args.stats_interval:
 
         def tick():
             while not done.wait(args.stats_interval):
-                log.info("stats %s", json.dumps(server.stats()))
+                log.info("stats %s", json.dumps(stats()))
 
         threading.Thread(target=tick, daemon=True).start()
-    log.info("serving %s (%s path) on %s", spec.name, args.metadata, server.socket_path)
+    where = servers[0].socket_path if count == 1 else f"{count} sockets {paths[0]}..{paths[-1]}"
+    log.info("serving %s (%s path) on %s", spec.name, args.metadata, where)
     if args.ready_file:
         with open(args.ready_file, "w") as f:
             f.write(str(os.getpid()))
     try:
-        server.serve(connections=args.connections)
+        if count == 1:
+            servers[0].serve(connections=args.connections)
+        else:
+            group.serve(connections=args.connections)
     finally:
         done.set()
-        stats = server.stats()
-        server.close()
-        device.close()
-        print(json.dumps({"stats": stats, spec.name: device.stats()}), flush=True)
+        if metrics is not None:
+            metrics.close()
+        final = stats()
+        group.close()
+        for d in devices:
+            d.close()
+        if count == 1:
+            print(json.dumps({"stats": final, spec.name: devices[0].stats()}), flush=True)
+        else:
+            per_socket = {
+                s.socket_path: {"stats": final[s.socket_path], spec.name: d.stats()} for s, d in zip(servers, devices)
+            }
+            print(json.dumps({"sockets": per_socket}), flush=True)
         if args.stats_json:
             with open(args.stats_json, "w") as f:
-                json.dump(stats, f)
+                json.dump(final, f)
     return 0
 
 
@@ -111,9 +161,15 @@ def cmd_drive(args: argparse.Namespace) -> int:
     warm_up()
     t_connect = time.perf_counter()
     with Frontend(
-        args.socket_path, queue_size=args.queue_size, event_idx=not args.no_event_idx, packed=args.packed
+        args.socket_path,
+        queue_size=args.queue_size,
+        event_idx=not args.no_event_idx,
+        packed=args.packed,
+        dirty_log=args.dirty_log,
     ) as fe:
         fe.setup()
+        if args.dirty_log:
+            fe.set_logging(True)
         result = fe.run(
             args.direction,
             seconds=args.seconds,
@@ -123,6 +179,8 @@ def cmd_drive(args: argparse.Namespace) -> int:
             batch=args.batch,
         )
         result["final"] = fe.drain(args.direction)
+        if fe.log is not None:
+            result["dirty_pages"] = int(fe.log.dirty_pages().size)
     first = result.pop("first_completion_at")
     result["first_packet_s"] = None if first is None else first - t_connect
     print(json.dumps(result), flush=True)
@@ -156,6 +214,14 @@ def serve_arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket-path", help="listen on this Unix socket path (created; replaced if it exists)")
+    p.add_argument(
+        "--socket-count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve N front-ends at once, each with a device of its own, on sockets PATH0..PATH{N-1} of "
+        "--socket-path PATH (the rust-vmm vhost-device convention; default 1: PATH itself)",
+    )
     where.add_argument(
         "--socket-fd",
         type=int,
@@ -175,6 +241,13 @@ def serve_arguments() -> argparse.ArgumentParser:
     p.add_argument("--stats-json", help="write the per-queue counters here at exit")
     p.add_argument("--stats-interval", type=float, default=0, help="log the counters every N seconds")
     p.add_argument("--ready-file", help="write the pid here once the socket listens")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics (per connection and queue) on this TCP port (0: any free one)",
+    )
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)")
     return p
 
 
@@ -203,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--batch", type=int, default=64)
     drive.add_argument("--no-event-idx", action="store_true")
     drive.add_argument("--packed", action="store_true", help="packed virtqueues (VIRTIO_F_RING_PACKED)")
+    drive.add_argument(
+        "--dirty-log",
+        action="store_true",
+        help="share a dirty log and switch VHOST_F_LOG_ALL on before the traffic (as QEMU does to migrate)",
+    )
     drive.add_argument("--cpu", type=int)
     drive.set_defaults(func=cmd_drive)
 

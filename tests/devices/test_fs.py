@@ -168,8 +168,9 @@ class FuseDriver(Frontend):
         return -err, out[F.OUT_HEADER.size :]
 
     # -- helpers for the requests a kernel sends ---------------------------------------------------------
-    def init(self) -> tuple[int, ...]:
-        err, out = self.call(F.FUSE_INIT, 0, F.INIT_IN.pack(7, 38, 1 << 17, 0xFFFFFFFF) + bytes(48))
+    def init(self, flags: int = 0xFFFFFFFF & ~F.FUSE_MAX_PAGES) -> tuple[int, ...]:
+        """INIT as a 7.38 kernel; without FUSE_MAX_PAGES (unless asked), requests stay at 32 pages."""
+        err, out = self.call(F.FUSE_INIT, 0, F.INIT_IN.pack(7, 38, 1 << 17, flags) + bytes(48))
         assert err == 0
         return F.INIT_OUT.unpack(out)
 
@@ -271,6 +272,24 @@ def snapshot(path: Path) -> dict[str, tuple]:
 
 
 # -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metadata", ["direct", "copy"])
+def test_max_pages_fit_the_request_queue(share, sock_path, serve, metadata, errors):
+    """With FUSE_MAX_PAGES the device offers requests of up to 256 pages, as many as fit its smallest request
+    queue (a chain is never longer than its queue); a WRITE of that size works, one byte more is EINVAL."""
+    serve_fs(serve, Passthrough(str(share)), metadata)
+    with FuseDriver(sock_path) as fe:
+        fe.setup()
+        *_head, flags, _bg, _ct, max_write, _tg, max_pages, _ma, _f2 = fe.init(0xFFFFFFFF)
+        pages = min(256, fe.queue_size - 8)
+        assert flags & F.FUSE_MAX_PAGES and (max_pages, max_write) == (pages, pages * 4096) and pages > 32
+        err, node, fh = fe.create(ROOT_INO, b"big.bin")
+        blob = os.urandom(max_write)
+        assert fe.write(node, fh, 0, blob) == (0, max_write)
+        assert fe.read(node, fh, 0, max_write) == (0, blob)
+        assert fe.write(node, fh, 0, blob + b"!")[0] == errno.EINVAL
+        assert (share / "big.bin").read_bytes() == blob
+
+
 @pytest.mark.parametrize("metadata", ["direct", "copy"])
 def test_passthrough_requests(share, sock_path, serve, metadata, errors):
     ops = Passthrough(str(share))

@@ -382,3 +382,25 @@ def test_broken_tx_ring_stops_only_that_queue(tap, errors):
     wire.send(frame(200, 3))
     ((h, ln),) = rx.used(1)
     assert rx.read(buf[0], ln) == vnet_hdr(1) + frame(200, 3)
+
+
+def test_socket_count_gives_each_socket_its_own_tap(ns):
+    """``serve net --tap NAME --socket-count 3``: socket i's device is on tap NAMEi (one guest per tap)."""
+    import argparse
+
+    from pyvhost.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "net", "--tap", "pvmq", "--socket-path", "/nonexistent/s", "--socket-count", "3"]
+    )
+    devices = [ns.call(lambda: args.spec.create(argparse.Namespace(**vars(args), socket_index=i))) for i in range(3)]
+    try:
+        links = subprocess.run(
+            ["ip", "netns", "exec", ns.name, "ip", "-o", "link"], check=True, capture_output=True, text=True
+        ).stdout
+        for i in range(3):
+            assert f" pvmq{i}:" in links, links
+        assert " pvmq:" not in links
+    finally:
+        for d in devices:
+            d.close()

@@ -44,6 +44,8 @@ MODULES = [
     "virtio_blk",
     "fuse",
     "virtiofs",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
 ]
 
 QEMU = "qemu-system-x86_64"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import blk, fs, net
+from . import blk, fs, guests, net
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="net",
         help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py); "
         "fs: pyvhost's virtio-fs against virtiofsd, measured in a QEMU guest (bench/fs.py)",
+    )
+    p.add_argument(
+        "--guests",
+        metavar="N,N,...",
+        help="measure instead the resident memory of one back-end process serving N guests (--socket-count N, "
+        "net sink), e.g. 1,8,64 (bench/guests.py)",
     )
     p.add_argument("--image-mb", type=int, default=256, help="blk: size of the benchmark image")
     p.add_argument("--fs-mb", type=int, default=128, help="fs: size of the file the guest writes and reads")
@@ -38,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="split",
         help="virtqueue layout the front-ends negotiate (packed: VIRTIO_F_RING_PACKED)",
     )
+    p.add_argument(
+        "--dirty-log",
+        choices=["off", "on", "both"],
+        default="off",
+        help="net: the pyvhost front-end shares a dirty log and switches VHOST_F_LOG_ALL on (a migrating guest); "
+        "both: each configuration with logging off and on, run in pairs",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")
@@ -50,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
+    if a.guests:
+        return guests.main(a)
     if a.device == "fs":
         return fs.main(a)
     return blk.main(a) if a.device == "blk" else net.main(a)

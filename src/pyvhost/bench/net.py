@@ -80,6 +80,9 @@ class Row:
     cpu_window: str = ""  # "measured": over the rate's window; "connection": from connect to the end
     path: str = ""  # the metadata path(s) the back-end logged as running ("-" for DPDK)
     ring_ran: str = ""  # the ring layout the back-end logged
+    dirty_log: str = "off"
+    #: pages the log showed at the end (pyvhost's front-end with the log on; 0 otherwise)
+    dirty_pages: int = 0
 
 
 @dataclass
@@ -90,11 +93,13 @@ class Config:
     metadata: str  # copy | direct | "-" for DPDK's back-end
     ring: str = "split"  # split | packed (VIRTIO_F_RING_PACKED, negotiated by the front-end)
     pkt_size: int = 64
+    dirty_log: str = "off"  # on: the front-end shares a dirty log and switches VHOST_F_LOG_ALL on (migrating)
     rows: list[Row] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring} {self.pkt_size}B"
+        log = " log" if self.dirty_log == "on" else ""
+        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring} {self.pkt_size}B{log}"
 
 
 class Runner:
@@ -148,7 +153,9 @@ class Runner:
         paths = sorted({p for _q, ps, _r in found for p in ps.split("/")})
         return "/".join(paths), "/".join(sorted({r for _q, _p, r in found}))
 
-    def drive(self, sock: Path, direction: str, ring: str = "split", pkt_size: int = 64) -> dict:
+    def drive(
+        self, sock: Path, direction: str, ring: str = "split", pkt_size: int = 64, dirty_log: bool = False
+    ) -> dict:
         cmd = pyvhost_cmd(
             "drive",
             "net",
@@ -171,6 +178,8 @@ class Runner:
         )
         if ring == "packed":
             cmd.append("--packed")
+        if dirty_log:
+            cmd.append("--dirty-log")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.seconds + self.a.warmup + 120)
         if out.returncode:
             raise RuntimeError(f"pyvhost drive failed: {out.stderr[-2000:]}")
@@ -239,7 +248,8 @@ def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row, backend_p
     put its rate, packet count and the back-end's CPU per packet in ``row``."""
     if c.frontend == "pyvhost":
         u0 = cpu_seconds(backend_pid)
-        res = r.drive(sock, "tx" if c.direction.startswith("tx") else "rx", c.ring, c.pkt_size)
+        res = r.drive(sock, "tx" if c.direction.startswith("tx") else "rx", c.ring, c.pkt_size, c.dirty_log == "on")
+        row.dirty_pages = res.get("dirty_pages", 0)
         u1 = cpu_seconds(backend_pid)  # the back-end is not reaped yet: its times are still there
         row.mpps, row.packets = res["mpps"], res["final"]["packets"]
         row.first_packet_s = res.get("first_packet_s")
@@ -260,7 +270,20 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     sock = r.dir / f"vhost{r.n}.sock"
     a = r.a
     label, mode, dpdk_fwd, fe_fwd = WORKLOADS[c.direction]
-    row = Row(c.backend, c.frontend, c.direction, c.metadata, c.pkt_size, a.queue_size, 0.0, 0, 0, ring=c.ring, run=run)
+    row = Row(
+        c.backend,
+        c.frontend,
+        c.direction,
+        c.metadata,
+        c.pkt_size,
+        a.queue_size,
+        0.0,
+        0,
+        0,
+        ring=c.ring,
+        run=run,
+        dirty_log=c.dirty_log,
+    )
     tx = c.direction.startswith("tx")
     row.workload = "frame copied to an mbuf" if c.backend == "dpdk" and tx else label
     # DPDK's virtio-user counts as sent what it put on the ring, and quits without waiting for it to be taken
@@ -325,10 +348,15 @@ def pkt_sizes(a: argparse.Namespace) -> list[int]:
 def configs(a: argparse.Namespace) -> list[Config]:
     paths = ["copy", "direct"] if a.metadata == "both" else [a.metadata]
     rings = ["split", "packed"] if getattr(a, "ring", "split") == "both" else [getattr(a, "ring", "split")]
+    logs = ["off", "on"] if getattr(a, "dirty_log", "off") == "both" else [getattr(a, "dirty_log", "off")]
     out: list[Config] = []
     fronts = ["dpdk", "pyvhost"] if a.peer == "dpdk" else ["pyvhost"]
     for size in pkt_sizes(a):
         for fe in fronts:
+            # only pyvhost's front-end shares a dirty log (testpmd's virtio-user does not migrate)
+            fe_logs = logs if fe == "pyvhost" else [x for x in logs if x == "off"]
+            if not fe_logs:
+                continue
             for d in workloads(a):
                 if d == "loop" and fe == "pyvhost":
                     continue  # the reflector is testpmd's flowgen counting what comes back
@@ -339,8 +367,9 @@ def configs(a: argparse.Namespace) -> list[Config]:
                         (x.backend, x.frontend, x.direction, x.ring, x.pkt_size) == ("dpdk", fe, ref, ring, size)
                         for x in out
                     ):
-                        out.append(Config("dpdk", fe, ref, "-", ring, size))
-                    out += [Config("pyvhost", fe, d, m, ring, size) for m in paths]
+                        out.append(Config("dpdk", fe, ref, "-", ring, size, fe_logs[0]))
+                    # logging off and on next to each other: each round runs them as a pair, one after the other
+                    out += [Config("pyvhost", fe, d, m, ring, size, lg) for m in paths for lg in fe_logs]
     if "loop" in workloads(a) and a.peer != "dpdk":  # the reflector's front-end is testpmd's, DPDK's back-end aside
         out += [
             Config("pyvhost", "dpdk", "loop", m, ring, size) for size in pkt_sizes(a) for ring in rings for m in paths
@@ -375,7 +404,12 @@ def ratios(c: Config, cs: list[Config]) -> str:
     like = [
         x
         for x in cs
-        if x.frontend == c.frontend and x.pkt_size == c.pkt_size and x.ring == c.ring and x.rows and x is not c
+        if x.frontend == c.frontend
+        and x.pkt_size == c.pkt_size
+        and x.ring == c.ring
+        and x.rows
+        and x is not c
+        and (x.dirty_log == c.dirty_log or x.backend == "dpdk")
     ]
     out = []
     if c.backend == "pyvhost" and c.metadata == "direct":
@@ -392,6 +426,7 @@ def ratios(c: Config, cs: list[Config]) -> str:
             and x.direction == c.direction
             and x.metadata == c.metadata
             and x.ring == "split"
+            and x.dirty_log == c.dirty_log
             and x.rows
         ]
         if split:
@@ -401,6 +436,17 @@ def ratios(c: Config, cs: list[Config]) -> str:
         dpdk = [x for x in like if x.backend == "dpdk" and x.direction == ref]
         if dpdk:
             out.append(_ratio("pyvhost/DPDK", pair_ratios(c.rows, dpdk[0].rows)))
+    if c.dirty_log == "on":  # each run against the logging-off run just before it
+        off = [
+            x
+            for x in cs
+            if (x.frontend, x.backend, x.direction, x.metadata, x.ring, x.pkt_size)
+            == (c.frontend, c.backend, c.direction, c.metadata, c.ring, c.pkt_size)
+            and x.dirty_log == "off"
+            and x.rows
+        ]
+        if off:
+            out.append(_ratio("log on/off", pair_ratios(c.rows, off[0].rows)))
     return "  ".join(x for x in out if x)
 
 
@@ -411,8 +457,8 @@ def table(cs: list[Config]) -> str:
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
         lines.append(
-            f"{'back-end':9} {'path ran':9} {'ring':6} {'workload':26} {'bytes':>5} {'Mpps median (min–max)':24} "
-            f"{'Gbit/s':>6} {'CPU s/Mpkt':>10} {'errors':>6}  ratios (per pair of runs: median (min–max))"
+            f"{'back-end':9} {'path ran':9} {'ring':6} {'log':3} {'workload':26} {'bytes':>5} "
+            f"{'Mpps median (min–max)':24} {'Gbit/s':>6} {'CPU s/Mpkt':>10} {'errors':>6}  ratios (per pair of runs)"
         )
         for c in (c for c in cs if c.frontend == fe):
             if not c.rows:
@@ -422,8 +468,8 @@ def table(cs: list[Config]) -> str:
             gbps = statistics.median(x.gbps for x in c.rows)
             errs = sum(x.errors for x in c.rows)
             lines.append(
-                f"{c.backend:9} {ran:9} {c.ring:6} {work:26} {c.pkt_size:5d} {_fmt(c.rows):24} {gbps:6.2f} "
-                f"{_cpu(c.rows):>10} {errs:6d}  {ratios(c, cs)}"
+                f"{c.backend:9} {ran:9} {c.ring:6} {c.dirty_log:3} {work:26} {c.pkt_size:5d} {_fmt(c.rows):24} "
+                f"{gbps:6.2f} {_cpu(c.rows):>10} {errs:6d}  {ratios(c, cs)}"
             )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
         if fp:

@@ -120,6 +120,10 @@ class Device(abc.ABC):
         buffers and completes them without acting on them (counted in Q_DROPS)."""
         raise NotImplementedError(f"{type(self).__name__} processes no disabled ring")
 
+    def driver_gone(self) -> None:
+        """The driver's state is gone: the front-end disconnected or reset the owner, every ring is stopped.
+        A device forgets what it kept for that driver (vsock: its connections)."""
+
     def stats(self) -> dict:
         """Device counters, reported beside the per-queue ones."""
         return {}

@@ -31,21 +31,40 @@ def net_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-offloads", action="store_true", help="with --tap: offer no checksum/TSO/UFO offloads to the guest"
     )
-    p.add_argument("--pkt-size", type=int, default=64, help="frame size generated in source mode")
+    p.add_argument(
+        "--pkt-size",
+        type=int,
+        default=64,
+        help="frame size generated in source mode (each numbered and UDP-checksummed: devices/net_frame.py)",
+    )
     p.add_argument("--queue-pairs", type=int, default=1)
     p.add_argument("--count", type=int, default=-1, help="source mode: stop after this many packets per queue")
+    p.add_argument(
+        "--plain-frames",
+        action="store_true",
+        help="source mode: identical frames, without sequence numbers and UDP checksums",
+    )
 
 
 def create_net(args: argparse.Namespace) -> Device:
     if args.tap:  # a guest on a real network: frames go to and come from this tap device
         from . import tap
 
-        log.info("net on tap %s", args.tap)
-        return tap.TapDevice(args.tap, offloads=not args.no_offloads)
+        # --socket-count N: socket PATHi gets tap NAMEi (a guest per tap, as a guest per socket)
+        index = getattr(args, "socket_index", None)
+        name = args.tap if index is None else f"{args.tap}{index}"
+        log.info("net on tap %s", name)
+        return tap.TapDevice(name, offloads=not args.no_offloads)
     from . import net
 
     log.info("net in %s mode, %d queue pair(s)", args.mode, args.queue_pairs)
-    return net.NetDevice(net.Mode(args.mode), queue_pairs=args.queue_pairs, pkt_size=args.pkt_size, count=args.count)
+    return net.NetDevice(
+        net.Mode(args.mode),
+        queue_pairs=args.queue_pairs,
+        pkt_size=args.pkt_size,
+        count=args.count,
+        numbered=not args.plain_frames,
+    )
 
 
 def blk_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,10 +109,60 @@ def create_blk(args: argparse.Namespace) -> Device:
     return device
 
 
+def rng_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        metavar="FILE",
+        help="read random bytes from FILE (a device, a FIFO, a file: its end is an error, never wrapped around); "
+        "default: the kernel's getrandom",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give the guest at most N bytes per --period (default 0: no limit); requests beyond wait",
+    )
+    p.add_argument("--period", type=int, default=1000, metavar="MS", help="the --max-bytes window (default 1000 ms)")
+
+
 def create_rng(args: argparse.Namespace) -> Device:
     from . import rng
 
-    return rng.RngDevice()
+    if args.max_bytes < 0 or args.period <= 0:
+        raise SystemExit("serve rng: --max-bytes must be >= 0 and --period > 0")
+    try:
+        device = rng.RngDevice(args.source, max_bytes=args.max_bytes, period=args.period / 1000)
+    except OSError as e:
+        raise SystemExit(f"serve rng: --source {args.source}: {e.strerror}") from None
+    log.info(
+        "rng from %s%s",
+        args.source or "getrandom",
+        f", at most {args.max_bytes} bytes per {args.period} ms" if args.max_bytes else "",
+    )
+    return device
+
+
+def vsock_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guest-cid", type=int, required=True, help="the guest's CID (3 or more)")
+    p.add_argument(
+        "--uds-path",
+        required=True,
+        metavar="PATH",
+        help="host side: a guest connecting to port P reaches the Unix socket PATH_P; a host process connects "
+        "to PATH and writes 'CONNECT P\\n' to reach guest port P",
+    )
+
+
+def create_vsock(args: argparse.Namespace) -> Device:
+    from . import vsock
+
+    try:
+        device = vsock.VsockDevice(args.guest_cid, args.uds_path)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"serve vsock: {e}") from None
+    log.info("vsock for guest cid %d on %s", args.guest_cid, args.uds_path)
+    return device
 
 
 CACHE_MODES = ("none", "auto", "always")
@@ -134,7 +203,11 @@ def create_fs(args: argparse.Namespace) -> Device:
         from . import fs_passthrough
 
         ops = fs_passthrough.Passthrough(
-            args.shared_dir, readonly=args.readonly, max_inodes=args.max_inodes, max_handles=args.max_handles
+            args.shared_dir,
+            readonly=args.readonly,
+            max_inodes=args.max_inodes,
+            max_handles=args.max_handles,
+            share=getattr(args, "socket_count", 1),  # --socket-count N: N guests share the fd budget
         )
         what = args.shared_dir
     else:
@@ -160,8 +233,18 @@ SPECS: dict[str, DeviceSpec] = {
         DeviceSpec(
             "net", "virtio-net: a sink, a source or a loopback, or a guest on a tap device", create_net, net_arguments
         ),
-        DeviceSpec("blk", "virtio-blk on a raw image file or block device", create_blk, blk_arguments),
-        DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng),
+        DeviceSpec(
+            "blk",
+            "virtio-blk on a raw image file or block device",
+            create_blk,
+            blk_arguments,
+            one_socket="an image is one guest's disk (one guest writing under another's page cache corrupts it); "
+            "run one process per image, as vhost-device does",
+        ),
+        DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng, rng_arguments),
+        DeviceSpec(
+            "vsock", "virtio-vsock to host Unix sockets (Firecracker's hybrid scheme)", create_vsock, vsock_arguments
+        ),
         DeviceSpec(
             "fs", "virtio-fs sharing a host directory, or a filesystem written in Python", create_fs, fs_arguments
         ),

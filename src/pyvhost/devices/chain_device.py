@@ -264,6 +264,11 @@ class ChainDevice(Device):
         """Start processing a chain; ``req.complete(written)`` finishes it (the default: handle() at once)."""
         req.complete(self.handle(req.queue, req.readable, req.writable))
 
+    def stopping(self, queue: int) -> None:
+        """Ring ``queue`` is being left (stopped, broken or disconnected): complete now the requests the device
+        holds back (e.g. waiting for a rate limit), since the ring waits for them only up to the stop timeout.
+        Called from the ring's worker; the default holds nothing back."""
+
     def make_step(self, rings: list[Ring]) -> StepFn:
         (ring,) = rings
         mem = ring.mem
@@ -277,7 +282,13 @@ class ChainDevice(Device):
         chains = np.zeros((batch, 4), dtype=np.int64)
         heads = np.zeros(size, dtype=np.int64)
         lens = np.zeros(size, dtype=np.int64)
-        index, spins, submit, publish_every = ring.index, self.spins, self.submit, self.publish_every
+        index, spins, submit, stopping, publish_every = (
+            ring.index,
+            self.spins,
+            self.submit,
+            self.stopping,
+            self.publish_every,
+        )
         name = type(self).__name__
         region = ring.inflight
         ist = np.zeros(2, dtype=np.int64)
@@ -354,6 +365,10 @@ class ChainDevice(Device):
             """Leave the ring: wait up to ``timeout`` s for the requests taken, publishing their completions
             while the used ring can be written (else dropping them); return the heads still out."""
             deadline = time.monotonic() + timeout
+            try:
+                stopping(index)
+            except Exception:
+                log.exception("device %s: stopping queue %d failed", name, index)
             while outstanding:
                 if not (publish and reap()):
                     held()

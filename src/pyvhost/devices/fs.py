@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import fuse as F
 from ..fs import NOW, Attr, Context, Entry, Operations, SetAttr, dtype
+from ..ring.state import Q_SIZE
+from .base import Ring, StepFn
 from .chain_device import ChainDevice, Request
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,13 @@ CACHE_MODES: dict[str, tuple[float, int, int]] = {
     "auto": (1.0, 0, 0),
     "always": (86400.0, F.FOPEN_KEEP_CACHE, F.FOPEN_KEEP_CACHE | F.FOPEN_CACHE_DIR),
 }
-#: the largest WRITE (and READ) offered: FUSE's default of 32 pages, so that a request always fits a queue of 128
+#: the largest WRITE (and READ) before INIT, and the least offered: FUSE's default of 32 pages
 MAX_WRITE = 32 * 4096
+#: the most pages a request may carry (FUSE_MAX_MAX_PAGES), when the guest offers FUSE_MAX_PAGES
+MAX_PAGES = 256
+#: descriptors of a READ or WRITE besides its pages (in header, arguments, out header, reply; one spare)
+REQUEST_OVERHEAD = 8
+PAGE = 4096
 #: the largest request other than WRITE (names and a symlink target, with room to spare)
 MAX_IN = 16384
 #: INIT flags offered (when the guest offers them)
@@ -149,6 +156,10 @@ class FsDevice(ChainDevice):
             contextlib.nullcontext() if ops.concurrent else threading.Lock()
         )
         self.minor = 0  # the protocol's minor version, once INIT is done
+        #: the largest READ/WRITE of this session (INIT sets it from the request queues' sizes)
+        self.max_io = MAX_WRITE
+        #: sizes of the request queues, as their workers start
+        self.queue_sizes: dict[int, int] = {}
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.handlers: dict[int, Callable[[F.InHeader, F.Args, Context], bytes]] = {
@@ -185,6 +196,19 @@ class FsDevice(ChainDevice):
     # -- device --------------------------------------------------------------------------------------------
     def config_space(self) -> bytes:
         return CONFIG.pack(self.tag, self.request_queues)
+
+    def make_step(self, rings: list[Ring]) -> StepFn:
+        for ring in rings:
+            if ring.index != HIPRIO_QUEUE:
+                self.queue_sizes[ring.index] = int(ring.q[Q_SIZE])
+        return super().make_step(rings)
+
+    def max_pages(self) -> int:
+        """Pages a READ/WRITE may carry: up to 256, but a request must fit the smallest request queue (a chain is
+        never longer than its queue, indirect or not -- virtio 1.2 2.7.5.3.1), and never fewer than 32."""
+        sizes = list(self.queue_sizes.values())
+        fit = (min(sizes) if sizes else 0) - REQUEST_OVERHEAD
+        return max(MAX_WRITE // PAGE, min(MAX_PAGES, fit))
 
     def submit(self, req: Request) -> None:
         if self.pool is None or req.queue == HIPRIO_QUEUE:
@@ -336,9 +360,15 @@ class FsDevice(ChainDevice):
             self.ops.destroy()  # a new session (the guest rebooted or remounted)
         self.minor = min(minor, F.FUSE_KERNEL_MINOR_VERSION)
         self.ops.init()
-        log.info("FUSE %d.%d session (guest offers %d.%d, flags %#x)", major, self.minor, major, minor, flags)
+        pages = self.max_pages() if flags & F.FUSE_MAX_PAGES else MAX_WRITE // PAGE
+        self.max_io = pages * PAGE
+        out_flags = flags & (INIT_FLAGS | F.FUSE_MAX_PAGES)
+        log.info(
+            "FUSE %d.%d session (guest offers %d.%d, flags %#x); requests of up to %d pages",
+            major, self.minor, major, minor, flags, pages,
+        )  # fmt: skip
         return F.INIT_OUT.pack(
-            F.FUSE_KERNEL_VERSION, self.minor, readahead, flags & INIT_FLAGS, 64, 48, MAX_WRITE, 1, 0, 0, 0
+            F.FUSE_KERNEL_VERSION, self.minor, readahead, out_flags, 64, 48, self.max_io, 1, pages, 0, 0
         )
 
     def _destroy(self, h: F.InHeader, a: F.Args, c: Context) -> bytes:
@@ -436,7 +466,7 @@ class FsDevice(ChainDevice):
         a = F.Args(gather(readable, min(h.len, F.RW_HEADER))[F.IN_HEADER.size :])
         fh, offset, size, *_ = a.struct(F.READ_IN)
         self._offset(offset)
-        size = min(size, MAX_WRITE, room - F.OUT_HEADER.size)
+        size = min(size, self.max_io, room - F.OUT_HEADER.size)
         bufs = window(writable, F.OUT_HEADER.size, size)
         try:
             n = self.ops.read_into(h.nodeid, fh, offset, bufs)
@@ -451,7 +481,7 @@ class FsDevice(ChainDevice):
         a = F.Args(gather(readable, min(h.len, F.RW_HEADER))[F.IN_HEADER.size :])
         fh, offset, size, *_ = a.struct(F.WRITE_IN)
         self._offset(offset, size)
-        if size > MAX_WRITE or F.RW_HEADER + size != h.len:
+        if size > self.max_io or F.RW_HEADER + size != h.len:
             raise F.FuseError(errno.EINVAL, f"WRITE of {size} bytes in a request of {h.len}")
         bufs = window(readable, F.RW_HEADER, size)
         try:

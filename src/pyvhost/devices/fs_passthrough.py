@@ -126,9 +126,16 @@ class Passthrough(Operations):
     """The directory ``root`` as the guest's filesystem."""
 
     def __init__(
-        self, root: str, readonly: bool = False, max_inodes: int | None = None, max_handles: int | None = None
+        self,
+        root: str,
+        readonly: bool = False,
+        max_inodes: int | None = None,
+        max_handles: int | None = None,
+        share: int = 1,
     ) -> None:
-        budget = max(_fd_budget() - 512, 256)
+        """``share``: how many instances the process runs (``--socket-count``); the default limits are the
+        process's file descriptor budget divided among them, so one guest cannot take another's."""
+        budget = max((_fd_budget() - 512) // max(share, 1), 256)
         self.max_inodes = max_inodes or budget * 3 // 4
         self.max_handles = max_handles or budget // 4
         self.readonly = readonly

@@ -32,12 +32,14 @@ from ..ring.state import (
     Q_LOG_SIZE,
     Q_MRG,
     Q_PACKETS,
+    Q_SEQ,
     Q_STOP,
     Q_USED_IDX,
     new_queue_state,
 )
 from . import net_packed
 from .base import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, Device, Ring, Step, StepFn
+from .net_frame import SEQ_LEN, SEQ_OFF, frame_sum, stamp
 
 VIRTIO_ID_NET = 1
 VIRTIO_NET_F_CSUM = 0
@@ -248,7 +250,11 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
 
 @kernel
 def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, budget, spins):
-    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1)."""
+    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1), each stamped
+    with its sequence number and UDP checksum if q[Q_SEQ] (net_frame.py; ``frame`` is then the step's own
+    copy)."""
+    numbered = q[Q_SEQ] != 0 and frame.shape[0] >= SEQ_OFF + SEQ_LEN
+    base = frame_sum(frame, frame.shape[0]) if numbered else 0
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
@@ -262,6 +268,8 @@ def rx_source(q, desc, avail, used16, used32, mem, table, sgs, hdrbuf, frame, bu
         k = 0
         status = _MORE
         while k < n and (q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]):
+            if numbered:
+                stamp(frame, base, q[Q_PACKETS])
             c = rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, frame, frame.shape[0], k, n)
             if c < 0:
                 status = _BROKEN
@@ -375,8 +383,11 @@ class NetDevice(Device):
         mtu: int = 1500,
         spins: int = 20000,
         count: int = -1,
+        numbered: bool = False,
     ) -> None:
         self.mode = Mode(mode)
+        #: source mode: each frame carries its sequence number and a valid UDP checksum (devices/net_frame.py)
+        self.numbered = numbered
         self.count = count
         self.queue_pairs = queue_pairs
         self.num_queues = 2 * queue_pairs
@@ -415,6 +426,7 @@ class NetDevice(Device):
         q[Q_MRG] = 1 if self.negotiated & (1 << VIRTIO_NET_F_MRG_RXBUF) else 0
         if self.mode is Mode.SOURCE:
             q[Q_LIMIT] = self.count
+            q[Q_SEQ] = 1 if self.numbered else 0
 
     def workers(self) -> list[tuple[int, ...]]:
         pairs = range(self.queue_pairs)
@@ -443,7 +455,7 @@ class NetDevice(Device):
         spins = self.spins
         csum = self.checksums.setdefault(rings[0].index, np.zeros(1, np.uint64)) if mode is Mode.SINK_READ else None
         if self.negotiated & (1 << VIRTIO_F_RING_PACKED):
-            return net_packed.make_step(mode.value, rings, spins, self.frame, MAX_FRAME, csum)
+            return net_packed.make_step(mode.value, rings, spins, self.frame.copy(), MAX_FRAME, csum)
         mem = rings[0].mem
         views, table = mem.arena.view, mem.table
         if mode is Mode.SINK:
@@ -458,7 +470,8 @@ class NetDevice(Device):
         if mode is Mode.SOURCE:
             (rx,) = rings
             sgs = np.stack([new_sg(int(rx.q[0]))] * 2)
-            source = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame)
+            # the step's own copy of the frame: it stamps a sequence number into it (one per queue)
+            source = (rx.q, *rx.views.args(), views, table, sgs, np.zeros(16, np.uint8), self.frame.copy())
             return lambda budget: rx_source(*source, budget, spins)
         rx, tx = rings
         tsg = new_sg(int(tx.q[0]))

@@ -47,10 +47,12 @@ from ..ring.state import (
     Q_LOG_SIZE,
     Q_MRG,
     Q_PACKETS,
+    Q_SEQ,
     Q_SIZE,
     Q_STOP,
 )
 from .base import Step
+from .net_frame import SEQ_LEN, SEQ_OFF, frame_sum, stamp
 
 _IDLE, _MORE, _STOPPED, _BROKEN = int(Step.IDLE), int(Step.MORE), int(Step.STOPPED), int(Step.BROKEN)
 
@@ -264,7 +266,11 @@ def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, p
 
 @kernel
 def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget, spins):
-    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1)."""
+    """Fill RX chains with copies of ``frame`` (at most q[Q_LIMIT] packets if that is not -1), each stamped
+    with its sequence number and UDP checksum if q[Q_SEQ] (net_frame.py; ``frame`` is then the step's own
+    copy)."""
+    numbered = q[Q_SEQ] != 0 and frame.shape[0] >= SEQ_OFF + SEQ_LEN
+    base = frame_sum(frame, frame.shape[0]) if numbered else 0
     for _ in range(budget):
         if q[Q_STOP]:
             return _STOPPED
@@ -281,6 +287,8 @@ def rx_source(q, desc, drv, dev, mem, table, sgs, shadow, hdrbuf, frame, budget,
         k = 0
         status = _MORE
         while q[Q_LIMIT] < 0 or q[Q_PACKETS] < q[Q_LIMIT]:
+            if numbered:
+                stamp(frame, base, q[Q_PACKETS])
             c, pos, wrap, taken = rx_deliver(
                 q, desc, mem, table, sgs, hdrbuf, frame, frame.shape[0], shadow, k, nmax, pos, wrap, taken, room
             )

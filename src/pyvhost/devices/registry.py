@@ -47,6 +47,9 @@ class DeviceSpec:
     factory: str | Factory
     #: adds the device's own arguments to its ``serve NAME`` parser (the common ones are added for every device)
     add_arguments: Callable[[argparse.ArgumentParser], None] = no_arguments
+    #: why one process cannot serve the device on several sockets (``--socket-count N`` refused, this said);
+    #: None: each socket gets a device of its own, built by the factory with ``args.socket_index`` set
+    one_socket: str | None = None
 
     def create(self, args: argparse.Namespace) -> Device:
         factory = self.factory

@@ -148,6 +148,7 @@ class BlkFrontend(Frontend):
         inflight: bool = True,
         poll: bool = False,
         connect_timeout: float = 10.0,
+        dirty_log: bool = False,
     ) -> None:
         slots = queue_size // 3
         per_queue = (
@@ -167,6 +168,7 @@ class BlkFrontend(Frontend):
             mrg_rxbuf=False,
             connect_timeout=connect_timeout,
             num_queues=num_queues,
+            dirty_log=dirty_log,
         )
         self.max_io = max_io
         self.want_inflight = inflight
@@ -193,7 +195,7 @@ class BlkFrontend(Frontend):
             mine = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG)
             if self.want_inflight:
                 mine |= 1 << PF.INFLIGHT_SHMFD
-            self.protocol_features = pf & mine
+            self.protocol_features = pf & (mine | self.log_pf(pf))
             P.send_message(self.sock, R.SET_PROTOCOL_FEATURES, P.U64.pack(self.protocol_features))
             if self.protocol_features & (1 << PF.MQ):
                 nq = P.U64.unpack(self.request(R.GET_QUEUE_NUM))[0]
@@ -240,6 +242,7 @@ class BlkFrontend(Frontend):
             self.queues.append(BlkQueue(ring, slots, hdr, status, data, self.max_io, list(range(slots))[::-1]))
         self.setup_inflight()
         self.set_mem_table()
+        self.share_log()
         for ring in self.rings:
             self.start_ring(ring)
 
@@ -283,6 +286,7 @@ class BlkFrontend(Frontend):
         self.negotiate()
         self.setup_inflight()
         self.set_mem_table()
+        self.share_log()
         for ring in self.rings:
             self.start_ring(ring, base=int(ring.used16[1]))
         self.reconnects += 1

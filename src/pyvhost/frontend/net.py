@@ -25,6 +25,7 @@ from ..ring.split import (
     used_bytes,
 )
 from . import packed as frontend_packed
+from .log import FrontendLog
 from .ram import BUF_SIZE, PAGE, GuestRam
 from .split import (
     D_BATCH,
@@ -64,6 +65,7 @@ class Frontend:
         connect_timeout: float = 10.0,
         num_queues: int | None = None,
         seal_memory: bool = True,
+        dirty_log: bool = False,
     ) -> None:
         self.socket_path = socket_path
         #: virtqueues to set up: a net device's 2 per pair unless told otherwise (e.g. 1 for virtio-rng)
@@ -78,6 +80,9 @@ class Frontend:
         self.rings: list[DriverRing] = []
         self.features = 0
         self.protocol_features = 0
+        #: dirty_log: ask for LOG_SHMFD, share a log after the memory table; set_logging() switches LOG_ALL
+        self.want_dirty_log = dirty_log
+        self.log: FrontendLog | None = None
 
     @staticmethod
     def _connect(path: str, timeout: float) -> socket.socket:
@@ -126,7 +131,7 @@ class Frontend:
         self.features = want & offered
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
             pf = P.U64.unpack(self.request(R.GET_PROTOCOL_FEATURES))[0]
-            self.protocol_features = pf & ((1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG))
+            self.protocol_features = pf & ((1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG) | self.log_pf(pf))
             P.send_message(self.sock, R.SET_PROTOCOL_FEATURES, P.U64.pack(self.protocol_features))
             if self.protocol_features & (1 << PF.MQ):
                 nq = P.U64.unpack(self.request(R.GET_QUEUE_NUM))[0]
@@ -170,8 +175,47 @@ class Frontend:
             ring.avail[0] = VRING_AVAIL_F_NO_INTERRUPT  # a polling driver
             self.rings.append(ring)
         self.set_mem_table()
+        self.share_log()
         for ring in self.rings:
             self.start_ring(ring)
+
+    # -- dirty logging (live migration) -----------------------------------------------------------------
+    def log_pf(self, offered_pf: int) -> int:
+        """LOG_SHMFD if a dirty log is wanted (and VHOST_F_LOG_ALL with it); raise if the back-end lacks them."""
+        if not self.want_dirty_log:
+            return 0
+        if not offered_pf & (1 << PF.LOG_SHMFD):
+            raise FrontendError("back-end does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD")
+        return 1 << PF.LOG_SHMFD
+
+    def share_log(self) -> None:
+        """With ``dirty_log``: a log sized for guest memory, handed over by SET_LOG_BASE (logging still off)."""
+        if not self.want_dirty_log:
+            return
+        if self.log is None:
+            self.log = FrontendLog(self.ram.gpa_base + self.ram.size)
+        self.log.set_base(self.sock)
+
+    def set_logging(self, on: bool) -> None:
+        """Switch ``VHOST_F_LOG_ALL`` on or off by SET_FEATURES while the rings run (the back-end quiesces,
+        switches, resumes), then give each running ring its log address (SET_VRING_ADDR), as QEMU does."""
+        if self.log is None:
+            raise FrontendError("no dirty log shared (Frontend(dirty_log=True))")
+        bit = 1 << P.VHOST_F_LOG_ALL
+        self.features = self.features | bit if on else self.features & ~bit
+        self.command(R.SET_FEATURES, P.U64.pack(self.features))
+        for ring in self.rings:
+            if not ring.stopped:
+                self.set_vring_addr(ring)
+
+    def set_vring_addr(self, ring: DriverRing) -> None:
+        """SET_VRING_ADDR; while logging, with VHOST_VRING_F_LOG and the used (device) area's guest address."""
+        a = ring.addr()
+        flags, log_addr = a.flags, a.log
+        if self.features & (1 << P.VHOST_F_LOG_ALL):
+            flags |= 1 << P.VHOST_VRING_F_LOG
+            log_addr = self.ram.gpa(a.used - self.ram.uva_base)
+        self.command(R.SET_VRING_ADDR, P.VRING_ADDR.pack(ring.index, flags, a.desc, a.used, a.avail, log_addr))
 
     def set_mem_table(self) -> None:
         payload = P.MEM_TABLE_HDR.pack(1, 0) + self.ram.region().pack()
@@ -183,8 +227,7 @@ class Frontend:
             base = frontend_packed.INITIAL_BASE if self.want_packed else 0
         self.command(R.SET_VRING_NUM, P.VRING_STATE.pack(i, ring.size))
         self.command(R.SET_VRING_BASE, P.VRING_STATE.pack(i, base))
-        a = ring.addr()
-        self.command(R.SET_VRING_ADDR, P.VRING_ADDR.pack(i, a.flags, a.desc, a.used, a.avail, a.log))
+        self.set_vring_addr(ring)
         self.command(R.SET_VRING_KICK, P.U64.pack(i), [ring.kick_fd])
         self.command(R.SET_VRING_CALL, P.U64.pack(i), [ring.call_fd])
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
@@ -305,6 +348,9 @@ class Frontend:
             ring.close()
         self.rings = []
         self.ram.close()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def __enter__(self) -> Frontend:
         return self

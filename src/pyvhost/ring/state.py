@@ -43,6 +43,8 @@ Q_LOG_SIZE = 31  # its size in bytes
 # direct path: arena offsets of the ring parts the device writes (written through views; logged by offset)
 Q_DESC_AT = 32  # descriptor table (packed rings write descriptors back)
 Q_USED_AT = 33  # used ring (split) / device event suppression area (packed)
+# net source (devices/net_frame.py): 1 = stamp each frame with its sequence number and UDP checksum
+Q_SEQ = 39
 Q_FIELDS = 40
 
 
