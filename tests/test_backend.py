@@ -11,6 +11,7 @@ import pytest
 from pyvhost.devices.net import make_frame
 from pyvhost.frontend.net import Frontend
 from pyvhost.frontend.ram import BUF_SIZE
+from pyvhost.ring.split import VRING_DESC_F_NEXT as NEXT
 from pyvhost.ring.split import VRING_DESC_F_WRITE as WRITE
 
 from .test_hostile import QSIZE, RAM, Guest
@@ -137,6 +138,90 @@ def test_loopback_delivers_numbered_frames_exactly(serve, sock_path, metadata):
     lengths = sum(len(_numbered(s)) - 12 for s in range(total))
     assert stats[1]["packets"] == stats[0]["packets"] == total
     assert stats[1]["bytes"] == stats[0]["bytes"] == lengths, stats
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_loopback_scattered_chains_exactly(serve, sock_path, metadata):
+    """Loopback copies each frame once, from the TX segments straight into the RX segments: 400 numbered
+    frames, each posted as three TX buffers cut at its own places (the virtio-net header split across them or
+    sharing one with the frame's first bytes), each received into RX buffers of 40-129 bytes (MRG_RXBUF,
+    num_buffers counting them): every frame must arrive once, in order, byte for byte."""
+    srv = serve("loopback", metadata)
+    total = 400
+    rx_len = [40 + (j * 53) % 90 for j in range(QSIZE)]
+    with Frontend(sock_path, queue_size=QSIZE, ram_size=RAM) as fe:
+        fe.setup()
+        srv.assert_path(metadata, [0, 1])
+        rx, tx = Guest(fe, 0), Guest(fe, 1)
+        try:
+            for j in range(QSIZE):
+                rx.desc(j, rx.ring.buf_gpa(j), rx_len[j], WRITE)
+            rx.post(*range(QSIZE))
+            received = 0
+            for i in range(total):
+                data = _numbered(i)
+                c1 = 3 + i % 30
+                c2 = c1 + 1 + (i * 7) % 40
+                for d, (a, b) in enumerate(((0, c1), (c1, c2), (c2, len(data)))):
+                    off = tx.ring.bufs_off + d * BUF_SIZE
+                    fe.ram.buf[off : off + b - a] = np.frombuffer(data[a:b], np.uint8)
+                    tx.desc(d, tx.ring.buf_gpa(d), b - a, NEXT if d < 2 else 0, d + 1)
+                tx.post(0)
+                tx.wait_used((i + 1) & 0xFFFF)
+                parts, heads = [], []
+                deadline = time.monotonic() + 10
+                while True:  # the RX chains of frame i: num_buffers of them
+                    while rx.used == (received + len(heads)) & 0xFFFF:
+                        assert time.monotonic() < deadline, f"frame {i}: {len(heads)} RX buffers so far"
+                        time.sleep(0.0002)
+                    slot = (received + len(heads)) % QSIZE
+                    head, length = int(rx.ring.used32[1 + 2 * slot]), int(rx.ring.used32[2 + 2 * slot])
+                    assert length <= rx_len[head]
+                    parts.append(bytes(fe.ram.buf[rx.ring.bufs_off + head * BUF_SIZE :][:length]))
+                    heads.append(head)
+                    got = b"".join(parts)
+                    if len(got) >= len(data):
+                        break
+                assert int(got[10]) | int(got[11]) << 8 == len(heads), f"frame {i}: num_buffers"
+                assert len(got) == len(data) and got[12:] == data[12:], f"frame {i}: bytes differ"
+                received += len(heads)
+                rx.post(*heads)
+            assert not select.select([rx.err_fd, tx.err_fd], [], [], 0)[0]
+        finally:
+            rx.close()
+            tx.close()
+    stats = srv.ended()[-1]
+    assert stats[1]["packets"] == stats[0]["packets"] == total
+    assert stats[1]["drops"] == stats[0]["drops"] == 0
+    assert stats[0]["bytes"] == sum(len(_numbered(s)) - 12 for s in range(total)), stats
+
+
+@pytest.mark.parametrize("metadata", PATHS)
+def test_sink_read_checksums_every_payload_byte(serve, sock_path, metadata):
+    """sink-read reads every payload byte: 500 numbered frames of their own lengths and bytes, the device's
+    checksum is the sum of exactly their payload bytes (the headers' bytes left out)."""
+    srv = serve("sink-read", metadata)
+    total = 500
+    with Frontend(sock_path, queue_size=QSIZE, ram_size=RAM) as fe:
+        fe.setup()
+        srv.assert_path(metadata, [1])
+        tx = Guest(fe, 1)
+        try:
+            for sent in range(total):
+                slot = sent % QSIZE
+                data = _numbered(sent)
+                data = data[:12].replace(bytes(12), bytes(range(1, 13))) + data[12:]  # header bytes are not summed
+                off = tx.ring.bufs_off + slot * 2048
+                fe.ram.buf[off : off + len(data)] = np.frombuffer(data, np.uint8)
+                tx.desc(slot, tx.ring.buf_gpa(slot), len(data))
+                tx.post(slot)
+                tx.wait_used((sent + 1) & 0xFFFF)
+        finally:
+            tx.close()
+    stats = srv.ended()[-1][1]
+    assert stats["packets"] == total and stats["error"] == stats["drops"] == 0
+    want = sum(sum(_numbered(s)[12:]) for s in range(total))
+    assert srv.device.stats() == {"payload_checksum": {"1": want}}
 
 
 @pytest.mark.parametrize("metadata", PATHS)

@@ -102,6 +102,37 @@ def test_bench_peer_dpdk_packed(tmp_path):
     assert "pyvhost/DPDK" in table
 
 
+@needs_dpdk
+@pytest.mark.dpdk
+def test_bench_like_for_like_workloads(tmp_path):
+    """The reflector (testpmd flowgen through pyvhost's loopback and DPDK's io/loop), the payload-reading sink
+    beside DPDK's TX, two frame sizes: every row counted, no errors, the path and ring the back-end ran, Gbit/s
+    and the back-end's CPU per packet; every ratio per pair of runs."""
+    rows, table = bench(
+        tmp_path, "--peer", "dpdk", "--workload", "loop,tx-read", "--metadata", "direct", "--pkt-size", "64,512"
+    )
+    check(rows)
+    seen = {(r["backend"], r["frontend"], r["direction"], r["pkt_size"]) for r in rows}
+    for size in (64, 512):
+        assert {
+            ("dpdk", "dpdk", "loop", size),
+            ("pyvhost", "dpdk", "loop", size),
+            ("dpdk", "dpdk", "tx", size),
+            ("pyvhost", "dpdk", "tx-read", size),
+            ("dpdk", "pyvhost", "tx", size),
+            ("pyvhost", "pyvhost", "tx-read", size),
+        } <= seen
+    for r in rows:
+        assert r["gbps"] > 0 and r["cpu_s_per_mpkt"] is not None and r["cpu_s_per_mpkt"] > 0, r
+        assert r["ring_ran"] == "split"
+        assert r["path"] == ("direct" if r["backend"] == "pyvhost" else "-"), r
+        labels = {"loop": "reflector", "tx-read": "payload read", "tx": "no payload access"}
+        if r["backend"] == "dpdk":
+            labels["tx"] = "frame copied to an mbuf"
+        assert r["workload"] == labels[r["direction"]], r
+    assert table.count("pyvhost/DPDK") == 6 and "1 pairs" in table
+
+
 def test_bench_guests(tmp_path):
     """``--guests``: one row per guest count, every guest's traffic counted, the memory fields filled."""
     out = tmp_path / "guests.json"

@@ -203,7 +203,7 @@ def test_split_loopback_does_not_count_a_tx_chain_it_cannot_complete(fuzz_env):
         np.zeros((n + 1024, 2), np.int64),
         np.zeros((2, n + 1024, 2), np.int64),
         np.zeros(16, np.uint8),
-        np.zeros(70000, np.uint8),
+        70000,
         1,
         1,
     )
@@ -248,7 +248,7 @@ def test_packed_loopback_completes_tx_chains_when_rx_fails(fuzz_env):
         np.zeros((n, 3), np.int64),
         np.zeros((n, 3), np.int64),
         np.zeros(16, np.uint8),
-        np.zeros(70000, np.uint8),
+        70000,
         1,
         1,
     )

@@ -522,7 +522,7 @@ def _run(
     sg,
     sgs,
     hdrbuf,
-    scratch,
+    max_frame,
     frame,
     budget,
     spins,
@@ -543,7 +543,7 @@ def _run(
         return rx_source(q0, d0, a0, u0, w0, arena, table, sgs, hdrbuf, frame, budget, spins)
     if op == OP_LOOP:
         d1, a1, u1, w1 = _views(arena, table, uva, g1, n, direct, e64, e16, e32)
-        return loopback(q0, d0, a0, u0, w0, q1, d1, a1, u1, w1, arena, table, sg, sgs, hdrbuf, scratch, budget, spins)
+        return loopback(q0, d0, a0, u0, w0, q1, d1, a1, u1, w1, arena, table, sg, sgs, hdrbuf, max_frame, budget, spins)
     nread, nseg, rb, wb = walk_chain(q0, d0, arena, table, head, sg, want)
     walk_out[0], walk_out[1], walk_out[2], walk_out[3] = nread, nseg, rb, wb
     return 0
@@ -689,7 +689,7 @@ def fuzz_ring(
     g0 = gs[0]
     g1 = gs[1]
     hdrbuf = np.zeros(16, np.uint8)
-    scratch = np.zeros(70000, np.uint8)
+    max_frame = 70000
     sg_tx = np.zeros((MAX_N + 1024, 2), np.int64)
     sg_rx = np.zeros((2, MAX_N + 1024, 2), np.int64)
     walk_out = np.zeros(4, np.int64)
@@ -751,7 +751,7 @@ def fuzz_ring(
                 sg,
                 sgs,
                 hdrbuf,
-                scratch,
+                max_frame,
                 frame,
                 budget,
                 spins,
@@ -783,7 +783,7 @@ def fuzz_ring(
                 sg,
                 sgs,
                 hdrbuf,
-                scratch,
+                max_frame,
                 frame,
                 budget,
                 spins,
@@ -829,7 +829,7 @@ def fuzz_ring(
                 sg,
                 sgs,
                 hdrbuf,
-                scratch,
+                max_frame,
                 frame,
                 budget,
                 spins,
@@ -1105,7 +1105,7 @@ def _run_packed(
     sh0,
     sh1,
     hdrbuf,
-    scratch,
+    max_frame,
     frame,
     budget,
     spins,
@@ -1125,7 +1125,7 @@ def _run_packed(
     if op == OP_LOOP:
         d1, r1, v1 = _pviews(arena, table, uva, g1, n, direct, e64, e16)
         return NP.loopback(
-            q0, d0, r0, v0, q1, d1, r1, v1, arena, table, sg, sgs, sh0, sh1, hdrbuf, scratch, budget, spins
+            q0, d0, r0, v0, q1, d1, r1, v1, arena, table, sg, sgs, sh0, sh1, hdrbuf, max_frame, budget, spins
         )
     f = read_head(q0, d0, arena, table, q0[Q_LAST_AVAIL], q0[Q_AVAIL_WRAP])
     walk_out[:] = 0
@@ -1187,7 +1187,7 @@ def fuzz_packed(
     g0 = gs[0]
     g1 = gs[1]
     hdrbuf = np.zeros(16, np.uint8)
-    scratch = np.zeros(70000, np.uint8)
+    max_frame = 70000
     sg_tx = np.zeros((MAX_N + 1024, 2), np.int64)
     sg_rx = np.zeros((2, MAX_N + 1024, 2), np.int64)
     sh0_all = np.zeros((MAX_N, 3), np.int64)
@@ -1254,7 +1254,7 @@ def fuzz_packed(
                 sh0,
                 sh1,
                 hdrbuf,
-                scratch,
+                max_frame,
                 frame,
                 budget,
                 spins,
@@ -1287,7 +1287,7 @@ def fuzz_packed(
                 sh0,
                 sh1,
                 hdrbuf,
-                scratch,
+                max_frame,
                 frame,
                 budget,
                 spins,
@@ -1334,7 +1334,7 @@ def fuzz_packed(
                 sh0,
                 sh1,
                 hdrbuf,
-                scratch,
+                max_frame,
                 frame,
                 budget,
                 spins,

@@ -714,7 +714,7 @@ def test_loopback_over_laps(env, mode):
                 new_shadow(5),
                 new_shadow(3),
                 np.zeros(16, np.uint8),
-                np.zeros(4096, np.uint8),
+                4096,
                 2,
                 1,
             )
@@ -913,7 +913,7 @@ def _run_loopback(env: Env, rq, rv, tq, tv) -> int:
             new_shadow(4),
             new_shadow(4),
             np.zeros(16, np.uint8),
-            np.zeros(4096, np.uint8),
+            4096,
             1,
             1,
         )

@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", choices=["copy", "direct", "both"], default="both")
     p.add_argument("--direction", choices=["tx", "rx", "both"], default="both")
     p.add_argument(
+        "--workload",
+        help="net: comma list of tx (sink, no payload access), tx-read (sink reading every payload byte), rx, "
+        "loop (testpmd flowgen through a reflector; needs DPDK); default: --direction",
+    )
+    p.add_argument(
         "--ring",
         choices=["split", "packed", "both"],
         default="split",
@@ -56,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")
     p.add_argument("--queue-size", type=int, default=256)
-    p.add_argument("--pkt-size", type=int, default=64)
+    p.add_argument("--pkt-size", default="64", help="net: frame bytes, one or a comma list (64,512,1518)")
     p.add_argument("--batch", type=int, default=64, help="pyvhost front-end batch")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="write a PNG bar chart here")

@@ -11,6 +11,15 @@ back-end to beat, with testpmd's virtio-user as the front-end, and pyvhost's fro
 ``--iommu``: pyvhost's front-end plays a vIOMMU whose IOTLB holds 1, 64 or 2,048 entries (sent up front), so
 every ring and buffer address is an IOVA: the copy path pays a lookup in that many entries per access, the
 direct path only when it binds a ring; with ``--peer dpdk`` also DPDK's net_vhost ``iommu-support=1``.
+
+``--workload`` picks the work (a comma list): ``tx`` (a sink with no payload access), ``tx-read`` (a sink that
+reads every payload byte and reports a checksum, as DPDK's vhost PMD copies every frame into an mbuf), ``rx``
+and ``loop`` (the reflector: testpmd virtio-user ``flowgen`` transmits and counts what comes back; pyvhost's
+``loopback`` against DPDK's ``net_vhost`` with ``--forward-mode=io --port-topology=loop``; the front-end's
+Rx-pps is the measure).  Every ratio is taken per pair of runs of the same round (the runs alternate), then
+the median, with the min-max of the pair ratios.  Each pyvhost row carries the metadata path and ring layout
+the back-end logged as running (a requested ``direct`` that fell back is an error, never labelled direct),
+and every row the back-end's CPU seconds per million packets (from /proc).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,12 +36,32 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .peers import BACKEND_CPU, FRONTEND_CPU, PmdConsole, parse_testpmd, pyvhost_cmd, start_testpmd, stop, wait_for
+from .peers import (
+    BACKEND_CPU,
+    FRONTEND_CPU,
+    PmdConsole,
+    cpu_seconds,
+    parse_testpmd,
+    pyvhost_cmd,
+    start_testpmd,
+    stop,
+    wait_for,
+)
 
 #: Rings' worth of received packets a stopping testpmd front-end may not have counted.
 RX_INFLIGHT_RINGS = 4
 #: IOTLB sizes of ``--iommu`` (None: the same runs without a vIOMMU, the baseline).
 IOMMU_ENTRIES = (None, 1, 64, 2048)
+#: The workloads, what each one's rows are labelled with, the pyvhost back-end's mode for it, and the testpmd
+#: forwarding modes of the DPDK back-end and front-end.
+WORKLOADS = {
+    "tx": ("no payload access", "sink", "rxonly", "txonly"),
+    "tx-read": ("payload read", "sink-read", "rxonly", "txonly"),
+    "rx": ("one frame repeated", "source", "txonly", "rxonly"),
+    "loop": ("reflector", "loopback", "io", "flowgen"),
+}
+#: "queues (0, 1) started (direct/copy path, split rings)": what the back-end ran (backend.Connection logs it)
+STARTED = re.compile(r"queues \(([0-9, ]+)\) started \(([a-z/]+) path, ([a-z]+) rings\)")
 
 
 @dataclass
@@ -49,6 +79,12 @@ class Row:
     run: int = 0
     first_packet_s: float | None = None
     note: str = ""
+    workload: str = ""  # what the back-end did with the payload (WORKLOADS)
+    gbps: float = 0.0  # frame bytes (without the virtio-net header) per second
+    cpu_s_per_mpkt: float | None = None  # back-end CPU seconds (user + system, /proc) per million packets
+    cpu_window: str = ""  # "measured": over the rate's window; "connection": from connect to the end
+    path: str = ""  # the metadata path(s) the back-end logged as running ("-" for DPDK)
+    ring_ran: str = ""  # the ring layout the back-end logged
     dirty_log: str = "off"
     #: pages the log showed at the end (pyvhost's front-end with the log on; 0 otherwise)
     dirty_pages: int = 0
@@ -62,6 +98,7 @@ class Config:
     direction: str  # tx | rx
     metadata: str  # copy | direct | "-" for DPDK's back-end
     ring: str = "split"  # split | packed (VIRTIO_F_RING_PACKED, negotiated by the front-end)
+    pkt_size: int = 64
     dirty_log: str = "off"  # on: the front-end shares a dirty log and switches VHOST_F_LOG_ALL on (migrating)
     iommu: int | None = None  # pyvhost's front-end plays a vIOMMU with this many IOTLB entries
     rows: list[Row] = field(default_factory=list)
@@ -70,7 +107,9 @@ class Config:
     def label(self) -> str:
         log = " log" if self.dirty_log == "on" else ""
         iotlb = "" if self.iommu is None else f" iotlb={self.iommu}"
-        return f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring}{iotlb}{log}"
+        return (
+            f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring} {self.pkt_size}B{iotlb}{log}"
+        )
 
 
 class Runner:
@@ -80,7 +119,7 @@ class Runner:
         self.n = 0
 
     # -- pyvhost back-end ---------------------------------------------------------------------------------
-    def start_pyvhost(self, mode: str, metadata: str, sock: Path, count: int = -1):
+    def start_pyvhost(self, mode: str, metadata: str, sock: Path, count: int = -1, pkt_size: int = 64):
         ready, stats = self.dir / f"ready{self.n}", self.dir / f"stats{self.n}.json"
         log = open(self.dir / f"pyvhost{self.n}.log", "w")
         cmd = pyvhost_cmd(
@@ -93,7 +132,7 @@ class Runner:
             "--metadata",
             metadata,
             "--pkt-size",
-            str(self.a.pkt_size),
+            str(pkt_size),
             "--connections",
             "1",
             "--cpu",
@@ -118,8 +157,20 @@ class Runner:
         return data["ended"][-1][str(queue)]
 
     # -- pyvhost front-end ------------------------------------------------------------------------------
+    def ran(self) -> tuple[str, str]:
+        """(metadata paths, ring layout) the last pyvhost back-end logged as running its queues."""
+        found = STARTED.findall((self.dir / f"pyvhost{self.n}.log").read_text(errors="replace"))
+        paths = sorted({p for _q, ps, _r in found for p in ps.split("/")})
+        return "/".join(paths), "/".join(sorted({r for _q, _p, r in found}))
+
     def drive(
-        self, sock: Path, direction: str, ring: str = "split", dirty_log: bool = False, iommu: int | None = None
+        self,
+        sock: Path,
+        direction: str,
+        ring: str = "split",
+        pkt_size: int = 64,
+        dirty_log: bool = False,
+        iommu: int | None = None,
     ) -> dict:
         cmd = pyvhost_cmd(
             "drive",
@@ -133,7 +184,7 @@ class Runner:
             "--warmup",
             str(self.a.warmup),
             "--pkt-size",
-            str(self.a.pkt_size),
+            str(pkt_size),
             "--queue-size",
             str(self.a.queue_size),
             "--batch",
@@ -153,7 +204,7 @@ class Runner:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     # -- DPDK -------------------------------------------------------------------------------------------
-    def testpmd(self, vdev: str, fwd: str, cpu: int, tag: str, interactive: bool = False):
+    def testpmd(self, vdev: str, fwd: str, cpu: int, tag: str, interactive: bool = False, extra: tuple = ()):
         return start_testpmd(
             self.dir / f"testpmd-{tag}{self.n}.log",
             vdev,
@@ -162,11 +213,16 @@ class Runner:
             f"{tag}-{os.getpid()}",
             self.a.queue_size,
             interactive,
+            extra,
         )
 
-    def dpdk_backend(self, sock: Path, fwd: str, iommu: bool = False) -> tuple[subprocess.Popen, Path]:
+    def dpdk_backend(
+        self, sock: Path, fwd: str, pkt_size: int = 64, iommu: bool = False
+    ) -> tuple[subprocess.Popen, Path]:
+        # io forwarding returns what it receives on the port it came from (the reflector)
+        extra = ("--port-topology=loop",) if fwd == "io" else (f"--txpkts={pkt_size}",)
         vdev = f"net_vhost0,iface={sock},queues=1" + (",iommu-support=1" if iommu else "")
-        proc, out = self.testpmd(vdev, fwd, BACKEND_CPU, "vhost")
+        proc, out = self.testpmd(vdev, fwd, BACKEND_CPU, "vhost", extra=extra)
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -174,13 +230,16 @@ class Runner:
             time.sleep(0.05)
         return proc, out
 
-    def dpdk_frontend(self, sock: Path, fwd: str, ring: str = "split") -> dict:
+    def dpdk_frontend(
+        self, sock: Path, fwd: str, ring: str = "split", pkt_size: int = 64, backend_pid: int = 0
+    ) -> dict:
         """Interactive testpmd virtio-user on ``sock``: start, read the port counters after the warm-up and
-        after ``seconds``, stop.  The rate is the counter difference over the time between the reads."""
+        after ``seconds``, stop.  The rate is the counter difference over the time between the reads; the
+        back-end's CPU time (``backend_pid``) is read with them."""
         vdev = f"net_virtio_user0,path={sock},queues=1,queue_size={self.a.queue_size}"
         if ring == "packed":
             vdev += ",packed_vq=1"
-        proc, out = self.testpmd(vdev, fwd, FRONTEND_CPU, "virtio", interactive=True)
+        proc, out = self.testpmd(vdev, fwd, FRONTEND_CPU, "virtio", interactive=True, extra=(f"--txpkts={pkt_size}",))
         key = "TX-packets" if fwd == "txonly" else "RX-packets"
         try:
             tp = PmdConsole(proc, out)
@@ -188,8 +247,10 @@ class Runner:
             tp.send("start")
             time.sleep(self.a.warmup)
             t1, c1 = time.perf_counter(), tp.port_counter(key)
+            u1 = cpu_seconds(backend_pid) if backend_pid else 0.0
             time.sleep(self.a.seconds)
             t2, c2 = time.perf_counter(), tp.port_counter(key)
+            u2 = cpu_seconds(backend_pid) if backend_pid else 0.0
             tp.send("stop")
             tp.wait_for("Done.", 30)
             tp.send("quit")
@@ -198,22 +259,31 @@ class Runner:
             stop(proc)
         res = parse_testpmd(out.read_text(errors="replace"))
         res["mpps"] = (c2 - c1) / (t2 - t1) / 1e6
+        res["cpu_s_per_mpkt"] = (u2 - u1) / ((c2 - c1) / 1e6) if backend_pid and c2 > c1 else None
         return res
 
 
 # ---------------------------------------------------------------------------------------------------------
-def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row) -> None:
+def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row, backend_pid: int) -> None:
     """Drive ``sock`` with the configuration's front-end (pyvhost's, or testpmd's virtio-user with ``fwd``) and
-    put its rate and packet count in ``row``."""
+    put its rate, packet count and the back-end's CPU per packet in ``row``."""
     if c.frontend == "pyvhost":
-        res = r.drive(sock, c.direction, c.ring, c.dirty_log == "on", c.iommu)
+        u0 = cpu_seconds(backend_pid)
+        direction = "tx" if c.direction.startswith("tx") else "rx"
+        res = r.drive(sock, direction, c.ring, c.pkt_size, c.dirty_log == "on", c.iommu)
+        row.dirty_pages = res.get("dirty_pages", 0)
+        u1 = cpu_seconds(backend_pid)  # the back-end is not reaped yet: its times are still there
         row.mpps, row.packets = res["mpps"], res["final"]["packets"]
         row.first_packet_s = res.get("first_packet_s")
-        row.dirty_pages = res.get("dirty_pages", 0)
+        row.cpu_s_per_mpkt = (u1 - u0) / (row.packets / 1e6) if row.packets else None
+        row.cpu_window = "connection"
     else:
-        res = r.dpdk_frontend(sock, fwd, c.ring)
+        res = r.dpdk_frontend(sock, fwd, c.ring, c.pkt_size, backend_pid)
         row.mpps = res["mpps"]
-        row.packets = res["tx_packets"] if c.direction == "tx" else res["rx_packets"]
+        row.packets = res["tx_packets"] if c.direction.startswith("tx") else res["rx_packets"]
+        row.cpu_s_per_mpkt = res["cpu_s_per_mpkt"]
+        row.cpu_window = "measured"
+    row.gbps = row.mpps * 1e6 * c.pkt_size * 8 / 1e9
 
 
 def measure(r: Runner, c: Config, run: int) -> Row:
@@ -221,12 +291,13 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     r.n += 1
     sock = r.dir / f"vhost{r.n}.sock"
     a = r.a
+    label, mode, dpdk_fwd, fe_fwd = WORKLOADS[c.direction]
     row = Row(
         c.backend,
         c.frontend,
         c.direction,
         c.metadata,
-        a.pkt_size,
+        c.pkt_size,
         a.queue_size,
         0.0,
         0,
@@ -236,74 +307,118 @@ def measure(r: Runner, c: Config, run: int) -> Row:
         dirty_log=c.dirty_log,
         iommu=c.iommu,
     )
-    mode = "sink" if c.direction == "tx" else "source"
-    dpdk_fwd = "rxonly" if c.direction == "tx" else "txonly"
-    fe_fwd = "txonly" if c.direction == "tx" else "rxonly"
+    tx = c.direction.startswith("tx")
+    row.workload = "frame copied to an mbuf" if c.backend == "dpdk" and tx else label
+    # DPDK's virtio-user counts as sent what it put on the ring, and quits without waiting for it to be taken
+    # (up to a ring, 256 seen under load), and still holds up to a few rings of received packets when it stops
+    # (768 = 3 x 256 seen with DPDK's own back-end as well)
+    slack = a.queue_size if tx else RX_INFLIGHT_RINGS * a.queue_size
     if c.backend == "pyvhost":
-        proc, stats = r.start_pyvhost(mode, c.metadata, sock)
+        proc, stats = r.start_pyvhost(mode, c.metadata, sock, pkt_size=c.pkt_size)
         try:
-            run_frontend(r, c, sock, fe_fwd, row)
+            run_frontend(r, c, sock, fe_fwd, row, proc.pid)
         finally:
             if c.frontend != "pyvhost":
                 time.sleep(0.2)
-            counts = r.pyvhost_counts(proc, stats, 1 if c.direction == "tx" else 0)
+            counts = r.pyvhost_counts(proc, stats, 1 if tx else 0)
         row.errors = counts["drops"] + (1 if counts["error"] else 0)
-        # the back-end's counter must agree with the front-end's: exactly for pyvhost's front-end (it drains);
-        # DPDK's virtio-user counts as sent what it put on the ring, and quits without waiting for it to be taken
-        # (up to a ring, 256 seen under load), and still holds up to a few rings of received packets when it stops
-        # (768 = 3 x 256 seen with DPDK's own back-end as well)
+        # the back-end's counter must agree with the front-end's: exactly for pyvhost's front-end (it drains)
         if c.frontend == "pyvhost":
             slack = 0
-        else:
-            slack = a.queue_size if c.direction == "tx" else RX_INFLIGHT_RINGS * a.queue_size
         if abs(counts["packets"] - row.packets) > slack:
             row.errors += 1
             row.note = f"counts disagree: front-end {row.packets}, back-end {counts['packets']}"
+        row.path, row.ring_ran = r.ran()
+        if row.path != c.metadata or row.ring_ran != c.ring:  # a fallback is never labelled as requested
+            row.errors += 1
+            row.note = f"asked {c.metadata} {c.ring}, the back-end ran {row.path or '?'} {row.ring_ran or '?'}"
     else:
-        proc, log = r.dpdk_backend(sock, dpdk_fwd, c.iommu is not None)
+        proc, log = r.dpdk_backend(sock, dpdk_fwd, c.pkt_size, c.iommu is not None)
         try:
-            run_frontend(r, c, sock, fe_fwd, row)
+            run_frontend(r, c, sock, fe_fwd, row, proc.pid)
         finally:
             time.sleep(0.2)
             stop(proc)
         back = parse_testpmd(log.read_text(errors="replace"))
-        back_count = back["rx_packets"] if c.direction == "tx" else back["tx_packets"]
+        back_count = back["rx_packets"] if tx else back["tx_packets"]
         # DPDK's vhost PMD never dequeues what is still in the TX ring when the front-end quits (up to a ring)
-        slack = a.queue_size if c.direction == "tx" else RX_INFLIGHT_RINGS * a.queue_size
         if abs(back_count - row.packets) > slack:
             row.errors += 1
             row.note = f"counts disagree: front-end {row.packets}, DPDK back-end {back_count}"
+        row.path, row.ring_ran = "-", c.ring
     if row.packets == 0 or row.mpps == 0:
         row.errors += 1
         row.note = row.note or "no packets or no rate samples"
     return row
 
 
+def workloads(a: argparse.Namespace) -> list[str]:
+    """The workloads asked for: ``--workload`` (a comma list), else ``--direction``."""
+    if getattr(a, "workload", None):
+        out = [w.strip() for w in a.workload.split(",") if w.strip()]
+        bad = [w for w in out if w not in WORKLOADS]
+        if bad:
+            raise SystemExit(f"pyvhost bench: unknown workload {', '.join(bad)} (known: {', '.join(WORKLOADS)})")
+        return out
+    return ["tx", "rx"] if a.direction == "both" else [a.direction]
+
+
+def pkt_sizes(a: argparse.Namespace) -> list[int]:
+    """``--pkt-size``: one size or a comma list (64,512,1518)."""
+    return [int(x) for x in str(a.pkt_size).split(",") if x.strip()]
+
+
 def configs(a: argparse.Namespace) -> list[Config]:
-    dirs = ["tx", "rx"] if a.direction == "both" else [a.direction]
     paths = ["copy", "direct"] if a.metadata == "both" else [a.metadata]
     rings = ["split", "packed"] if getattr(a, "ring", "split") == "both" else [getattr(a, "ring", "split")]
     logs = ["off", "on"] if getattr(a, "dirty_log", "off") == "both" else [getattr(a, "dirty_log", "off")]
     out: list[Config] = []
     if getattr(a, "iommu", False):  # pyvhost's front-end only: DPDK's virtio-user plays no vIOMMU
-        for d in dirs:
-            for ring in rings:
-                for n in IOMMU_ENTRIES:
-                    if a.peer == "dpdk" and n is not None:
-                        out.append(Config("dpdk", "pyvhost", d, "-", ring, iommu=n))
-                    out += [Config("pyvhost", "pyvhost", d, m, ring, iommu=n) for m in paths]
+        for size in pkt_sizes(a):
+            for d in (w for w in workloads(a) if w in ("tx", "rx")):
+                for ring in rings:
+                    for n in IOMMU_ENTRIES:
+                        if a.peer == "dpdk" and n is not None:
+                            out.append(Config("dpdk", "pyvhost", d, "-", ring, size, iommu=n))
+                        out += [Config("pyvhost", "pyvhost", d, m, ring, size, iommu=n) for m in paths]
         return out
     fronts = ["dpdk", "pyvhost"] if a.peer == "dpdk" else ["pyvhost"]
-    for fe in fronts:
-        # only pyvhost's front-end shares a dirty log (testpmd's virtio-user does not migrate)
-        fe_logs = logs if fe == "pyvhost" else [x for x in logs if x == "off"]
-        for d in dirs:
-            for ring in rings:
-                if a.peer == "dpdk" and fe_logs:
-                    out.append(Config("dpdk", fe, d, "-", ring, fe_logs[0]))
-                # logging off and on next to each other: each round runs them as a pair, one after the other
-                out += [Config("pyvhost", fe, d, m, ring, lg) for m in paths for lg in fe_logs]
+    for size in pkt_sizes(a):
+        for fe in fronts:
+            # only pyvhost's front-end shares a dirty log (testpmd's virtio-user does not migrate)
+            fe_logs = logs if fe == "pyvhost" else [x for x in logs if x == "off"]
+            if not fe_logs:
+                continue
+            for d in workloads(a):
+                if d == "loop" and fe == "pyvhost":
+                    continue  # the reflector is testpmd's flowgen counting what comes back
+                for ring in rings:
+                    # DPDK's back-end copies every frame into an mbuf: its tx row serves tx and tx-read
+                    ref = "tx" if d == "tx-read" else d
+                    if a.peer == "dpdk" and not any(
+                        (x.backend, x.frontend, x.direction, x.ring, x.pkt_size) == ("dpdk", fe, ref, ring, size)
+                        for x in out
+                    ):
+                        out.append(Config("dpdk", fe, ref, "-", ring, size, fe_logs[0]))
+                    # logging off and on next to each other: each round runs them as a pair, one after the other
+                    out += [Config("pyvhost", fe, d, m, ring, size, lg) for m in paths for lg in fe_logs]
+    if "loop" in workloads(a) and a.peer != "dpdk":  # the reflector's front-end is testpmd's, DPDK's back-end aside
+        out += [
+            Config("pyvhost", "dpdk", "loop", m, ring, size) for size in pkt_sizes(a) for ring in rings for m in paths
+        ]
     return out
+
+
+def pair_ratios(num: list[Row], den: list[Row]) -> list[float]:
+    """Rate ratios of the runs of two configurations in the same round (they alternate), round by round."""
+    by_run = {x.run: x.mpps for x in den}
+    return [x.mpps / by_run[x.run] for x in num if by_run.get(x.run) and x.mpps]
+
+
+def _ratio(name: str, pairs: list[float]) -> str:
+    if not pairs:
+        return ""
+    return f"{name} {statistics.median(pairs):.2f}x ({min(pairs):.2f}–{max(pairs):.2f}, {len(pairs)} pairs)"
 
 
 def _fmt(rows: list[Row]) -> str:
@@ -311,81 +426,97 @@ def _fmt(rows: list[Row]) -> str:
     return f"{statistics.median(v):7.2f} ({min(v):.2f}–{max(v):.2f})"
 
 
+def _cpu(rows: list[Row]) -> str:
+    v = [x.cpu_s_per_mpkt for x in rows if x.cpu_s_per_mpkt is not None]
+    return f"{statistics.median(v):.3f}" if v else "-"
+
+
+def ratios(c: Config, cs: list[Config]) -> str:
+    """The ratios of one configuration's rows to its comparison rows, each per pair of alternating runs."""
+    like = [
+        x
+        for x in cs
+        if x.frontend == c.frontend
+        and x.pkt_size == c.pkt_size
+        and x.ring == c.ring
+        and x.rows
+        and x is not c
+        and (x.dirty_log == c.dirty_log or x.backend == "dpdk")
+        and x.iommu == c.iommu
+    ]
+    out = []
+    if c.backend == "pyvhost" and c.metadata == "direct":
+        copy = [x for x in like if x.backend == "pyvhost" and x.metadata == "copy" and x.direction == c.direction]
+        if copy:
+            out.append(_ratio("direct/copy", pair_ratios(c.rows, copy[0].rows)))
+    if c.ring == "packed":
+        split = [
+            x
+            for x in cs
+            if x.frontend == c.frontend
+            and x.pkt_size == c.pkt_size
+            and x.backend == c.backend
+            and x.direction == c.direction
+            and x.metadata == c.metadata
+            and x.ring == "split"
+            and x.dirty_log == c.dirty_log
+            and x.iommu == c.iommu
+            and x.rows
+        ]
+        if split:
+            out.append(_ratio("packed/split", pair_ratios(c.rows, split[0].rows)))
+    if c.backend == "pyvhost":
+        ref = "tx" if c.direction == "tx-read" else c.direction  # DPDK's tx row copies every frame
+        dpdk = [x for x in like if x.backend == "dpdk" and x.direction == ref]
+        if dpdk:
+            out.append(_ratio("pyvhost/DPDK", pair_ratios(c.rows, dpdk[0].rows)))
+    if c.dirty_log == "on":  # each run against the logging-off run just before it
+        off = [
+            x
+            for x in cs
+            if (x.frontend, x.backend, x.direction, x.metadata, x.ring, x.pkt_size)
+            == (c.frontend, c.backend, c.direction, c.metadata, c.ring, c.pkt_size)
+            and x.dirty_log == "off"
+            and x.iommu == c.iommu
+            and x.rows
+        ]
+        if off:
+            out.append(_ratio("log on/off", pair_ratios(c.rows, off[0].rows)))
+    if c.iommu is not None and c.backend == "pyvhost":  # the same runs without a vIOMMU
+        plain = [
+            x
+            for x in cs
+            if (x.frontend, x.backend, x.direction, x.metadata, x.ring, x.pkt_size)
+            == (c.frontend, c.backend, c.direction, c.metadata, c.ring, c.pkt_size)
+            and x.iommu is None
+            and x.rows
+        ]
+        if plain:
+            out.append(_ratio("vs no vIOMMU", pair_ratios(c.rows, plain[0].rows)))
+    return "  ".join(x for x in out if x)
+
+
 def table(cs: list[Config]) -> str:
-    """The result tables: one per front-end, a line per configuration, with the ratios."""
+    """The result tables: one per front-end, a line per configuration (the path and ring the back-end ran),
+    with the ratios per pair of alternating runs."""
     lines = []
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
-        head = f"{'back-end':9} {'path':7} {'ring':6} {'dir':3} {'iotlb':5} {'log':3}"
-        lines.append(f"{head} {'Mpps median (min–max)':24} {'errors':>6}  ratio")
+        lines.append(
+            f"{'back-end':9} {'path ran':9} {'ring':6} {'iotlb':5} {'log':3} {'workload':26} {'bytes':>5} "
+            f"{'Mpps median (min–max)':24} {'Gbit/s':>6} {'CPU s/Mpkt':>10} {'errors':>6}  ratios (per pair of runs)"
+        )
         for c in (c for c in cs if c.frontend == fe):
             if not c.rows:
                 continue
-            med = statistics.median(x.mpps for x in c.rows)
-            ratio = ""
-            same = {
-                x.metadata: x
-                for x in cs
-                if x.frontend == fe
-                and x.direction == c.direction
-                and x.ring == c.ring
-                and x.rows
-                and (x.dirty_log == c.dirty_log or x.backend == "dpdk")
-                and x.iommu == c.iommu
-            }
-            if c.backend == "pyvhost" and c.metadata == "direct" and "copy" in same:
-                base = statistics.median(x.mpps for x in same["copy"].rows)
-                ratio = f"direct/copy {med / base:.2f}x" if base else ""
-            split = [
-                x
-                for x in cs
-                if x.frontend == fe
-                and x.backend == c.backend
-                and x.direction == c.direction
-                and x.metadata == c.metadata
-                and x.ring == "split"
-                and x.dirty_log == c.dirty_log
-                and x.iommu == c.iommu
-                and x.rows
-            ]
-            if c.ring == "packed" and split:
-                base = statistics.median(x.mpps for x in split[0].rows)
-                ratio += (" " if ratio else "") + (f"packed/split {med / base:.2f}x" if base else "")
-            if c.backend == "pyvhost" and "-" in same:
-                dp = same["-"].rows
-                pairs = [p.mpps / d.mpps for p, d in zip(c.rows, dp) if d.mpps]
-                if pairs:
-                    ratio += (
-                        " " if ratio else ""
-                    ) + f"pyvhost/DPDK {statistics.median(pairs):.2f}x (runs {', '.join(f'{x:.2f}' for x in pairs)})"
-            off = [
-                x
-                for x in cs
-                if x.frontend == fe
-                and x.backend == c.backend
-                and x.direction == c.direction
-                and x.metadata == c.metadata
-                and x.ring == c.ring
-                and x.dirty_log == "off"
-                and x.rows
-            ]
-            if c.dirty_log == "on" and off:  # each run against the logging-off run just before it
-                pairs = [on.mpps / o.mpps for on, o in zip(c.rows, off[0].rows) if o.mpps]
-                if pairs:
-                    ratio += (" " if ratio else "") + (
-                        f"log on/off {statistics.median(pairs):.2f}x (runs {', '.join(f'{x:.2f}' for x in pairs)})"
-                    )
-            if c.iommu is not None and c.backend == "pyvhost":
-                plain = [x for x in cs if x.frontend == fe and x.backend == c.backend and x.iommu is None and x.rows]
-                plain = [x for x in plain if (x.direction, x.metadata, x.ring) == (c.direction, c.metadata, c.ring)]
-                if plain:
-                    base = statistics.median(x.mpps for x in plain[0].rows)
-                    ratio += (" " if ratio else "") + (f"vs no vIOMMU {med / base:.2f}x" if base else "")
+            ran = "/".join(sorted({x.path for x in c.rows if x.path})) or "?"
+            work = f"{c.direction} ({c.rows[0].workload})" if c.rows[0].workload else c.direction
+            gbps = statistics.median(x.gbps for x in c.rows)
             errs = sum(x.errors for x in c.rows)
             iotlb = "-" if c.iommu is None else str(c.iommu)
             lines.append(
-                f"{c.backend:9} {c.metadata:7} {c.ring:6} {c.direction:3} {iotlb:5} {c.dirty_log:3} {_fmt(c.rows):24} "
-                f"{errs:6d}  {ratio}"
+                f"{c.backend:9} {ran:9} {c.ring:6} {iotlb:5} {c.dirty_log:3} {work:26} {c.pkt_size:5d} "
+                f"{_fmt(c.rows):24} {gbps:6.2f} {_cpu(c.rows):>10} {errs:6d}  {ratios(c, cs)}"
             )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
         if fp:
@@ -415,7 +546,8 @@ def plot(cs: list[Config], path: str) -> None:
             bar.set_hatch("//")
     ax.set_xticks(range(len(done)), [c.label.replace(" ", "\n", 1) for c in done], fontsize=7)
     ax.set_ylabel("Mpps (median, min–max)")
-    ax.set_title(f"pyvhost bench: {done[0].rows[0].pkt_size}-byte packets, queue {done[0].rows[0].queue_size}")
+    sizes = ",".join(str(x) for x in dict.fromkeys(c.pkt_size for c in done))
+    ax.set_title(f"pyvhost bench: {sizes}-byte packets, queue {done[0].rows[0].queue_size}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -443,7 +575,7 @@ def main(a: argparse.Namespace) -> int:
                         c.frontend,
                         c.direction,
                         c.metadata,
-                        a.pkt_size,
+                        c.pkt_size,
                         a.queue_size,
                         0.0,
                         0,

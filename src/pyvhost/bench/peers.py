@@ -45,10 +45,18 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0
 
 
 def start_testpmd(
-    log: Path, vdev: str, fwd: str, cpu: int, prefix: str, queue_size: int, interactive: bool = False
+    log: Path,
+    vdev: str,
+    fwd: str,
+    cpu: int,
+    prefix: str,
+    queue_size: int,
+    interactive: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, Path]:
     """DPDK's testpmd with one vdev (a virtio-user front-end or a vhost PMD back-end) on ``cpu``, its output
-    line-buffered into ``log``; interactive (commands through :class:`PmdConsole`) or started at once."""
+    line-buffered into ``log``; interactive (commands through :class:`PmdConsole`) or started at once.
+    ``extra``: more testpmd options (``--port-topology=loop``, ``--txpkts=512``)."""
     testpmd = shutil.which("dpdk-testpmd")
     if testpmd is None:
         raise RuntimeError("dpdk-testpmd not found (make deps installs Debian's DPDK)")
@@ -70,8 +78,9 @@ def start_testpmd(
         f"--forward-mode={fwd}",
         f"--txd={queue_size}",
         f"--rxd={queue_size}",
-        "--no-flush-rx",
-    ]  # count every received packet
+        "--no-flush-rx",  # count every received packet
+        *extra,
+    ]
     # non-interactive testpmd waits for Enter unless it has a stats period; stdin is /dev/null here
     cmd += ["-i"] if interactive else ["--auto-start", "--stats-period", "1"]
     proc = subprocess.Popen(

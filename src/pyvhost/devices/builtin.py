@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyvhost")
 
-MODES = ("sink", "source", "loopback")
+MODES = ("sink", "sink-read", "source", "loopback")
 
 
 def net_arguments(p: argparse.ArgumentParser) -> None:

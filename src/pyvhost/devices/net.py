@@ -1,6 +1,8 @@
 """virtio-net (virtio 1.2 §5.1): queue 2k receives, 2k+1 transmits.
 
-Modes: ``sink`` counts and drops what the driver transmits; ``source`` fills receive buffers with generated
+Modes: ``sink`` counts and drops what the driver transmits (reading no payload); ``sink-read`` also reads
+every payload byte (a checksum of them in the device's stats, the work a copy into a packet buffer does);
+``source`` fills receive buffers with generated
 frames; ``loopback`` returns each transmitted frame on the paired receive queue.  The datapath is compiled:
 each kernel runs up to ``budget`` passes of at most ``Q_BATCH`` chains per ring, polls ``spins`` empty passes
 before asking for kicks, and publishes used entries once per pass.
@@ -16,7 +18,7 @@ import numpy as np
 from ..access import _NO_U16, _NO_U32, _NO_U64
 from ..jit import inline_helper, kernel
 from ..memory import GuestMemory
-from ..ring.chain import READ_ONLY, WRITE_ONLY, log_segments, new_sg, sg_read, sg_write, walk_chain
+from ..ring.chain import READ_ONLY, WRITE_ONLY, log_segments, new_sg, sg_put, sg_sum, sg_write, walk_chain
 from ..ring.poll import POLL_AGAIN, POLL_IDLE
 from ..ring.split import flush_used, poll_avail, poll_avail_pair, read_avail_entry, write_used
 from ..ring.state import (
@@ -62,6 +64,7 @@ _IDLE, _MORE, _STOPPED, _BROKEN = int(Step.IDLE), int(Step.MORE), int(Step.STOPP
 
 class Mode(str, enum.Enum):
     SINK = "sink"
+    SINK_READ = "sink-read"
     SOURCE = "source"
     LOOPBACK = "loopback"
 
@@ -131,9 +134,57 @@ def tx_sink(q, desc, avail, used16, used32, mem, table, sg, budget, spins):
     return _MORE
 
 
+@kernel
+def tx_read(q, desc, avail, used16, used32, mem, table, sg, csum, budget, spins):
+    """``tx_sink`` that also reads every payload byte: their sum accumulates in ``csum[0]``."""
+    hdr = q[Q_HDR_LEN]
+    for _ in range(budget):
+        if q[Q_STOP]:
+            return _STOPPED
+        n = poll_avail(q, avail, used16, mem, table, spins, True)
+        if n < 0:  # nothing to take now (or broken): one test on the path with work
+            if n == POLL_AGAIN:
+                continue
+            return _IDLE if n == POLL_IDLE else _BROKEN
+        n = min(n, q[Q_BATCH])
+        last = q[Q_LAST_AVAIL]
+        used = q[Q_USED_IDX]
+        done = 0
+        status = _MORE
+        for k in range(n):
+            head = read_avail_entry(q, avail, mem, table, last + k)
+            if head < 0:
+                status = _BROKEN
+                break
+            nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg, READ_ONLY)
+            if nread < 0:
+                status = _BROKEN
+                break
+            if not write_used(q, used32, mem, table, used + k, head, 0):
+                status = _BROKEN
+                break
+            # counted once completed (a chain left behind by a fault is not counted)
+            if rbytes < hdr:
+                q[Q_DROPS] += 1  # too short for the virtio-net header: dropped, still completed
+            else:
+                q[Q_PACKETS] += 1
+                q[Q_BYTES] += rbytes - hdr
+                csum[0] += sg_sum(mem, sg, 0, nread, hdr)
+            done += 1
+        # chains handled before a fault are still completed: no completion is lost
+        q[Q_LAST_AVAIL] = (last + done) & 0xFFFF
+        q[Q_CHAINS] += done
+        if not flush_used(q, avail, used16, mem, table, (used + done) & 0xFFFF):
+            return _BROKEN
+        if status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
 @inline_helper
 def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, n):
-    """Put one frame (virtio_net_hdr + ``src[:length]``) into RX chains from avail position last+k.
+    """Put one frame (virtio_net_hdr + ``length`` bytes of ``src``) into RX chains from avail position last+k;
+    ``src`` is a frame array or a TX chain's segments (:func:`sg_put`).
 
     Returns the chains used (> 0), 0 if the ``n - k`` chains left are not enough (nothing is consumed), or -1
     if the queue broke.  Without MRG_RXBUF a chain too small for the frame is completed empty and counted as a
@@ -175,11 +226,11 @@ def rx_deliver(q, desc, avail, used32, mem, table, sgs, hdrbuf, src, length, k, 
                 if hdr >= 12:
                     hdrbuf[10] = 1
                 sg_write(mem, sg, 0, nseg, 0, hdrbuf, 0, hdr)
-            w = sg_write(mem, sg, 0, nseg, hdr, src, 0, min(length, wbytes - hdr))
+            w = sg_put(mem, sg, 0, nseg, hdr, src, 0, min(length, wbytes - hdr))
             chain_len = hdr + w
             first_nseg = nseg
         else:
-            chain_len = sg_write(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
+            chain_len = sg_put(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
         done += chain_len
         if q[Q_LOG_SIZE]:  # dirty logging: after the data, before the used entry
             log_segments(q, mem, table, sg, 0, nseg, chain_len)
@@ -252,11 +303,12 @@ def loopback(
     tsg,
     rsgs,
     hdrbuf,
-    scratch,
+    max_frame,
     budget,
     spins,
 ):
-    """Move each TX frame to the paired RX queue.  A TX chain is taken only when RX has room for it."""
+    """Move each TX frame to the paired RX queue, copied once from the TX buffers into the RX buffers (frames
+    longer than ``max_frame`` are dropped).  A TX chain is taken only when RX has room for it."""
     hdr = tq[Q_HDR_LEN]
     for _ in range(budget):
         if tq[Q_STOP] or rq[Q_STOP]:
@@ -287,11 +339,13 @@ def loopback(
             if not write_used(tq, tused32, mem, table, tused + t, head, 0):
                 status = _BROKEN
                 break
-            if rbytes < hdr or rbytes - hdr > scratch.shape[0]:
+            if rbytes < hdr or rbytes - hdr > max_frame:
                 tq[Q_DROPS] += 1
             else:
-                length = sg_read(mem, tsg, 0, nread, hdr, scratch, rbytes - hdr)
-                c = rx_deliver(rq, rdesc, ravail, rused32, mem, table, rsgs, hdrbuf, scratch, length, r, nr)
+                length = rbytes - hdr  # copied once, from the TX segments after the header into RX
+                c = rx_deliver(
+                    rq, rdesc, ravail, rused32, mem, table, rsgs, hdrbuf, (tsg, 0, nread, hdr), length, r, nr
+                )
                 if c < 0:
                     status = _BROKEN
                     break
@@ -350,6 +404,13 @@ class NetDevice(Device):
             | ((1 << VIRTIO_NET_F_MQ) if queue_pairs > 1 else 0)
         )
         self.negotiated = 0
+        #: sink-read: per TX queue, the sum of every payload byte read (over ring restarts)
+        self.checksums: dict[int, np.ndarray] = {}
+
+    def stats(self) -> dict:
+        if self.mode is not Mode.SINK_READ:
+            return {}
+        return {"payload_checksum": {str(i): int(c[0]) for i, c in sorted(self.checksums.items())}}
 
     def config_space(self) -> bytes:
         # struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu
@@ -370,7 +431,7 @@ class NetDevice(Device):
 
     def workers(self) -> list[tuple[int, ...]]:
         pairs = range(self.queue_pairs)
-        if self.mode is Mode.SINK:
+        if self.mode in (Mode.SINK, Mode.SINK_READ):
             return [(2 * p + 1,) for p in pairs]
         if self.mode is Mode.SOURCE:
             return [(2 * p,) for p in pairs]
@@ -393,8 +454,9 @@ class NetDevice(Device):
 
     def _step(self, mode: Mode, rings: list[Ring]) -> StepFn:
         spins = self.spins
+        csum = self.checksums.setdefault(rings[0].index, np.zeros(1, np.uint64)) if mode is Mode.SINK_READ else None
         if self.negotiated & (1 << VIRTIO_F_RING_PACKED):
-            return net_packed.make_step(mode.value, rings, spins, self.frame.copy(), MAX_FRAME)
+            return net_packed.make_step(mode.value, rings, spins, self.frame.copy(), MAX_FRAME, csum)
         mem = rings[0].mem
         views, table = mem.arena.view, mem.table
         if mode is Mode.SINK:
@@ -402,6 +464,10 @@ class NetDevice(Device):
             sg = new_sg(int(tx.q[0]))
             sink = (tx.q, *tx.views.args(), views, table, sg)
             return lambda budget: tx_sink(*sink, budget, spins)
+        if csum is not None:
+            (tx,) = rings
+            read = (tx.q, *tx.views.args(), views, table, new_sg(int(tx.q[0])), csum)
+            return lambda budget: tx_read(*read, budget, spins)
         if mode is Mode.SOURCE:
             (rx,) = rings
             sgs = np.stack([new_sg(int(rx.q[0]))] * 2)
@@ -421,7 +487,7 @@ class NetDevice(Device):
             tsg,
             rsgs,
             np.zeros(16, np.uint8),
-            np.zeros(MAX_FRAME, np.uint8),
+            MAX_FRAME,
         )
         return lambda budget: loopback(*args, budget, spins)
 
@@ -438,10 +504,9 @@ def warm_up() -> None:
         sg = new_sg(1)
         sgs = np.stack([sg, sg])
         tx_sink(q, *ring, mem.arena.view, mem.table, sg, 1, 1)
+        tx_read(q, *ring, mem.arena.view, mem.table, sg, np.zeros(1, np.uint64), 1, 1)
         rx_source(q, *ring, mem.arena.view, mem.table, sgs, np.zeros(16, np.uint8), make_frame(64), 1, 1)
-        loopback(
-            q, *ring, q, *ring, mem.arena.view, mem.table, sg, sgs, np.zeros(16, np.uint8), np.zeros(16, np.uint8), 1, 1
-        )
+        loopback(q, *ring, q, *ring, mem.arena.view, mem.table, sg, sgs, np.zeros(16, np.uint8), 16, 1, 1)
     finally:
         mem.close()
     net_packed.warm_up()

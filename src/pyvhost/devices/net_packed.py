@@ -18,7 +18,7 @@ import numpy as np
 from ..access import _NO_U16, _NO_U64
 from ..jit import helper, inline_helper, kernel
 from ..memory import GuestMemory
-from ..ring.chain import READ_ONLY, WRITE_ONLY, log_segments, new_sg, sg_read, sg_write
+from ..ring.chain import READ_ONLY, WRITE_ONLY, log_segments, new_sg, sg_put, sg_sum, sg_write
 from ..ring.packed import (
     NOT_AVAIL,
     SH_ID,
@@ -137,10 +137,63 @@ def tx_sink(q, desc, drv, dev, mem, table, sg, shadow, budget, spins):
     return _MORE
 
 
+@kernel
+def tx_read(q, desc, drv, dev, mem, table, sg, shadow, csum, budget, spins):
+    """``tx_sink`` that also reads every payload byte: their sum accumulates in ``csum[0]``."""
+    hdr = q[Q_HDR_LEN]
+    size = q[Q_SIZE]
+    for _ in range(budget):
+        if q[Q_STOP]:
+            return _STOPPED
+        f = poll_head(q, desc, dev, mem, table, spins, True)
+        if f < 0:  # nothing to take now (or broken): one test on the path with work
+            if f == POLL_AGAIN:
+                continue
+            return _IDLE if f == POLL_IDLE else _BROKEN
+        room, nmax = _room(q, shadow)
+        pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
+        counters = _counters(q)
+        taken = 0
+        done = 0
+        status = _MORE
+        while done < nmax and taken < room:
+            nread, nseg, rbytes, wbytes, ndesc, bid = walk_packed(
+                q, desc, mem, table, pos, wrap, f, sg, READ_ONLY, room - taken
+            )
+            if nread < 0:
+                status = _BROKEN
+                break
+            shadow[done, SH_ID] = bid
+            shadow[done, SH_LEN] = 0
+            shadow[done, SH_NDESC] = ndesc
+            # counted as taken; _end_pass takes the count back if the chain is not completed
+            if rbytes < hdr:
+                q[Q_DROPS] += 1  # too short for the virtio-net header: dropped, still completed
+            else:
+                q[Q_PACKETS] += 1
+                q[Q_BYTES] += rbytes - hdr
+                csum[0] += sg_sum(mem, sg, 0, nread, hdr)
+            done += 1
+            taken += ndesc
+            pos, wrap = advance(pos, wrap, ndesc, size)
+            if done >= nmax or taken >= room:
+                break
+            f = read_head(q, desc, mem, table, pos, wrap)
+            if f < 0:
+                if f == -1:
+                    status = _BROKEN
+                break
+        # chains handled before a fault are still completed: no completion is lost
+        _published, ok = _end_pass(q, drv, desc, mem, table, shadow, done, pos, wrap, counters)
+        if not ok or status == _BROKEN:
+            return _BROKEN
+    return _MORE
+
+
 @inline_helper
 def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, pos, wrap, taken, room):
-    """Put one frame (virtio_net_hdr + ``src[:length]``) into RX chains from the cursor ``pos``/``wrap``, their
-    used descriptors into ``shadow[k:]``.
+    """Put one frame (virtio_net_hdr + ``length`` bytes of ``src``: a frame array or a TX chain's segments, see
+    ``sg_put``) into RX chains from the cursor ``pos``/``wrap``, their used descriptors into ``shadow[k:]``.
 
     Returns (chains used, cursor, descriptors taken): chains > 0, or 0 if the chains available (or the room
     left in this pass) are not enough -- the cursor is then unchanged and nothing is consumed -- or -1 if the
@@ -186,11 +239,11 @@ def rx_deliver(q, desc, mem, table, sgs, hdrbuf, src, length, shadow, k, nmax, p
                 if hdr >= 12:
                     hdrbuf[10] = 1
                 sg_write(mem, sg, 0, nseg, 0, hdrbuf, 0, hdr)
-            wr = sg_write(mem, sg, 0, nseg, hdr, src, 0, min(length, wbytes - hdr))
+            wr = sg_put(mem, sg, 0, nseg, hdr, src, 0, min(length, wbytes - hdr))
             chain_len = hdr + wr
             first_nseg = nseg
         else:
-            chain_len = sg_write(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
+            chain_len = sg_put(mem, sg, 0, nseg, 0, src, done - hdr, min(total - done, wbytes))
         done += chain_len
         if q[Q_LOG_SIZE]:  # dirty logging: after the data, before the used entry
             log_segments(q, mem, table, sg, 0, nseg, chain_len)
@@ -268,11 +321,12 @@ def loopback(
     rshadow,
     tshadow,
     hdrbuf,
-    scratch,
+    max_frame,
     budget,
     spins,
 ):
-    """Move each TX frame to the paired RX queue.  A TX chain is taken only when RX has room for it."""
+    """Move each TX frame to the paired RX queue, copied once from the TX buffers into the RX buffers (frames
+    longer than ``max_frame`` are dropped).  A TX chain is taken only when RX has room for it."""
     hdr = tq[Q_HDR_LEN]
     tsize = tq[Q_SIZE]
     for _ in range(budget):
@@ -303,12 +357,26 @@ def loopback(
             if nread < 0:
                 status = _BROKEN
                 break
-            if rbytes < hdr or rbytes - hdr > scratch.shape[0]:
+            if rbytes < hdr or rbytes - hdr > max_frame:
                 tq[Q_DROPS] += 1
             else:
-                length = sg_read(mem, tsg, 0, nread, hdr, scratch, rbytes - hdr)
+                length = rbytes - hdr  # copied once, from the TX segments after the header into RX
                 c, rpos, rwrap, rtaken = rx_deliver(
-                    rq, rdesc, mem, table, rsgs, hdrbuf, scratch, length, rshadow, r, rmax, rpos, rwrap, rtaken, rroom
+                    rq,
+                    rdesc,
+                    mem,
+                    table,
+                    rsgs,
+                    hdrbuf,
+                    (tsg, 0, nread, hdr),
+                    length,
+                    rshadow,
+                    r,
+                    rmax,
+                    rpos,
+                    rwrap,
+                    rtaken,
+                    rroom,
                 )
                 if c < 0:
                     status = _BROKEN
@@ -352,8 +420,9 @@ def loopback(
 
 
 # ---------------------------------------------------------------------------------------------------------
-def make_step(mode: str, rings: list, spins: int, frame: np.ndarray, max_frame: int):
-    """The step function of one NetDevice worker over packed rings (NetDevice.make_step dispatches here)."""
+def make_step(mode: str, rings: list, spins: int, frame: np.ndarray, max_frame: int, csum: np.ndarray | None = None):
+    """The step function of one NetDevice worker over packed rings (NetDevice.make_step dispatches here);
+    ``csum``: sink-read's checksum of the payload bytes read."""
 
     mem = rings[0].mem
     views, table = mem.arena.view, mem.table
@@ -362,6 +431,11 @@ def make_step(mode: str, rings: list, spins: int, frame: np.ndarray, max_frame: 
         size = int(tx.q[Q_SIZE])
         args = (tx.q, *tx.views.args(), views, table, new_sg(size), new_shadow(size))
         return lambda budget: tx_sink(*args, budget, spins)
+    if mode == "sink-read":
+        (tx,) = rings
+        size = int(tx.q[Q_SIZE])
+        args = (tx.q, *tx.views.args(), views, table, new_sg(size), new_shadow(size), csum)
+        return lambda budget: tx_read(*args, budget, spins)
     if mode == "source":
         (rx,) = rings
         size = int(rx.q[Q_SIZE])
@@ -383,7 +457,7 @@ def make_step(mode: str, rings: list, spins: int, frame: np.ndarray, max_frame: 
         new_shadow(rsize),
         new_shadow(tsize),
         np.zeros(16, np.uint8),
-        np.zeros(max_frame, np.uint8),
+        max_frame,
     )
     return lambda budget: loopback(*args, budget, spins)
 
@@ -400,6 +474,7 @@ def warm_up() -> None:
         sgs = np.stack([sg, sg])
         sh = new_shadow(1)
         tx_sink(q, *ring, mem.arena.view, mem.table, sg, sh, 1, 1)
+        tx_read(q, *ring, mem.arena.view, mem.table, sg, sh, np.zeros(1, np.uint64), 1, 1)
         rx_source(q, *ring, mem.arena.view, mem.table, sgs, sh, np.zeros(16, np.uint8), np.zeros(64, np.uint8), 1, 1)
         loopback(
             q,
@@ -413,7 +488,7 @@ def warm_up() -> None:
             sh,
             sh,
             np.zeros(16, np.uint8),
-            np.zeros(16, np.uint8),
+            16,
             1,
             1,
         )

@@ -16,6 +16,8 @@ the segments a chain may produce.  Errors mark the queue broken (``fail``) and r
 from __future__ import annotations
 
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from ..atomic import copy_bytes, ld64
 from ..dirtylog import log_arena
@@ -212,6 +214,80 @@ def sg_read(mem, sg, first, last, src_off, dst, length):
         if done == length:
             break
     return done
+
+
+@helper
+def sg_copy(mem, dst, dfirst, dlast, dst_off, src, sfirst, slast, src_off, length):
+    """Copy ``length`` bytes starting ``src_off`` bytes into segments ``src[sfirst:slast]`` to ``dst_off`` bytes
+    into segments ``dst[dfirst:dlast]``, both of ``mem`` (one copy, no bounce buffer).  Returns the bytes copied
+    (less than ``length`` if either side is too short).  Segments a driver made overlap get bytes of either
+    side, never an access outside them."""
+    i = dfirst
+    dskip = dst_off
+    while i < dlast and dskip >= dst[i, 1]:
+        dskip -= dst[i, 1]
+        i += 1
+    j = sfirst
+    sskip = src_off
+    while j < slast and sskip >= src[j, 1]:
+        sskip -= src[j, 1]
+        j += 1
+    done = 0
+    while done < length and i < dlast and j < slast:
+        take = min(length - done, dst[i, 1] - dskip, src[j, 1] - sskip)
+        copy_bytes(mem, dst[i, 0] + dskip, mem, src[j, 0] + sskip, take)
+        done += take
+        dskip += take
+        sskip += take
+        if dskip == dst[i, 1]:
+            i += 1
+            dskip = 0
+        if sskip == src[j, 1]:
+            j += 1
+            sskip = 0
+    return done
+
+
+@helper
+def sg_sum(mem, sg, first, last, src_off):
+    """The sum of every byte of segments ``sg[first:last]`` from ``src_off`` bytes in (a sink that reads the
+    payload, as a copy would)."""
+    total = np.uint64(0)
+    skip = src_off
+    for i in range(first, last):
+        seg_len = sg[i, 1]
+        if skip >= seg_len:
+            skip -= seg_len
+            continue
+        o = sg[i, 0]
+        for b in range(o + skip, o + seg_len):
+            total += np.uint64(mem[b])
+        skip = 0
+    return total
+
+
+def sg_put(mem, sg, first, last, dst_off, src, src_off, length):
+    """Copy ``length`` bytes of a source, from ``src_off`` on, into segments ``sg[first:last]`` from ``dst_off``
+    on; returns the bytes written.  The source is a frame (a uint8 array: :func:`sg_write`) or another chain's
+    segments in ``mem``, the tuple (segments, first, last, offset) (:func:`sg_copy`).  Compiled code only: the
+    source's type picks the copy when the caller is compiled."""
+    raise NotImplementedError("sg_put is called from compiled code only")
+
+
+@overload(sg_put, inline="always")
+def _sg_put(mem, sg, first, last, dst_off, src, src_off, length):
+    if isinstance(src, types.Array):
+
+        def from_frame(mem, sg, first, last, dst_off, src, src_off, length):
+            return sg_write(mem, sg, first, last, dst_off, src, src_off, length)
+
+        return from_frame
+
+    def from_chain(mem, sg, first, last, dst_off, src, src_off, length):
+        ssg, sfirst, slast, sbase = src
+        return sg_copy(mem, sg, first, last, dst_off, ssg, sfirst, slast, sbase + src_off, length)
+
+    return from_chain
 
 
 @helper
