@@ -36,7 +36,6 @@ from pyvhost.devices.base import Device
 
 from .conftest import TESTPMD, assert_log_path, needs, needs_dpdk, needs_root, needs_tun
 from .test_vm_net import HOST_IP, TAP, Net, bulk_both_ways, check_queues, guestkit
-from .test_vm_net import kit as kit  # noqa: F401  (the module's guest-kit fixture)
 from .test_vm_net import net as net  # noqa: F401  (a namespace, its tap, and pyvhost serving it)
 
 #: bytes of each bulk transfer (one each way); the vIOMMU makes every DMA map and unmap a trap under TCG
