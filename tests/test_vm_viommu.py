@@ -257,11 +257,6 @@ recv_bulk 5002
 
 
 @needs_backend_iommu
-@pytest.mark.skip(
-    reason="slow, no longer a livelock: behind a Linux guest's DMA-FQ domain every packet's buffer misses once and "
-    "each FQ flush invalidates the whole IOVA space (~10/s under TCG, each stopping every worker), so 2 MiB each way "
-    "takes ~3 min and BULK (16 MiB) passes GUEST_TIMEOUT; green with PYVHOST_VM_VIOMMU_BULK_MIB=2"
-)
 @pytest.mark.parametrize("metadata", ["direct", "copy"])
 def test_pyvhost_net_tap(net: Net, metadata: str) -> None:
     """pyvhost serve net --tap behind the vIOMMU, on each metadata path: the guest's DMA domain translates
