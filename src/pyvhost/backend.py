@@ -243,16 +243,25 @@ class Worker(threading.Thread):
         assert self.waiting is not None
         iova, _length, perm, covered = self.waiting
         tries = 0
+        # a MISS goes out MISS_INTERVAL apart, never on an IOTLB change: an UPDATE for another IOVA (another
+        # queue's answer) that made each waiting worker ask again would get each of those asks answered by an
+        # UPDATE in turn -- MISS/UPDATE ping-pong between the waiting queues that floods the front-end
+        next_miss = time.monotonic()
         while True:
+            timeout = MISS_INTERVAL
             if not covered:
-                if tries == MISS_TRIES:
-                    return (
-                        f"IOTLB miss at iova {iova:#x} ({_PERM_NAMES.get(perm, perm)}) not answered after "
-                        f"{MISS_TRIES} MISS messages {MISS_INTERVAL:g} s apart"
-                    )
-                if self.conn.send_miss(iova, perm):
-                    tries += 1  # (a MISS the full channel did not take is tried again, not counted)
-            ready, _, _ = select.select([self.wake_fd, self.iotlb_fd], [], [], MISS_INTERVAL)
+                now = time.monotonic()
+                if now >= next_miss:
+                    if tries == MISS_TRIES:
+                        return (
+                            f"IOTLB miss at iova {iova:#x} ({_PERM_NAMES.get(perm, perm)}) not answered after "
+                            f"{MISS_TRIES} MISS messages {MISS_INTERVAL:g} s apart"
+                        )
+                    if self.conn.send_miss(iova, perm):
+                        tries += 1  # (a MISS the full channel did not take is tried again, not counted)
+                    next_miss = now + MISS_INTERVAL
+                timeout = max(0.0, next_miss - now)
+            ready, _, _ = select.select([self.wake_fd, self.iotlb_fd], [], [], timeout)
             if self.wake_fd in ready or any(r.q[Q_STOP] for r in self.rings):
                 return None  # stopped (to be restarted with the new translation, or for good)
             if self.iotlb_fd in ready:
