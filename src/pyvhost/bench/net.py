@@ -103,6 +103,25 @@ class Config:
     iommu: int | None = None  # pyvhost's front-end plays a vIOMMU with this many IOTLB entries
     rows: list[Row] = field(default_factory=list)
 
+    def new_row(self, run: int, queue_size: int, errors: int = 0, note: str = "") -> Row:
+        """An empty row of this configuration (its measurement fills in the rest)."""
+        return Row(
+            self.backend,
+            self.frontend,
+            self.direction,
+            self.metadata,
+            self.pkt_size,
+            queue_size,
+            0.0,
+            0,
+            errors,
+            ring=self.ring,
+            run=run,
+            note=note,
+            dirty_log=self.dirty_log,
+            iommu=self.iommu,
+        )
+
     @property
     def label(self) -> str:
         log = " log" if self.dirty_log == "on" else ""
@@ -292,21 +311,7 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     sock = r.dir / f"vhost{r.n}.sock"
     a = r.a
     label, mode, dpdk_fwd, fe_fwd = WORKLOADS[c.direction]
-    row = Row(
-        c.backend,
-        c.frontend,
-        c.direction,
-        c.metadata,
-        c.pkt_size,
-        a.queue_size,
-        0.0,
-        0,
-        0,
-        ring=c.ring,
-        run=run,
-        dirty_log=c.dirty_log,
-        iommu=c.iommu,
-    )
+    row = c.new_row(run, a.queue_size)
     tx = c.direction.startswith("tx")
     row.workload = "frame copied to an mbuf" if c.backend == "dpdk" and tx else label
     # DPDK's virtio-user counts as sent what it put on the ring, and quits without waiting for it to be taken
@@ -570,22 +575,7 @@ def main(a: argparse.Namespace) -> int:
                 try:
                     row = measure(r, c, run)
                 except (RuntimeError, OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
-                    row = Row(
-                        c.backend,
-                        c.frontend,
-                        c.direction,
-                        c.metadata,
-                        c.pkt_size,
-                        a.queue_size,
-                        0.0,
-                        0,
-                        1,
-                        ring=c.ring,
-                        run=run,
-                        note=str(e)[:300],
-                        dirty_log=c.dirty_log,
-                        iommu=c.iommu,
-                    )
+                    row = c.new_row(run, a.queue_size, errors=1, note=str(e)[:300])
                 c.rows.append(row)
                 eta = (time.monotonic() - t0) / done * (total - done)
                 print(
