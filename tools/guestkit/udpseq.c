@@ -1,20 +1,26 @@
 /* udpseq: a guest's receiver of `pyvhost serve net --mode source` numbered frames, and a transmitter at once.
  *
- *   udpseq PORT DST_IP DST_PORT PAYLOAD IFACE
+ *   udpseq IFACE PORT DST_IP DST_PORT FRAME_HEX
  *
- * Receives UDP datagrams on PORT (the guest's stack has verified each UDP checksum: a bad one is dropped and
- * counted in /proc/net/snmp's UdpInCsumErrors, which the test reads).  Each payload must be PAYLOAD bytes:
- * bytes 0..7 the frame's sequence number on its queue (big-endian), the rest zero; anything else is corrupt.
- * A number one above the last is in order; higher leaves a gap (frames dropped: allowed); equal is a repeat;
- * lower is a "back" step -- a new back-end restarting its queue at 0 (allowed only at a migration switchover,
- * which the test checks by where each one happened) or a frame out of order.  Each back step prints a line.
+ * Reads every frame IFACE's driver receives (AF_PACKET, whatever its content: a stale or torn buffer is seen
+ * too, not dropped unseen by the stack) and checks it against FRAME_HEX, the source's frame: the same length
+ * and bytes except the UDP checksum and the sequence number (UDP payload bytes 0..7, big-endian), and a valid
+ * UDP checksum; anything else is corrupt.  (The guest's stack verifies the checksums as well -- UdpInCsumErrors
+ * in /proc/net/snmp, which the test reads -- and a UDP socket bound to PORT, never read, keeps it from
+ * answering each frame with an ICMP port unreachable.)  A number one above the last is in order; higher leaves
+ * a gap (frames dropped: allowed); equal is a repeat; lower is a "back" step -- a new back-end restarting its
+ * queue at 0 (allowed only at a migration switchover, which the test checks by where each one happened) or a
+ * frame out of order.  Each back step and each of the first corrupt frames prints a line.
  * Meanwhile it sends numbered datagrams to DST_IP:DST_PORT (the back-end's TX side consumes them).
- * Every 200 ms it prints its counters; when IFACE's carrier goes down (the test's `set_link` over QMP) it
+ * Every 200 ms it prints its counters (drops: frames the packet socket had no room for); when IFACE's carrier goes down (the test's `set_link` over QMP) it
  * prints them a last time with done=1 and exits.  Lines are `RESULT key=value ...` (guestkit parses them).
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdint.h>
@@ -27,12 +33,40 @@
 
 #define REPORT_NS 200000000LL
 #define TX_BURST 4
-#define MAX_PAYLOAD 9000
+#define MAX_FRAME 9000
+/* the frame's UDP header, checksum and sequence number (devices/net_frame.py), and its IPv4 addresses */
+#define IP_ADDRS_OFF 26
+#define UDP_OFF 34
+#define UDP_CSUM_OFF 40
+#define SEQ_OFF 42
+#define SEQ_LEN 8
+#define IPPROTO_UDP_NUM 17
+#define SHOW_CORRUPT 5
 
 static long long now_ns(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* RFC 768: the one's complement sum of the pseudo-header, the UDP header and the payload folds to 0xffff */
+static int udp_checksum_ok(const unsigned char *f, long n) {
+  if (n < SEQ_OFF + SEQ_LEN)
+    return 0;
+  long ulen = f[UDP_OFF + 4] << 8 | f[UDP_OFF + 5];
+  if (ulen < 8 || UDP_OFF + ulen > n)
+    return 0;
+  unsigned long s = IPPROTO_UDP_NUM + ulen;
+  for (int o = IP_ADDRS_OFF; o < UDP_OFF; o += 2)
+    s += f[o] << 8 | f[o + 1];
+  long o = UDP_OFF;
+  for (; o + 1 < UDP_OFF + ulen; o += 2)
+    s += f[o] << 8 | f[o + 1];
+  if (o < UDP_OFF + ulen)
+    s += f[o] << 8;
+  while (s >> 16)
+    s = (s & 0xffff) + (s >> 16);
+  return s == 0xffff;
 }
 
 static int carrier_up(const char *path) {
@@ -48,42 +82,51 @@ static int carrier_up(const char *path) {
 
 int main(int argc, char **argv) {
   if (argc != 6) {
-    fprintf(stderr, "usage: udpseq PORT DST_IP DST_PORT PAYLOAD IFACE\n");
+    fprintf(stderr, "usage: udpseq IFACE PORT DST_IP DST_PORT FRAME_HEX\n");
     return 2;
   }
-  int port = atoi(argv[1]), dport = atoi(argv[3]);
-  long payload = atol(argv[4]);
-  if (payload < 8 || payload > MAX_PAYLOAD) {
-    fprintf(stderr, "udpseq: PAYLOAD must be 8..%d\n", MAX_PAYLOAD);
+  int port = atoi(argv[2]), dport = atoi(argv[4]);
+  static unsigned char want[MAX_FRAME], buf[MAX_FRAME + 1], out[64];
+  long flen = (long)strlen(argv[5]) / 2;
+  if (flen < SEQ_OFF + SEQ_LEN || flen > MAX_FRAME) {
+    fprintf(stderr, "udpseq: FRAME_HEX must be %d..%d bytes\n", SEQ_OFF + SEQ_LEN, MAX_FRAME);
     return 2;
   }
+  for (long i = 0; i < flen; i++)
+    sscanf(argv[5] + 2 * i, "%2hhx", &want[i]);
   char carrier[256];
-  snprintf(carrier, sizeof carrier, "/sys/class/net/%s/carrier", argv[5]);
+  snprintf(carrier, sizeof carrier, "/sys/class/net/%s/carrier", argv[1]);
 
-  int rx = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+  int rx = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK, htons(ETH_P_ALL));
+  int udp = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
   int tx = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
-  if (rx < 0 || tx < 0) {
+  if (rx < 0 || udp < 0 || tx < 0) {
     perror("udpseq: socket");
     return 1;
   }
   int rcvbuf = 4 << 20;
   setsockopt(rx, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+  struct sockaddr_ll ll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL)};
+  ll.sll_ifindex = (int)if_nametoindex(argv[1]);
+  if (ll.sll_ifindex == 0 || bind(rx, (struct sockaddr *)&ll, sizeof ll) < 0) {
+    perror("udpseq: bind to the interface");
+    return 1;
+  }
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_ANY)};
-  if (bind(rx, (struct sockaddr *)&a, sizeof a) < 0) {
+  if (bind(udp, (struct sockaddr *)&a, sizeof a) < 0) {
     perror("udpseq: bind");
     return 1;
   }
   struct sockaddr_in d = {.sin_family = AF_INET, .sin_port = htons(dport)};
-  if (inet_pton(AF_INET, argv[2], &d.sin_addr) != 1 || connect(tx, (struct sockaddr *)&d, sizeof d) < 0) {
+  if (inet_pton(AF_INET, argv[3], &d.sin_addr) != 1 || connect(tx, (struct sockaddr *)&d, sizeof d) < 0) {
     perror("udpseq: destination");
     return 1;
   }
   printf("RESULT udpseq=ready\n");
   fflush(stdout);
 
-  static unsigned char buf[MAX_PAYLOAD + 1], out[64];
   unsigned long long rxn = 0, gaps = 0, lost = 0, repeats = 0, backs = 0, corrupt = 0, first = 0;
-  unsigned long long txn = 0, txfail = 0;
+  unsigned long long txn = 0, txfail = 0, drops = 0;
   unsigned long long last = 0;
   int have = 0, done = 0;
   long long next = now_ns() + REPORT_NS;
@@ -91,20 +134,30 @@ int main(int argc, char **argv) {
   while (!done) {
     poll(&p, 1, 10);
     for (;;) {
-      ssize_t n = recv(rx, buf, sizeof buf, 0);
+      struct sockaddr_ll from;
+      socklen_t fl = sizeof from;
+      ssize_t n = recvfrom(rx, buf, sizeof buf, MSG_TRUNC, (struct sockaddr *)&from, &fl);
       if (n < 0)
         break;
+      if (from.sll_pkttype == PACKET_OUTGOING)
+        continue;
       rxn++;
-      int bad = n != payload;
-      for (ssize_t i = 8; !bad && i < n; i++)
-        bad = buf[i] != 0;
+      int bad = n != flen || !udp_checksum_ok(buf, n);
+      for (long i = 0; !bad && i < n; i++)
+        bad = (i < UDP_CSUM_OFF || i >= SEQ_OFF + SEQ_LEN) && buf[i] != want[i];
       if (bad) {
-        corrupt++;
+        if (++corrupt <= SHOW_CORRUPT) {
+          printf("RESULT corrupt_len=%ld corrupt_rx=%llu corrupt_head=", (long)n, rxn);
+          for (long i = 0; i < n && i < 64; i++)
+            printf("%02x", buf[i]);
+          printf("\n");
+          fflush(stdout);
+        }
         continue;
       }
       unsigned long long seq = 0;
-      for (int i = 0; i < 8; i++)
-        seq = seq << 8 | buf[i];
+      for (int i = 0; i < SEQ_LEN; i++)
+        seq = seq << 8 | buf[SEQ_OFF + i];
       if (!have) {
         first = seq;
         have = 1;
@@ -134,9 +187,13 @@ int main(int argc, char **argv) {
     long long t = now_ns();
     if (t >= next) {
       done = !carrier_up(carrier);
+      struct tpacket_stats st;
+      socklen_t sl = sizeof st;
+      if (getsockopt(rx, SOL_PACKET, PACKET_STATISTICS, &st, &sl) == 0) /* (reading resets them) */
+        drops += st.tp_drops;
       printf("RESULT rx=%llu first=%llu last=%llu gaps=%llu lost=%llu repeats=%llu backs=%llu corrupt=%llu "
-             "tx=%llu txfail=%llu%s\n",
-             rxn, first, last, gaps, lost, repeats, backs, corrupt, txn, txfail, done ? " done=1" : "");
+             "drops=%llu tx=%llu txfail=%llu%s\n",
+             rxn, first, last, gaps, lost, repeats, backs, corrupt, drops, txn, txfail, done ? " done=1" : "");
       fflush(stdout);
       next = t + REPORT_NS;
     }
