@@ -498,14 +498,17 @@ def test_net_numbered_frames_across_migrations(kit, running: Cleanup, tmp_path: 
     served = [c for c in per_conn if c[1] > 0]  # (QEMU may connect more than once)
     assert [c[0] for c in served] == ["a", "a", "b"], f"A, A' and B each delivered frames: {per_conn}"
     assert all(c[2] > 0 for c in served), f"datagrams consumed by each back-end connection: {per_conn}"
+    # none twice; a few fewer than the guest's driver completed: QEMU stops the back-end at ``set_link`` off and
+    # completes (drops) itself what the guest sends until udpseq sees the carrier down -- at most a ring
     consumed = received.get("1", 0) + discarded
-    assert consumed == int(r["tx_packets"]), f"guest -> back-ends: {received}, {discarded} discarded, the guest's {r}"
+    unseen = int(r["tx_packets"]) - consumed
+    assert 0 <= unseen <= 256, f"guest -> back-ends: {received}, {discarded} discarded, the guest's {r}"
     report = "; ".join(f"hop {n}: {m.summary()}, {d} frames during" for n, (m, d) in enumerate(hops))
     print(
         f"\nnet numbered {metadata}: {len(hops)} migrations, {r['rx']} frames received ({r['lost']} lost in "
         f"{r['gaps']} gaps, {r['drops']} packet socket drops), {received.get('0', 0)} delivered by the "
-        f"back-ends, {r['tx_packets']} transmitted and consumed ({discarded} discarded at a switchover; "
-        f"per connection: back-end, frames, datagrams: "
-        f"{served}); corrupt 0, checksum errors 0, repeated 0, "
+        f"back-ends, {r['tx_packets']} transmitted: {consumed} consumed ({discarded} discarded at a switchover), "
+        f"{unseen} dropped by QEMU after set_link off; per connection (back-end, frames, datagrams): {served}; "
+        f"corrupt 0, checksum errors 0, repeated 0, "
         f"out of order 0; {report}"
     )
