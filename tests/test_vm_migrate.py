@@ -5,7 +5,9 @@ first back-end serves the third QEMU, its Server having taken a new connection a
 
 TCG, RAM in a shared memfd, ``-incoming unix:PATH``, ``migrate`` over a Unix socket with the bandwidth limited
 (16 MiB/s) so that the migration iterates while I/O runs, lifted after 4 dirty-sync rounds so it converges.
-The migration helpers are in ``tools/guestkit/migration.py``.  ``qemu-storage-daemon`` (libvhost-user, which
+The migration helpers are in ``tools/guestkit/migration.py``.  A third case has ``serve net --mode source`` on
+both hosts: numbered, checksummed frames that the guest's ``udpseq`` (tools/guestkit/udpseq.c) checks one by
+one while it transmits to the back-ends' TX side.  ``qemu-storage-daemon`` (libvhost-user, which
 logs dirty pages) is the reference peer for the blk test: the harness itself is checked against it.
 """
 
