@@ -314,10 +314,10 @@ class Frontend:
         return 1 << PF.CONFIGURE_MEM_SLOTS if self.ram.nregions > 1 else 0
 
     def set_mem_table(self) -> None:
-        """Share guest RAM: one ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS (after removing those sent
-        before on this connection), else one SET_MEM_TABLE."""
+        """Share guest RAM: in several regions with CONFIGURE_MEM_SLOTS, one ADD_MEM_REG per region (after
+        removing those sent before on this connection); else one SET_MEM_TABLE."""
         regions = self.ram.regions()
-        if self.protocol_features & (1 << PF.CONFIGURE_MEM_SLOTS):
+        if self.protocol_features & (1 << PF.CONFIGURE_MEM_SLOTS) and len(regions) > 1:
             most = P.U64.unpack(self.request(R.GET_MAX_MEM_SLOTS))[0]
             if len(regions) > most:
                 raise FrontendError(f"{len(regions)} regions, the back-end takes {most} memory slots")
