@@ -45,10 +45,7 @@ class FileRam(GuestRam):
         self.uva_base = self.buf.ctypes.data
         self.gpa_base = GPA_BASE
         self.top = 0
-        self.nregions = 1  # one region: what GuestRam(regions=1) sets up
-        self.region_size = size
-        self.tops = [0]
-        self._cursor = 0
+        self.split(1)
 
 
 class Server:

@@ -42,9 +42,13 @@ class GuestRam:
         self.uva_base = self.buf.ctypes.data
         self.gpa_base = gpa_base
         self.top = 0
+        self.split(regions)
+
+    def split(self, regions: int) -> None:
+        """Share the RAM as ``regions`` regions, all free (the allocator's layout)."""
         self.nregions = regions
         #: bytes per region (a whole number of pages; the last region also takes what is left over)
-        self.region_size = size // regions // PAGE * PAGE
+        self.region_size = self.size // regions // PAGE * PAGE
         #: per region (regions > 1): offset of its first free byte
         self.tops = [i * self.region_size for i in range(regions)]
         self._cursor = 0
