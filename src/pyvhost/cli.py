@@ -32,6 +32,21 @@ def _pin(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
+def cpu_list(text: str) -> tuple[int, ...]:
+    """``--cpus``: a list of CPUs, ``0,2,4-7`` (the taskset/cpuset notation), in the order given."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            out += range(first, last + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a CPU list such as 0,2,4-7") from None
+    return tuple(out)
+
+
 def socket_activated() -> bool:
     """systemd passed this process its sockets (sd_listen_fds)."""
     return os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS") or 0) >= 1
@@ -78,6 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("pyvhost serve: --socket-count N > 1 needs --socket-path PATH (it serves PATH0..PATH{N-1})")
     if count > 1 and spec.one_socket is not None:
         raise SystemExit(f"pyvhost serve {spec.name}: --socket-count {count} refused: {spec.one_socket}")
+    unknown = sorted(set(args.cpus) - os.sched_getaffinity(0))
+    if unknown:
+        raise SystemExit(f"pyvhost serve: --cpus: CPU(s) {unknown} not available to this process")
     _pin(args.cpu)
     listener = listening_socket(args)
     paths: list[str | None] = list(socket_paths(args.socket_path, count)) if args.socket_path else [None]
@@ -88,7 +106,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device = spec.create(argparse.Namespace(**vars(args), socket_index=i if count > 1 else None))
             devices.append(device)
             servers.append(
-                Server(device, path, Metadata(args.metadata), batch=args.batch, listener=listener if i == 0 else None)
+                Server(
+                    device,
+                    path,
+                    Metadata(args.metadata),
+                    batch=args.batch,
+                    listener=listener if i == 0 else None,
+                    cpus=args.cpus,
+                )
             )
     except BaseException:
         for s in servers:
@@ -239,6 +264,14 @@ def serve_arguments() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int, default=256, help="most chains taken per pass")
     p.add_argument("--cpu", type=int, help="pin to this CPU")
+    p.add_argument(
+        "--cpus",
+        type=cpu_list,
+        default=(),
+        metavar="LIST",
+        help="pin the datapath workers: a connection's k-th worker (queue pair or queue) runs on the k-th CPU "
+        "of LIST (0,2,4-7), round robin; the control plane stays on --cpu",
+    )
     p.add_argument("--connections", type=int, help="exit after this many connections have ended")
     p.add_argument("--stats-json", help="write the per-queue counters here at exit")
     p.add_argument("--stats-interval", type=float, default=0, help="log the counters every N seconds")
