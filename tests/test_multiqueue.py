@@ -13,7 +13,9 @@ from pyvhost import protocol as P
 from pyvhost.cli import cpu_list
 from pyvhost.devices.base import VIRTIO_F_VERSION_1
 from pyvhost.devices.net import VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, Mode, multiqueue_features
-from pyvhost.frontend.net import Frontend
+from pyvhost.frontend.net import Frontend, FrontendError
+
+from .test_invalidation import EXTRA, EXTRA_SIZE, MemSlotsFrontend
 
 
 def test_cpu_list():
@@ -59,3 +61,31 @@ def test_two_pairs_each_carry_traffic_on_their_pinned_worker(serve, sock_path, m
     for pair in (0, 1):
         q = stats[2 * pair + (1 if direction == "tx" else 0)]
         assert q["packets"] == finals[pair] >= 2000 and q["error"] == 0 and q["drops"] == 0, stats
+
+
+def test_a_region_added_once_per_queue_pair_is_held_until_its_last_removal(serve, sock_path, errors):
+    """QEMU before 8.1 sends ADD_MEM_REG and REM_MEM_REG once per vhost_dev, i.e. once per queue pair of a
+    multiqueue net device: the same region again is one more holder; it is unmapped at its last REM_MEM_REG,
+    and one REM_MEM_REG more is refused as before."""
+    srv = serve("source", queue_pairs=2)
+    extra = os.memfd_create("extra", os.MFD_CLOEXEC)
+    os.ftruncate(extra, EXTRA_SIZE)
+    try:
+        with MemSlotsFrontend(sock_path, queue_pairs=2) as fe:
+            fe.setup()
+            mem = srv.connection.mem
+            n = mem.nregions
+            for _ in range(2):  # pair 0's vhost_dev, then pair 1's
+                fe.add_region(EXTRA, extra)
+            assert mem.nregions == n + 1
+            fe.rem_region(EXTRA)
+            assert mem.nregions == n + 1  # pair 1 still holds it
+            fe.run("rx", count=100, pair=1, timeout=60)
+            fe.rem_region(EXTRA)
+            assert mem.nregions == n
+            with pytest.raises(FrontendError):
+                fe.rem_region(EXTRA)
+            assert any("REM_MEM_REG: no region" in e for e in errors())
+            fe.run("rx", count=100, pair=0, timeout=60)
+    finally:
+        os.close(extra)

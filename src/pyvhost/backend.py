@@ -373,6 +373,8 @@ class Connection:
         self.stop_timeout = stop_timeout
         #: CPUs the workers pin themselves to: the k-th queue group of ``Device.workers`` on cpus[k % len]
         self.cpus = cpus
+        #: regions ADD_MEM_REG gave more than once (QEMU < 8.1 with several queue pairs): how many times
+        self.region_holders: dict[P.MemRegion, int] = {}
         #: eventfd the SIGBUS guard writes when a region's file was truncated under us (the server's; -1: none)
         self.fault_fd = fault_fd
         self.mem = GuestMemory(notify_fd=fault_fd)
@@ -977,19 +979,33 @@ class Connection:
         self._memory_change(lambda: self.mem.set_table(regions, fds))
         log.info("memory table: %d regions, %d MiB", len(regions), sum(r.memory_size for r in regions) >> 20)
 
+    def _mapped(self, region: P.MemRegion) -> bool:
+        """A region with exactly this GPA, size, front-end address and file offset is in the table."""
+        return any(r.desc == region for r in self.mem.regions)
+
     def add_mem_reg(self, msg: P.Message) -> None:
         if len(msg.fds) != 1:
             raise ProtocolError(f"ADD_MEM_REG with {len(msg.fds)} fds, expected 1")
         region = msg.single_region()
+        if self._mapped(region):
+            # QEMU before 8.1 sends ADD/REM_MEM_REG once per vhost_dev, i.e. once per queue pair of a
+            # multiqueue net device: the same region again is one more holder, unmapped at its last REM_MEM_REG
+            self.region_holders[region] = self.region_holders.get(region, 1) + 1
+            return
 
         def add() -> list:
             self.mem.add_region(region, msg.fds[0])
+            self.region_holders.pop(region, None)
             return []  # nothing to unmap
 
         self._memory_change(add)
 
     def rem_mem_reg(self, msg: P.Message) -> None:
         region = msg.single_region()
+        holders = self.region_holders.pop(region, 1)
+        if holders > 1 and self._mapped(region):
+            self.region_holders[region] = holders - 1
+            return
         self._memory_change(lambda: [self.mem.remove_region(region)])
 
     # -- vrings -----------------------------------------------------------------------------------------
