@@ -149,3 +149,11 @@ def test_bench_guests(tmp_path):
         assert r["errors"] == 0 and r["packets"] == r["guests"] * 2000, r
         assert r["connected_mb"] > 0 and r["idle_mb"] > 0 and r["threads"] > r["guests"], r
     assert "MB/guest" in p.stdout
+
+
+def test_bench_queue_pairs(tmp_path):
+    """--queue-pairs 1,2: rows for one and two pairs driven at once, counted over every pair, and their ratio."""
+    rows, table = bench(tmp_path, "--queue-pairs", "1,2", "--metadata", "direct")
+    check(rows)
+    assert {(r["queue_pairs"], r["direction"]) for r in rows} == {(q, d) for q in (1, 2) for d in ("tx", "rx")}
+    assert "2 pairs/1" in table
