@@ -158,3 +158,11 @@ def test_bench_regions(tmp_path):
     assert {(r["regions"], r["metadata"]) for r in rows} == {(n, m) for n in (1, 509) for m in ("copy", "direct")}
     assert all(r["path"] == r["metadata"] for r in rows)
     assert "direct/copy" in table and "vs 1 region" in table
+
+
+def test_bench_queue_pairs(tmp_path):
+    """--queue-pairs 1,2: rows for one and two pairs driven at once, counted over every pair, and their ratio."""
+    rows, table = bench(tmp_path, "--queue-pairs", "1,2", "--metadata", "direct")
+    check(rows)
+    assert {(r["queue_pairs"], r["direction"]) for r in rows} == {(q, d) for q in (1, 2) for d in ("tx", "rx")}
+    assert "2 pairs/1" in table

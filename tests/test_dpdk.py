@@ -114,16 +114,21 @@ def run_virtio_user(
     extra: list[str] | None = None,
     until_rx: int | None = None,
     vdev_args: str = "",
+    queues: int = 1,
 ) -> dict:
     """Interactive testpmd on ``sock``: start, run until its port counter ``until[0]`` (e.g. "RX-packets")
     reaches ``until[1]`` (within a generous deadline: no rate is assumed), stop, quit; its final forward
-    statistics.  ``vdev_args`` are appended to the virtio-user vdev (e.g. ",packed_vq=1").
+    statistics.  ``vdev_args`` are appended to the virtio-user vdev (e.g. ",packed_vq=1"); ``queues`` > 1: that
+    many queue pairs, with the control queue virtio-user emulates (``cq=1``: it enables the pairs).
     (Older callers: ``until`` in seconds to run, or ``until_rx`` packets to receive.)"""
     if until_rx is not None:
         until = ("RX-packets", until_rx)
+    if queues > 1:
+        vdev_args += ",cq=1"
+        extra = [*(extra or []), f"--rxq={queues}", f"--txq={queues}"]
     proc, log = start_testpmd(
         tmp,
-        f"net_virtio_user0,path={sock},queues=1,queue_size={QUEUE}{vdev_args}",
+        f"net_virtio_user0,path={sock},queues={queues},queue_size={QUEUE}{vdev_args}",
         fwd,
         1,
         "virtio",
@@ -189,6 +194,23 @@ def test_testpmd_forwarding_through_pyvhost_loopback(tmp_path, metadata, fwd):
     assert 0 <= res["tx_packets"] - tx["packets"] <= QUEUE, (counts, res)
     assert 0 <= rx["packets"] - res["rx_packets"] <= 4 * QUEUE  # testpmd counted them, but for the last few
     assert tx["error"] == rx["error"] == 0 and tx["drops"] == rx["drops"] == 0
+
+
+def test_testpmd_two_queue_pairs_through_pyvhost_loopback(tmp_path):
+    """virtio-user ``queues=2,cq=1`` (its control queue enables pair 1) forwards through ``--queue-pairs 2``
+    loopback, a worker per pair pinned to a CPU each (``--cpus``): both pairs carry frames both ways."""
+    proc, sock, stats = serve(tmp_path, "loopback", "direct", "--queue-pairs", "2", "--cpus", "0,1")
+    res = run_virtio_user(tmp_path, sock, "io", ("RX-packets", 20_000), queues=2)
+    counts = finish(proc, stats, "direct")
+    log = (tmp_path / "pyvhost.log").read_text()
+    assert "queues (0, 1) started (direct/direct path, split rings) on CPU 0" in log, log[-3000:]
+    assert "queues (2, 3) started (direct/direct path, split rings) on CPU 1" in log, log[-3000:]
+    for pair in (0, 1):
+        tx, rx = counts[str(2 * pair + 1)], counts[str(2 * pair)]
+        assert tx["packets"] > 0 and rx["packets"] == tx["packets"], counts  # each pair, both directions
+        assert tx["error"] == rx["error"] == 0 and tx["drops"] == rx["drops"] == 0
+    sent = sum(counts[str(q)]["packets"] for q in (1, 3))
+    assert res["rx_packets"] >= 20_000 and 0 <= res["tx_packets"] - sent <= 2 * QUEUE, (counts, res)
 
 
 @pytest.mark.parametrize("direction", ["tx", "rx"])

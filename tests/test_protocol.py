@@ -481,7 +481,8 @@ def _add_no_fd(fe, f):
 
 
 def _add_overlap(fe, f):  # on a running device: the table stays and so does the traffic
-    fails(fe, R.ADD_MEM_REG, single(fe.ram.region()), f.dup(fe.ram.fd))
+    # (the very same region again is one more holder, as QEMU 7.2 sends it once per queue pair: test_multiqueue)
+    fails(fe, R.ADD_MEM_REG, single(_region(fe, size=RAM // 2)), f.dup(fe.ram.fd))
     fails(fe, R.ADD_MEM_REG, single(_region(fe, gpa=fe.ram.gpa_base + RAM)), f.pipe())
 
 

@@ -178,9 +178,19 @@ class Worker(threading.Thread):
     ``drain`` (if it has one, see devices/base.py), bounded in time: the worker is quiet only once nothing it
     handed out may still use the rings' memory.  ``held`` then says what is still out."""
 
-    def __init__(self, conn: Connection, rings: list[Vring], step, budget: int, timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        rings: list[Vring],
+        step,
+        budget: int,
+        timeout: float = STOP_TIMEOUT,
+        cpu: int | None = None,
+    ) -> None:
         super().__init__(name=f"pyvhost-q{'-'.join(str(r.index) for r in rings)}", daemon=True)
         self.conn, self.rings, self.step, self.budget = conn, rings, step, budget
+        #: the CPU this worker's thread pins itself to (None: the process's affinity)
+        self.cpu = cpu
         self.timeout = timeout
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake_lock = threading.Lock()  # the fd is closed by whichever of run() and stop() ends last
@@ -198,6 +208,8 @@ class Worker(threading.Thread):
     def run(self) -> None:
         reason: str | None = None
         try:
+            if self.cpu is not None:  # this thread only (its kernel thread id); the process's mask is left alone
+                os.sched_setaffinity(threading.get_native_id(), {self.cpu})
             reason = self._loop()
         except Exception as e:  # a bug, not the guest's fault: say so, break the queue, keep the process
             log.exception("worker %s failed", self.name)
@@ -351,6 +363,7 @@ class Connection:
         batch: int = 256,
         fault_fd: int = -1,
         stop_timeout: float = STOP_TIMEOUT,
+        cpus: tuple[int, ...] = (),
     ) -> None:
         self.sock = sock
         self.device = device
@@ -358,6 +371,10 @@ class Connection:
         self.budget = budget
         self.batch = batch
         self.stop_timeout = stop_timeout
+        #: CPUs the workers pin themselves to: the k-th queue group of ``Device.workers`` on cpus[k % len]
+        self.cpus = cpus
+        #: regions ADD_MEM_REG gave more than once (QEMU < 8.1 with several queue pairs): how many times
+        self.region_holders: dict[P.MemRegion, int] = {}
         #: eventfd the SIGBUS guard writes when a region's file was truncated under us (the server's; -1: none)
         self.fault_fd = fault_fd
         self.mem = GuestMemory(notify_fd=fault_fd)
@@ -962,13 +979,23 @@ class Connection:
         self._memory_change(lambda: self.mem.set_table(regions, fds))
         log.info("memory table: %d regions, %d MiB", len(regions), sum(r.memory_size for r in regions) >> 20)
 
+    def _mapped(self, region: P.MemRegion) -> bool:
+        """A region with exactly this GPA, size, front-end address and file offset is in the table."""
+        return any(r.desc == region for r in self.mem.regions)
+
     def add_mem_reg(self, msg: P.Message) -> None:
         if len(msg.fds) != 1:
             raise ProtocolError(f"ADD_MEM_REG with {len(msg.fds)} fds, expected 1")
         region = msg.single_region()
+        if self._mapped(region):
+            # QEMU before 8.1 sends ADD/REM_MEM_REG once per vhost_dev, i.e. once per queue pair of a
+            # multiqueue net device: the same region again is one more holder, unmapped at its last REM_MEM_REG
+            self.region_holders[region] = self.region_holders.get(region, 1) + 1
+            return
 
         def add() -> list:
             self.mem.add_region(region, msg.fds[0])
+            self.region_holders.pop(region, None)
             return []  # nothing to unmap
 
         self._memory_change(add)
@@ -981,6 +1008,10 @@ class Connection:
 
     def rem_mem_reg(self, msg: P.Message) -> None:
         region = msg.single_region()
+        holders = self.region_holders.pop(region, 1)
+        if holders > 1 and self._mapped(region):
+            self.region_holders[region] = holders - 1
+            return
         self._memory_change(lambda: [self.mem.remove_region(region)])
         log.info(
             "memory region removed: guest-physical %#x, %d MiB (%d regions)",
@@ -1156,6 +1187,7 @@ class Connection:
         if bool(num) != vr.enabled:  # a disabled ring's worker (if any) is not an enabled one's
             self.stop_workers([index])
         vr.enabled = bool(num)
+        self.device.ring_enabled(index, vr.enabled)
         self.refresh()
 
     # -- inflight I/O tracking (inflight.py) -----------------------------------------------------------
@@ -1237,8 +1269,16 @@ class Connection:
         region = self.inflight.queue(vr.index, vr.size) if self.inflight is not None else None
         return Ring(vr.index, vr.q, vr.views, self.mem, kick_fd=vr.kick_fd, inflight=region)
 
+    def _cpu(self, index: int) -> int | None:
+        """The CPU of the worker(s) of ring ``index``: that of its queue group (None: not pinned)."""
+        if not self.cpus:
+            return None
+        groups = self.device.workers()
+        k = next((k for k, g in enumerate(groups) if index in g), index)
+        return self.cpus[k % len(self.cpus)]
+
     def _start(self, rings: list[Vring], step) -> Worker:
-        w = Worker(self, rings, step, self.budget, self.stop_timeout)
+        w = Worker(self, rings, step, self.budget, self.stop_timeout, self._cpu(rings[0].index))
         w.start()
         return w
 
@@ -1259,12 +1299,13 @@ class Connection:
             if discarding:  # never two workers on one ring
                 self.stop_workers(discarding)
             handles = [self._ring(vr) for vr in rings]
-            self.workers[group] = self._start(rings, self.device.make_step(handles))
+            w = self.workers[group] = self._start(rings, self.device.make_step(handles))
             log.info(
-                "queues %s started (%s path, %s rings)",
+                "queues %s started (%s path, %s rings)%s",
                 group,
                 "/".join("direct" if vr.q[2] else "copy" for vr in rings),
                 "packed" if self.packed else "split",
+                "" if w.cpu is None else f" on CPU {w.cpu}",
             )
         for vr in self.vrings:
             if (
@@ -1401,6 +1442,7 @@ class Server:
         batch: int = 256,
         listener: socket.socket | None = None,
         stop_timeout: float = STOP_TIMEOUT,
+        cpus: tuple[int, ...] = (),
     ) -> None:
         """Listen on ``socket_path`` (created, replacing what is there), or on ``listener``, a listening Unix
         socket passed in (socket activation: its path belongs to whoever made it and is left in place)."""
@@ -1411,6 +1453,8 @@ class Server:
         self.batch = batch
         #: how long stopping a connection's workers may take (STOP_TIMEOUT)
         self.stop_timeout = stop_timeout
+        #: CPUs the datapath workers pin themselves to (Connection.cpus)
+        self.cpus = tuple(cpus)
         device.warm_up()  # a worker's first call then loads no code: stopping it is never slowed by the compiler
         sigbus.install()  # a front-end truncating a region's file under us breaks its connection, not the process
         self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -1462,6 +1506,7 @@ class Server:
                         batch=self.batch,
                         fault_fd=self.fault_fd,
                         stop_timeout=self.stop_timeout,
+                        cpus=self.cpus,
                     )
                     self.accepted += 1
                     sel.unregister(self.listener)

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .bench import add_arguments as add_bench_arguments
@@ -30,6 +31,21 @@ SD_LISTEN_FDS_START = 3
 def _pin(cpu: int | None) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
+
+
+def cpu_list(text: str) -> tuple[int, ...]:
+    """``--cpus``: a list of CPUs, ``0,2,4-7`` (the taskset/cpuset notation), in the order given."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            out += range(first, last + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a CPU list such as 0,2,4-7") from None
+    return tuple(out)
 
 
 def socket_activated() -> bool:
@@ -78,6 +94,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("pyvhost serve: --socket-count N > 1 needs --socket-path PATH (it serves PATH0..PATH{N-1})")
     if count > 1 and spec.one_socket is not None:
         raise SystemExit(f"pyvhost serve {spec.name}: --socket-count {count} refused: {spec.one_socket}")
+    unknown = sorted(set(args.cpus) - os.sched_getaffinity(0))
+    if unknown:
+        raise SystemExit(f"pyvhost serve: --cpus: CPU(s) {unknown} not available to this process")
     _pin(args.cpu)
     listener = listening_socket(args)
     paths: list[str | None] = list(socket_paths(args.socket_path, count)) if args.socket_path else [None]
@@ -88,7 +107,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device = spec.create(argparse.Namespace(**vars(args), socket_index=i if count > 1 else None))
             devices.append(device)
             servers.append(
-                Server(device, path, Metadata(args.metadata), batch=args.batch, listener=listener if i == 0 else None)
+                Server(
+                    device,
+                    path,
+                    Metadata(args.metadata),
+                    batch=args.batch,
+                    listener=listener if i == 0 else None,
+                    cpus=args.cpus,
+                )
             )
     except BaseException:
         for s in servers:
@@ -163,6 +189,7 @@ def cmd_drive(args: argparse.Namespace) -> int:
     with Frontend(
         args.socket_path,
         queue_size=args.queue_size,
+        queue_pairs=args.queue_pairs,
         event_idx=not args.no_event_idx,
         packed=args.packed,
         dirty_log=args.dirty_log,
@@ -173,15 +200,35 @@ def cmd_drive(args: argparse.Namespace) -> int:
         fe.setup()
         if args.dirty_log:
             fe.set_logging(True)
-        result = fe.run(
-            args.direction,
-            seconds=args.seconds,
-            count=args.count,
-            pkt_size=args.pkt_size,
-            warmup=args.warmup,
-            batch=args.batch,
-        )
-        result["final"] = fe.drain(args.direction)
+
+        def run(pair: int) -> dict:
+            return fe.run(
+                args.direction,
+                seconds=args.seconds,
+                count=args.count,
+                pkt_size=args.pkt_size,
+                warmup=args.warmup,
+                batch=args.batch,
+                pair=pair,
+            )
+
+        if args.queue_pairs == 1:
+            result = run(0)
+            result["final"] = fe.drain(args.direction)
+        else:  # a thread per pair, at once (the compiled driver loops release the GIL); the sums reported
+            with ThreadPoolExecutor(args.queue_pairs) as pool:
+                pairs = list(pool.map(run, range(args.queue_pairs)))
+            finals = [fe.drain(args.direction, p) for p in range(args.queue_pairs)]
+            firsts = [r["first_completion_at"] for r in pairs if r["first_completion_at"] is not None]
+            result = {
+                "direction": args.direction,
+                "queue_pairs": args.queue_pairs,
+                **{k: sum(r[k] for r in pairs) for k in ("packets", "posted", "bytes", "kicks", "len_errors", "mpps")},
+                "seconds": max(r["seconds"] for r in pairs),
+                "first_completion_at": min(firsts) if firsts else None,
+                "pairs": [{k: v for k, v in r.items() if k != "first_completion_at"} for r in pairs],
+                "final": {"packets": sum(f["packets"] for f in finals), "pairs": finals},
+            }
         if fe.log is not None:
             result["dirty_pages"] = int(fe.log.dirty_pages().size)
     first = result.pop("first_completion_at")
@@ -240,6 +287,14 @@ def serve_arguments() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int, default=256, help="most chains taken per pass")
     p.add_argument("--cpu", type=int, help="pin to this CPU")
+    p.add_argument(
+        "--cpus",
+        type=cpu_list,
+        default=(),
+        metavar="LIST",
+        help="pin the datapath workers: a connection's k-th worker (queue pair or queue) runs on the k-th CPU "
+        "of LIST (0,2,4-7), round robin; the control plane stays on --cpu",
+    )
     p.add_argument("--connections", type=int, help="exit after this many connections have ended")
     p.add_argument("--stats-json", help="write the per-queue counters here at exit")
     p.add_argument("--stats-interval", type=float, default=0, help="log the counters every N seconds")
@@ -276,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--warmup", type=float, default=0)
     drive.add_argument("--pkt-size", type=int, default=64)
     drive.add_argument("--queue-size", type=int, default=256)
+    drive.add_argument(
+        "--queue-pairs", type=int, default=1, help="drive this many pairs at once, a thread each (rates summed)"
+    )
     drive.add_argument("--batch", type=int, default=64)
     drive.add_argument("--no-event-idx", action="store_true")
     drive.add_argument("--packed", action="store_true", help="packed virtqueues (VIRTIO_F_RING_PACKED)")

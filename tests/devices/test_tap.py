@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pytest
 
+from pyvhost import protocol as P
+from pyvhost.devices.net import VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, make_frame
 from pyvhost.frontend.net import Frontend
 from pyvhost.ring.split import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from pyvhost.ring.state import Q_LAST_AVAIL
@@ -178,16 +180,16 @@ def tap(ns, sock_path):
 
     made: list = []
 
-    def start(offloads: bool = True, metadata: str = "direct", mrg: bool = True):
-        dev = ns.call(lambda: TapDevice(TAP, offloads=offloads))
+    def start(offloads: bool = True, metadata: str = "direct", mrg: bool = True, queue_pairs: int = 1):
+        dev = ns.call(lambda: TapDevice(TAP, offloads=offloads, queue_pairs=queue_pairs))
         ns.run("sysctl", "-qw", f"net.ipv6.conf.{TAP}.disable_ipv6=1")
         ns.run("ip", "link", "set", TAP, "up")
         wire = Wire(ns)
         srv = RunningServer(sock_path, None, Metadata(metadata), device=dev)
-        fe = Frontend(sock_path, mrg_rxbuf=mrg)
+        fe = Frontend(sock_path, mrg_rxbuf=mrg, queue_pairs=queue_pairs)
         made.append((fe, wire, dev, srv))
         fe.setup()
-        srv.assert_path(metadata, [0, 1])
+        srv.assert_path(metadata, list(range(2 * queue_pairs)))
         return fe, Driver(fe, 0), Driver(fe, 1), wire, dev, srv
 
     yield start
@@ -404,3 +406,51 @@ def test_socket_count_gives_each_socket_its_own_tap(ns):
     finally:
         for d in devices:
             d.close()
+
+
+def udp_frame(port: int, size: int = 100) -> bytes:
+    """A UDP/IPv4 frame of flow ``port`` (its source port): the tap spreads flows over its queues by hash."""
+    f = bytearray(make_frame(size).tobytes())
+    f[34:36] = struct.pack("!H", port)
+    return bytes(f)
+
+
+def test_queue_pairs_each_have_a_tap_queue(tap, ns):
+    """``--tap NAME --queue-pairs 2``: MQ (with CTRL_VQ) offered, max_virtqueue_pairs 2, a tap with
+    IFF_MULTI_QUEUE; each pair transmits through its own tap queue and the kernel's flows come in on both pairs;
+    a disabled pair's tap queue is detached, so that every flow then comes in on pair 0."""
+    fe, rx0, tx0, wire, dev, srv = tap(queue_pairs=2)
+    rx1, tx1 = Driver(fe, 2), Driver(fe, 3)
+    assert dev.features & (1 << VIRTIO_NET_F_MQ) and dev.features & (1 << VIRTIO_NET_F_CTRL_VQ)
+    assert struct.unpack_from("<H", dev.config_space(), 8)[0] == 2
+    assert len(dev.fds) == 2 and dev.stats()["pairs"][0]["tx_frames"] == 0
+    # TX on both pairs
+    tx0.post([tx0.buffer(vnet_hdr() + frame(60, 1))], write=False)
+    tx1.post([tx1.buffer(vnet_hdr() + frame(70, 2))], write=False)
+    assert sorted(wire.recv(2)) == sorted([frame(60, 1), frame(70, 2)])
+    assert len(tx0.used(1)) == len(tx1.used(1)) == 1  # (counted before completed)
+    assert [c["tx_frames"] for c in dev.stats()["pairs"]] == [1, 1]
+    # RX: 64 flows over the two tap queues (all of them on one queue: a chance of 2 in 2**64)
+    flows = 64
+    for d in (rx0, rx1):
+        for _ in range(2 * flows):
+            d.post([d.buffer(2048)], write=True)
+    for port in range(flows):
+        wire.send(udp_frame(1000 + port))
+    wait_for(lambda: dev.counters["rx_frames"] == flows)
+    per_pair = [c["rx_frames"] for c in dev.stats()["pairs"]]
+    assert all(per_pair) and sum(per_pair) == flows, per_pair
+    assert rx0.pending() + rx1.pending() == flows
+    # pair 1 disabled (as QEMU does after VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 1): its tap queue is detached
+    for i in (2, 3):
+        fe.command(P.Request.SET_VRING_ENABLE, P.VRING_STATE.pack(i, 0))
+    assert dev.attached == [True, False]
+    before = [c["rx_frames"] for c in dev.stats()["pairs"]]
+    for port in range(flows):
+        wire.send(udp_frame(1000 + port))
+    wait_for(lambda: dev.counters["rx_frames"] == 2 * flows)
+    after = [c["rx_frames"] for c in dev.stats()["pairs"]]
+    assert after == [before[0] + flows, before[1]]
+    for i in (2, 3):  # enabled again: attached again
+        fe.command(P.Request.SET_VRING_ENABLE, P.VRING_STATE.pack(i, 1))
+    assert dev.attached == [True, True]

@@ -9,6 +9,10 @@ under ``$PYVHOST_GUEST_CACHE`` (default ``~/.cache/pyvhost/guest``), keyed by th
 ``Guest`` boots that kernel with a test script (appended to the initramfs as a second cpio archive) on QEMU
 (TCG) with a vhost-user virtio-net device, reads the console as it comes, and enforces a timeout.
 
+``tools_archive()`` adds dynamically linked tools a test asks for (``Guest.tools``: ``ethtool``), each with its
+shared libraries and the dynamic loader from the same Debian packages, as one more cached cpio archive: the
+base kit stays as it is.
+
 ``NetNS`` is a network namespace a test creates (and deletes), with a tap device inside it.
 
 Command line:  ``python3 tools/guestkit/guestkit.py build``  (prints the paths of kernel and initramfs).
@@ -49,6 +53,15 @@ MODULES = [
 ]
 
 QEMU = "qemu-system-x86_64"
+
+#: tools a guest may ask for (``Guest.tools``): name -> (its package, its path in the package, the packages of
+#: its shared libraries, the library files it needs besides the loader)
+TOOLS = {
+    "ethtool": ("ethtool", "sbin/ethtool", ("libmnl0", "libc6"), ("libmnl.so.0", "libm.so.6", "libc.so.6")),
+}
+#: where the tools' libraries go in the guest, and the dynamic loader's path (x86_64 ELF interpreter)
+GUEST_LIBDIR = "lib/x86_64-linux-gnu"
+LOADER = "ld-linux-x86-64.so.2"
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
@@ -262,6 +275,39 @@ def build(force: bool = False, log=print) -> Kit:
     return kit
 
 
+def tools_archive(names: list[str]) -> bytes:
+    """A cpio archive (cached) with the tools ``names`` (:data:`TOOLS`) in ``/usr/sbin``, their libraries in
+    ``/lib/x86_64-linux-gnu`` and the loader in ``/lib64``; appended to the initramfs like the script."""
+    base = cache_dir()
+    out = base / f"tools-{'-'.join(sorted(names))}.cpio.gz"
+    if out.exists():
+        return out.read_bytes()
+    debs = base / "debs"
+    c = Cpio()
+    c.dir(GUEST_LIBDIR)
+    c.dir("lib64")
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        t = Path(tmp)
+        libs: dict[str, bytes] = {}
+        for name in sorted(names):
+            pkg, path, lib_pkgs, lib_files = TOOLS[name]
+            for p in (pkg, *lib_pkgs):
+                subprocess.run(["dpkg-deb", "-x", str(_download(p, debs)), str(t)], check=True)
+            c.file(f"usr/sbin/{name}", (t / path).read_bytes(), 0o755)
+            for lib in (*lib_files, LOADER):
+                # (symlinks to one file; an absolute one, /lib64's loader, would point out of the packages)
+                (found,) = {f.resolve() for f in t.glob(f"**/{lib}") if f.resolve().is_relative_to(t.resolve())}
+                libs[lib] = found.read_bytes()
+    for lib, data in sorted(libs.items()):
+        c.file(f"{GUEST_LIBDIR}/{lib}", data, 0o755)
+    c.symlink(f"lib64/{LOADER}", f"../{GUEST_LIBDIR}/{LOADER}")
+    data = c.finish()
+    tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp_out.write_bytes(data)
+    os.replace(tmp_out, out)
+    return data
+
+
 def script_archive(script: str, files: dict[str, bytes] | None = None) -> bytes:
     """A second initramfs archive with ``/test.sh`` (and more files), appended to the base one."""
     c = Cpio()
@@ -306,6 +352,12 @@ class Guest:
     device_opts: str = ""
     #: more files for the guest's root (name -> bytes), beside /test.sh
     files: dict[str, bytes] = field(default_factory=dict)
+    #: dynamically linked tools the script uses (:data:`TOOLS`, e.g. ``["ethtool"]``)
+    tools: list[str] = field(default_factory=list)
+    #: virtual CPUs
+    smp: int = 1
+    #: virtio-net queue pairs (``queues=N`` on the vhost-user netdev, ``mq=on`` on the device when N > 1)
+    queue_pairs: int = 1
     #: behind a virtual IOMMU: an intel-iommu (interrupt remapping, device IOTLB) on a split-irqchip q35, the
     #: device on a PCIe root port (ATS needs PCIe; without it the guest sends no invalidations to the device)
     #: with ``iommu_platform=on,ats=on``, and the guest kernel's ``intel_iommu=on``
@@ -323,13 +375,15 @@ class Guest:
     def device_args(self) -> list[str]:
         """The QEMU arguments of the vhost-user device (virtio-net here; a subclass may give another)."""
         chardev = f"socket,id=c0,path={self.socket_path}" + (",reconnect=1" if self.reconnect else "")
+        mq = self.queue_pairs > 1
         return [
             "-chardev",
             chardev,
             "-netdev",
-            "vhost-user,id=n0,chardev=c0",
+            "vhost-user,id=n0,chardev=c0" + (f",queues={self.queue_pairs}" if mq else ""),
             "-device",
             f"virtio-net-pci,netdev=n0,vectors=0,mac={self.mac},romfile={self.iommu_opts()}"
+            + (",mq=on" if mq else "")
             + (f",{self.device_opts}" if self.device_opts else ""),
         ]
 
@@ -363,7 +417,7 @@ class Guest:
             "-cpu",
             "max",
             "-smp",
-            "1",
+            str(self.smp),
             "-m",
             str(m),
             "-object",
@@ -389,7 +443,8 @@ class Guest:
 
     def start(self) -> Guest:
         initrd = Path(self._tmp) / "initrd.gz"
-        initrd.write_bytes(self.kit.initrd.read_bytes() + script_archive(self.script, self.files))
+        tools = tools_archive(self.tools) if self.tools else b""
+        initrd.write_bytes(self.kit.initrd.read_bytes() + tools + script_archive(self.script, self.files))
         self.proc = subprocess.Popen(
             self.command(str(initrd)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -480,9 +535,12 @@ class NetNS:
     def popen(self, *cmd: str, **kw) -> subprocess.Popen:
         return subprocess.Popen(self.argv(*cmd), **kw)
 
-    def add_tap(self, tap: str, address: str) -> None:
-        """A persistent tap in the namespace with ``address`` (a /24 of the test's own), up."""
-        self.run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr")
+    def add_tap(self, tap: str, address: str, multi_queue: bool = False) -> None:
+        """A persistent tap in the namespace with ``address`` (a /24 of the test's own), up; ``multi_queue``: made
+        with IFF_MULTI_QUEUE (a back-end then attaches a queue per pair)."""
+        self.run(
+            "ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr", *(["multi_queue"] if multi_queue else [])
+        )
         self.run("ip", "addr", "add", address, "dev", tap)
         self.run("ip", "link", "set", tap, "up")
 

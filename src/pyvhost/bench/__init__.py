@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")
     p.add_argument("--queue-size", type=int, default=256)
+    p.add_argument(
+        "--queue-pairs",
+        default="1",
+        help="net: pyvhost front-end and back-end with this many queue pairs driven at once, one count or a comma "
+        "list (1,2): a front-end thread and a back-end worker per pair, each side on its one CPU",
+    )
     p.add_argument("--pkt-size", default="64", help="net: frame bytes, one or a comma list (64,512,1518)")
     p.add_argument("--batch", type=int, default=64, help="pyvhost front-end batch")
     p.add_argument("--json", help="write the rows here")

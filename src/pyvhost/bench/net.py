@@ -93,6 +93,7 @@ class Row:
     dirty_pages: int = 0
     iommu: int | None = None  # IOTLB entries (None: no vIOMMU)
     regions: int | None = None  # memory regions of pyvhost's front-end's RAM (None: one, not asked)
+    queue_pairs: int = 1  # pairs driven at once (a front-end thread and a back-end worker each)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Config:
     dirty_log: str = "off"  # on: the front-end shares a dirty log and switches VHOST_F_LOG_ALL on (migrating)
     iommu: int | None = None  # pyvhost's front-end plays a vIOMMU with this many IOTLB entries
     regions: int | None = None  # pyvhost's front-end shares its RAM as this many regions
+    queue_pairs: int = 1  # --queue-pairs: pyvhost's front-end and back-end with this many pairs at once
     rows: list[Row] = field(default_factory=list)
 
     def new_row(self, run: int, queue_size: int, errors: int = 0, note: str = "") -> Row:
@@ -126,6 +128,7 @@ class Config:
             dirty_log=self.dirty_log,
             iommu=self.iommu,
             regions=self.regions,
+            queue_pairs=self.queue_pairs,
         )
 
     @property
@@ -133,8 +136,10 @@ class Config:
         log = " log" if self.dirty_log == "on" else ""
         iotlb = "" if self.iommu is None else f" iotlb={self.iommu}"
         iotlb += "" if self.regions is None else f" regions={self.regions}"
+        qp = f" qp={self.queue_pairs}" if self.queue_pairs > 1 else ""
         return (
-            f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring} {self.pkt_size}B{iotlb}{log}"
+            f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring} {self.pkt_size}B"
+            f"{iotlb}{log}{qp}"
         )
 
 
@@ -145,7 +150,9 @@ class Runner:
         self.n = 0
 
     # -- pyvhost back-end ---------------------------------------------------------------------------------
-    def start_pyvhost(self, mode: str, metadata: str, sock: Path, count: int = -1, pkt_size: int = 64):
+    def start_pyvhost(
+        self, mode: str, metadata: str, sock: Path, count: int = -1, pkt_size: int = 64, queue_pairs: int = 1
+    ):
         ready, stats = self.dir / f"ready{self.n}", self.dir / f"stats{self.n}.json"
         log = open(self.dir / f"pyvhost{self.n}.log", "w")
         cmd = pyvhost_cmd(
@@ -169,18 +176,26 @@ class Runner:
             str(stats),
             "--count",
             str(count),
+            "--queue-pairs",
+            str(queue_pairs),
         )
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         wait_for(ready, proc)
         return proc, stats
 
-    def pyvhost_counts(self, proc: subprocess.Popen, stats: Path, queue: int) -> dict:
+    def pyvhost_counts(self, proc: subprocess.Popen, stats: Path, queues: list[int]) -> dict:
+        """The back-end's counters of ``queues`` (one per pair measured), added up."""
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             stop(proc)
-        data = json.loads(stats.read_text())
-        return data["ended"][-1][str(queue)]
+        ended = json.loads(stats.read_text())["ended"][-1]
+        qs = [ended[str(q)] for q in queues]
+        return {
+            "packets": sum(q["packets"] for q in qs),
+            "drops": sum(q["drops"] for q in qs),
+            "error": any(q["error"] for q in qs),
+        }
 
     # -- pyvhost front-end ------------------------------------------------------------------------------
     def ran(self) -> tuple[str, str]:
@@ -198,6 +213,7 @@ class Runner:
         dirty_log: bool = False,
         iommu: int | None = None,
         regions: int | None = None,
+        queue_pairs: int = 1,
     ) -> dict:
         cmd = pyvhost_cmd(
             "drive",
@@ -218,6 +234,8 @@ class Runner:
             str(self.a.batch),
             "--cpu",
             str(FRONTEND_CPU),
+            "--queue-pairs",
+            str(queue_pairs),
         )
         if ring == "packed":
             cmd.append("--packed")
@@ -299,7 +317,7 @@ def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row, backend_p
     if c.frontend == "pyvhost":
         u0 = cpu_seconds(backend_pid)
         direction = "tx" if c.direction.startswith("tx") else "rx"
-        res = r.drive(sock, direction, c.ring, c.pkt_size, c.dirty_log == "on", c.iommu, c.regions)
+        res = r.drive(sock, direction, c.ring, c.pkt_size, c.dirty_log == "on", c.iommu, c.regions, c.queue_pairs)
         row.dirty_pages = res.get("dirty_pages", 0)
         u1 = cpu_seconds(backend_pid)  # the back-end is not reaped yet: its times are still there
         row.mpps, row.packets = res["mpps"], res["final"]["packets"]
@@ -329,13 +347,13 @@ def measure(r: Runner, c: Config, run: int) -> Row:
     # (768 = 3 x 256 seen with DPDK's own back-end as well)
     slack = a.queue_size if tx else RX_INFLIGHT_RINGS * a.queue_size
     if c.backend == "pyvhost":
-        proc, stats = r.start_pyvhost(mode, c.metadata, sock, pkt_size=c.pkt_size)
+        proc, stats = r.start_pyvhost(mode, c.metadata, sock, pkt_size=c.pkt_size, queue_pairs=c.queue_pairs)
         try:
             run_frontend(r, c, sock, fe_fwd, row, proc.pid)
         finally:
             if c.frontend != "pyvhost":
                 time.sleep(0.2)
-            counts = r.pyvhost_counts(proc, stats, 1 if tx else 0)
+            counts = r.pyvhost_counts(proc, stats, [2 * p + (1 if tx else 0) for p in range(c.queue_pairs)])
         row.errors = counts["drops"] + (1 if counts["error"] else 0)
         # the back-end's counter must agree with the front-end's: exactly for pyvhost's front-end (it drains)
         if c.frontend == "pyvhost":
@@ -392,6 +410,14 @@ def regions(a: argparse.Namespace) -> list[int]:
     return out
 
 
+def queue_pairs(a: argparse.Namespace) -> list[int]:
+    """``--queue-pairs``: one count or a comma list (1,2)."""
+    out = [int(x) for x in str(getattr(a, "queue_pairs", "1")).split(",") if x.strip()]
+    if not out or min(out) < 1:
+        raise SystemExit(f"pyvhost bench: --queue-pairs {a.queue_pairs}: counts of at least 1")
+    return out
+
+
 def configs(a: argparse.Namespace) -> list[Config]:
     paths = ["copy", "direct"] if a.metadata == "both" else [a.metadata]
     rings = ["split", "packed"] if getattr(a, "ring", "split") == "both" else [getattr(a, "ring", "split")]
@@ -432,8 +458,15 @@ def configs(a: argparse.Namespace) -> list[Config]:
                         for x in out
                     ):
                         out.append(Config("dpdk", fe, ref, "-", ring, size, fe_logs[0]))
-                    # logging off and on next to each other: each round runs them as a pair, one after the other
-                    out += [Config("pyvhost", fe, d, m, ring, size, lg) for m in paths for lg in fe_logs]
+                    # logging off and on next to each other: each round runs them as a pair, one after the other;
+                    # pyvhost's front-end with each --queue-pairs count (testpmd's with one)
+                    qps = queue_pairs(a) if fe == "pyvhost" else [1]
+                    out += [
+                        Config("pyvhost", fe, d, m, ring, size, lg, queue_pairs=qp)
+                        for m in paths
+                        for lg in fe_logs
+                        for qp in qps
+                    ]
     if "loop" in workloads(a) and a.peer != "dpdk":  # the reflector's front-end is testpmd's, DPDK's back-end aside
         out += [
             Config("pyvhost", "dpdk", "loop", m, ring, size) for size in pkt_sizes(a) for ring in rings for m in paths
@@ -476,6 +509,7 @@ def ratios(c: Config, cs: list[Config]) -> str:
         and (x.dirty_log == c.dirty_log or x.backend == "dpdk")
         and x.iommu == c.iommu
         and x.regions == c.regions
+        and x.queue_pairs == c.queue_pairs
     ]
     out = []
     if c.backend == "pyvhost" and c.metadata == "direct":
@@ -512,10 +546,22 @@ def ratios(c: Config, cs: list[Config]) -> str:
             == (c.frontend, c.backend, c.direction, c.metadata, c.ring, c.pkt_size)
             and x.dirty_log == "off"
             and x.iommu == c.iommu
+            and x.queue_pairs == c.queue_pairs
             and x.rows
         ]
         if off:
             out.append(_ratio("log on/off", pair_ratios(c.rows, off[0].rows)))
+    if c.queue_pairs > 1:  # the same runs with one pair
+        one = [
+            x
+            for x in cs
+            if (x.frontend, x.backend, x.direction, x.metadata, x.ring, x.pkt_size, x.dirty_log, x.iommu)
+            == (c.frontend, c.backend, c.direction, c.metadata, c.ring, c.pkt_size, c.dirty_log, c.iommu)
+            and x.queue_pairs == 1
+            and x.rows
+        ]
+        if one:
+            out.append(_ratio(f"{c.queue_pairs} pairs/1", pair_ratios(c.rows, one[0].rows)))
     if c.iommu is not None and c.backend == "pyvhost":  # the same runs without a vIOMMU
         plain = [
             x
@@ -548,8 +594,9 @@ def table(cs: list[Config]) -> str:
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
         lines.append(
-            f"{'back-end':9} {'path ran':9} {'ring':6} {'iotlb':5} {'regs':4} {'log':3} {'workload':26} {'bytes':>5} "
-            f"{'Mpps median (min–max)':24} {'Gbit/s':>6} {'CPU s/Mpkt':>10} {'errors':>6}  ratios (per pair of runs)"
+            f"{'back-end':9} {'path ran':9} {'ring':6} {'iotlb':5} {'regs':4} {'log':3} {'qp':>2} {'workload':26} "
+            f"{'bytes':>5} {'Mpps median (min–max)':24} {'Gbit/s':>6} {'CPU s/Mpkt':>10} {'errors':>6}  "
+            "ratios (per pair of runs)"
         )
         for c in (c for c in cs if c.frontend == fe):
             if not c.rows:
@@ -561,8 +608,8 @@ def table(cs: list[Config]) -> str:
             iotlb = "-" if c.iommu is None else str(c.iommu)
             regs = "1" if c.regions is None else str(c.regions)
             lines.append(
-                f"{c.backend:9} {ran:9} {c.ring:6} {iotlb:5} {regs:>4} {c.dirty_log:3} {work:26} {c.pkt_size:5d} "
-                f"{_fmt(c.rows):24} {gbps:6.2f} {_cpu(c.rows):>10} {errs:6d}  {ratios(c, cs)}"
+                f"{c.backend:9} {ran:9} {c.ring:6} {iotlb:5} {regs:>4} {c.dirty_log:3} {c.queue_pairs:2d} {work:26} "
+                f"{c.pkt_size:5d} {_fmt(c.rows):24} {gbps:6.2f} {_cpu(c.rows):>10} {errs:6d}  {ratios(c, cs)}"
             )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
         if fp:

@@ -124,6 +124,9 @@ class Device(abc.ABC):
         buffers and completes them without acting on them (counted in Q_DROPS)."""
         raise NotImplementedError(f"{type(self).__name__} processes no disabled ring")
 
+    def ring_enabled(self, index: int, enabled: bool) -> None:
+        """SET_VRING_ENABLE of ring ``index`` (before its worker starts, after it stopped).  Default: nothing."""
+
     def driver_gone(self) -> None:
         """The driver's state is gone: the front-end disconnected or reset the owner, every ring is stopped.
         A device forgets what it kept for that driver (vsock: its connections)."""

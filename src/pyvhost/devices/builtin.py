@@ -37,7 +37,13 @@ def net_arguments(p: argparse.ArgumentParser) -> None:
         default=64,
         help="frame size generated in source mode (each numbered and UDP-checksummed: devices/net_frame.py)",
     )
-    p.add_argument("--queue-pairs", type=int, default=1)
+    p.add_argument(
+        "--queue-pairs",
+        type=int,
+        default=1,
+        help="RX/TX queue pairs (VIRTIO_NET_F_MQ when more than 1; with --tap one tap queue per pair, "
+        "IFF_MULTI_QUEUE); each pair has worker threads of its own (--cpus to pin them)",
+    )
     p.add_argument("--count", type=int, default=-1, help="source mode: stop after this many packets per queue")
     p.add_argument(
         "--plain-frames",
@@ -54,7 +60,7 @@ def create_net(args: argparse.Namespace) -> Device:
         index = getattr(args, "socket_index", None)
         name = args.tap if index is None else f"{args.tap}{index}"
         log.info("net on tap %s", name)
-        return tap.TapDevice(name, offloads=not args.no_offloads)
+        return tap.TapDevice(name, offloads=not args.no_offloads, queue_pairs=args.queue_pairs)
     from . import net
 
     log.info("net in %s mode, %d queue pair(s)", args.mode, args.queue_pairs)

@@ -51,6 +51,8 @@ VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_F_CTRL_VQ = 17
 VIRTIO_NET_F_MQ = 22
 VIRTIO_NET_S_LINK_UP = 1
+#: virtio 1.2 §5.1.4: max_virtqueue_pairs is at most 0x8000
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX = 0x8000
 #: virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF), and the legacy one without it
 NET_HDR_LEN = 12
 NET_HDR_LEN_LEGACY = 10
@@ -67,6 +69,19 @@ class Mode(str, enum.Enum):
     SINK_READ = "sink-read"
     SOURCE = "source"
     LOOPBACK = "loopback"
+
+
+def multiqueue_features(queue_pairs: int) -> int:
+    """The feature bits of a device with ``queue_pairs`` pairs: none for one; ``VIRTIO_NET_F_MQ`` with the
+    ``VIRTIO_NET_F_CTRL_VQ`` it requires (virtio 1.2 §5.1.3.1) for more.
+
+    The control queue itself is the front-end's: QEMU and DPDK's virtio-user emulate it, answer the driver's
+    ``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` and turn it into SET_VRING_ENABLE of the pairs' rings (QEMU does not
+    even ask the back-end about CTRL_VQ and MQ); the back-end serves the ``2 * queue_pairs`` data queues
+    (GET_QUEUE_NUM) and processes a disabled TX ring by discarding its frames (vhost-user "Ring states")."""
+    if not 1 <= queue_pairs <= VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX:
+        raise ValueError(f"queue_pairs {queue_pairs}: 1 to {VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX}")
+    return 0 if queue_pairs == 1 else (1 << VIRTIO_NET_F_MQ) | (1 << VIRTIO_NET_F_CTRL_VQ)
 
 
 def make_frame(size: int, seq: int = 0) -> np.ndarray:
@@ -401,7 +416,7 @@ class NetDevice(Device):
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS)
             | (1 << VIRTIO_NET_F_MTU)
-            | ((1 << VIRTIO_NET_F_MQ) if queue_pairs > 1 else 0)
+            | multiqueue_features(queue_pairs)
         )
         self.negotiated = 0
         #: sink-read: per TX queue, the sum of every payload byte read (over ring restarts)

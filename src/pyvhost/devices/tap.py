@@ -69,6 +69,7 @@ from .net import (
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
+    multiqueue_features,
 )
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,13 @@ TUNGETFEATURES = 0x800454CF
 TUNSETOFFLOAD = 0x400454D0
 TUNGETVNETHDRSZ = 0x800454D7
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -173,14 +178,18 @@ def tun_offload_flags(features: int) -> int:
     return flags
 
 
-def open_tap(name: str) -> tuple[int, str]:
-    """Attach to (or create) tap ``name`` with a vnet header; the fd is non-blocking."""
+def open_tap(name: str, multi_queue: bool = False) -> tuple[int, str]:
+    """Attach to (or create) tap ``name`` with a vnet header; the fd is non-blocking.  ``multi_queue``: one more
+    queue of a tap made with ``IFF_MULTI_QUEUE`` (each TUNSETIFF on the name adds a queue)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         feats = struct.unpack("I", fcntl.ioctl(fd, TUNGETFEATURES, bytes(4)))[0]
         if not feats & IFF_VNET_HDR:
             raise OSError(errno.EOPNOTSUPP, "this kernel's tun has no IFF_VNET_HDR")
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        if multi_queue and not feats & IFF_MULTI_QUEUE:
+            raise OSError(errno.EOPNOTSUPP, "this kernel's tun has no IFF_MULTI_QUEUE")
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+        ifr = struct.pack("16sH22x", name.encode(), flags)
         ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
         actual = ifr[:16].rstrip(b"\0").decode()
     except BaseException:
@@ -196,11 +205,16 @@ def _iov(views: list[memoryview]) -> list:
     return [b"".join(views)]
 
 
+def new_counters() -> dict[str, int]:
+    """A queue pair's counters (each pair's workers write their own: no two threads add to one count)."""
+    return dict.fromkeys(("tx_frames", "tx_bytes", "tx_drops", "rx_frames", "rx_bytes", "rx_drops", "rx_bounced"), 0)
+
+
 class TapDevice(Device):
-    """virtio-net (one queue pair) whose other end is tap ``tap``."""
+    """virtio-net whose other end is tap ``tap``: ``queue_pairs`` RX/TX pairs, pair k on tap queue k (a tap
+    made with ``IFF_MULTI_QUEUE`` when more than one; the kernel spreads the flows it sends over the queues)."""
 
     device_id = VIRTIO_ID_NET
-    num_queues = 2
     #: the datapath walks split rings (pop_chains/push_used)
     transport_features_off = 1 << VIRTIO_F_RING_PACKED
     access_platform = True  # behind a vIOMMU: every access translated, held chains given back
@@ -213,8 +227,27 @@ class TapDevice(Device):
         mtu: int | None = None,
         batch: int = 64,
         spins: int = 2000,
+        queue_pairs: int = 1,
     ) -> None:
-        self.fd, self.tap = open_tap(tap)
+        if queue_pairs < 1:
+            raise ValueError(f"queue_pairs {queue_pairs}: at least 1")
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        multi = queue_pairs > 1
+        self.fds: list[int] = []
+        try:
+            fd, self.tap = open_tap(tap, multi)
+            self.fds.append(fd)
+            while len(self.fds) < queue_pairs:
+                self.fds.append(open_tap(self.tap, multi)[0])
+        except BaseException:
+            for fd in self.fds:
+                os.close(fd)
+            raise
+        #: the pairs whose tap queue is attached (a disabled pair's queue is detached: the kernel sends it nothing)
+        self.attached = [True] * queue_pairs
+        #: the rings the driver enabled (SET_VRING_ENABLE)
+        self.enabled: set[int] = set()
         self.mac = mac
         self.mtu = mtu if mtu is not None else self._tap_mtu()
         self.batch = batch
@@ -225,21 +258,35 @@ class TapDevice(Device):
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS)
             | (1 << VIRTIO_NET_F_MTU)
+            | multiqueue_features(queue_pairs)
         )
         if offloads:
             self.features |= sum(1 << b for b in HOST_OFFLOADS)
             self.features |= sum(1 << b for b, f in GUEST_OFFLOADS.items() if self.tun_offloads & f)
         self.negotiated = 0
-        self.counters = {
-            "tx_frames": 0,
-            "tx_bytes": 0,
-            "tx_drops": 0,
-            "rx_frames": 0,
-            "rx_bytes": 0,
-            "rx_drops": 0,
-            "rx_bounced": 0,
-        }
-        log.info("tap %s: fd %d, mtu %d, offloads %s", self.tap, self.fd, self.mtu, "on" if offloads else "off")
+        self.pair_counters = [new_counters() for _ in range(queue_pairs)]
+        log.info(
+            "tap %s: %d queue(s), fds %s, mtu %d, offloads %s",
+            self.tap,
+            queue_pairs,
+            self.fds,
+            self.mtu,
+            "on" if offloads else "off",
+        )
+
+    @property
+    def fd(self) -> int:
+        """The first tap queue's fd (-1 once closed)."""
+        return self.fds[0] if self.fds else -1
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The counters of every pair, added up."""
+        out = new_counters()
+        for c in self.pair_counters:
+            for k, v in c.items():
+                out[k] += v
+        return out
 
     # -- set-up -------------------------------------------------------------------------------------------
     def _tap_mtu(self) -> int:
@@ -264,7 +311,7 @@ class TapDevice(Device):
 
     def config_space(self) -> bytes:
         # struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu
-        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, 1, self.mtu)
+        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, self.queue_pairs, self.mtu)
 
     @property
     def hdr_len(self) -> int:
@@ -276,8 +323,9 @@ class TapDevice(Device):
         if features & (1 << VIRTIO_F_RING_PACKED):
             raise ValueError("the tap device serves split rings only (VIRTIO_F_RING_PACKED asked for)")
         self.negotiated = features
-        fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", self.hdr_len))
-        fcntl.ioctl(self.fd, TUNSETOFFLOAD, tun_offload_flags(features))
+        for fd in self.fds:  # (the kernel keeps both per tap; set through every queue all the same)
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", self.hdr_len))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, tun_offload_flags(features))
         log.info(
             "tap %s: vnet header %d bytes, offloads %#x (features %#x)",
             self.tap,
@@ -286,13 +334,41 @@ class TapDevice(Device):
             features,
         )
 
+    def ring_enabled(self, index: int, enabled: bool) -> None:
+        """A pair's tap queue is attached while one of its rings is enabled and detached otherwise (TUNSETQUEUE,
+        as QEMU does): the kernel then steers no flow to a queue nobody reads.  The first queue stays attached."""
+        (self.enabled.add if enabled else self.enabled.discard)(index)
+        pair = index // 2
+        if 0 < pair < self.queue_pairs:
+            self._attach(pair, bool({2 * pair, 2 * pair + 1} & self.enabled))
+
+    def _attach(self, pair: int, want: bool) -> None:
+        if want == self.attached[pair]:
+            return
+        ifr = struct.pack("16sH22x", b"", IFF_ATTACH_QUEUE if want else IFF_DETACH_QUEUE)
+        try:
+            fcntl.ioctl(self.fds[pair], TUNSETQUEUE, ifr)
+        except OSError as e:
+            log.error("tap %s: %s queue %d failed: %s", self.tap, "attaching" if want else "detaching", pair, e)
+            return
+        self.attached[pair] = want
+        log.info("tap %s: queue %d %s", self.tap, pair, "attached" if want else "detached")
+
+    def driver_gone(self) -> None:
+        self.enabled.clear()
+        for pair in range(1, self.queue_pairs):  # the next driver starts from every queue attached
+            self._attach(pair, True)
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
     def stats(self) -> dict:
-        return dict(self.counters)
+        out: dict = self.counters
+        if self.queue_pairs > 1:
+            out["pairs"] = [dict(c) for c in self.pair_counters]
+        return out
 
     # -- datapath -----------------------------------------------------------------------------------------
     def make_step(self, rings: list[Ring]) -> StepFn:
@@ -317,7 +393,8 @@ class _RingIO:
 
     def __init__(self, dev: TapDevice, ring: Ring, batch: int) -> None:
         self.dev = dev
-        self.fd = dev.fd
+        self.fd = dev.fds[ring.index // 2]  # the pair's tap queue
+        self.counters = dev.pair_counters[ring.index // 2]
         self.q = ring.q
         self.index = ring.index
         self.arena, self.table = ring.mem.arena.view, ring.mem.table
@@ -371,7 +448,7 @@ class _TxStep(_RingIO):
         super().__init__(dev, ring, dev.batch)
 
     def __call__(self, budget: int) -> int:
-        q, c = self.q, self.dev.counters
+        q, c = self.q, self.counters
         for _ in range(max(1, budget // 256)):
             n = self.pop(self.batch, self.dev.spins)
             if n == POP_STOPPED:
@@ -500,7 +577,7 @@ class _RxStep(_RingIO):
         """Stopping: the held chains go back to the driver (avail index moved back over them, in order)."""
         if self.pending:  # a frame waiting for buffers is lost with the queue; the kernel would drop it too
             self.q[Q_DROPS] += 1
-            self.dev.counters["rx_drops"] += 1
+            self.counters["rx_drops"] += 1
             self.pending = self.pending_chains = 0
         n = len(self.heads)
         self.q[Q_LAST_AVAIL] = (int(self.q[Q_LAST_AVAIL]) - n) & 0xFFFF
@@ -544,8 +621,8 @@ class _RxStep(_RingIO):
         self._release(k)
         self.q[Q_PACKETS] += 1
         self.q[Q_BYTES] += n - self.hdr
-        self.dev.counters["rx_frames"] += 1
-        self.dev.counters["rx_bytes"] += n - self.hdr
+        self.counters["rx_frames"] += 1
+        self.counters["rx_bytes"] += n - self.hdr
         return True
 
     def _place_pending(self) -> bool | None:
@@ -594,17 +671,17 @@ class _RxStep(_RingIO):
             return -2
         if n < self.hdr:  # the tap always writes the header; nothing to deliver
             self.q[Q_DROPS] += 1
-            self.dev.counters["rx_drops"] += 1
+            self.counters["rx_drops"] += 1
             return 1
         if n <= held:
             return 1 if self._deliver(n, n) else 0
         if not self.mrg:  # larger than the chain (vhost-net: "Discarded rx packet"); the chain stays held
             self.q[Q_DROPS] += 1
-            self.dev.counters["rx_drops"] += 1
+            self.counters["rx_drops"] += 1
             return 1
         # the frame went past the held chains: its tail (at the start of the bounce buffer) waits for more
         self.pending, self.pending_chains = n - held, chains
-        self.dev.counters["rx_bounced"] += 1
+        self.counters["rx_bounced"] += 1
         return 2
 
     # -- the worker's step --------------------------------------------------------------------------------
