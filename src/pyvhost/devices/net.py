@@ -450,7 +450,7 @@ class NetDevice(Device):
             return [(2 * p + 1,) for p in pairs]
         if self.mode is Mode.SOURCE:  # RX generates; TX is a sink, so that a driver's transmissions never stall
             # the RX queues first, then the TX ones: with --cpus, the k-th pair's two workers share cpus[k]
-            return [(2 * p,) for p in pairs] + [(2 * p + 1,) for p in pairs]
+            return [(q,) for q in [2 * p for p in pairs] + [2 * p + 1 for p in pairs]]
         return [(2 * p, 2 * p + 1) for p in pairs]
 
     def warm_up(self) -> None:
