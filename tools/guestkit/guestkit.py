@@ -46,6 +46,8 @@ MODULES = [
     "virtiofs",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    "evdev",
+    "virtio_input",
 ]
 
 QEMU = "qemu-system-x86_64"
