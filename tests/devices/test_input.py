@@ -6,8 +6,12 @@ computed with the device's own helpers."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -227,3 +231,27 @@ def test_event_stream_lines(tmp_path, caplog):
         assert dev.stats()["bad_lines"] == 1
     finally:
         dev.close()
+
+
+def test_serve_input_events_file(tmp_path, sock_path):
+    """``pyvhost serve input --events FILE``: the file's events reach a driver that posts buffers, in order."""
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"type": "EV_KEY", "code": "KEY_B", "value": 1}\n{"type": "EV_SYN", "code": 0, "value": 0}\n')
+    ready = tmp_path / "ready"
+    argv = [sys.executable, "-m", "pyvhost", "serve", "input", "--socket-path", sock_path, "--events", str(path)]
+    proc = subprocess.Popen([*argv, "--ready-file", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240  # a cold kernel compile may come first
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "back-end not ready"
+            time.sleep(0.05)
+        with Frontend(sock_path, num_queues=2, queue_size=16) as fe:
+            fe.setup()
+            evq = RingDriver(fe, 0)
+            heads = [evq.post(8) for _ in range(2)]
+            assert sorted(wait_used(evq, 2)) == sorted((h, 8) for h in heads)
+            assert [bytes(evq.buf(h)[:8]) for h in heads] == [ev(EV_KEY, KEY_B, 1), ev(EV_SYN, 0, 0)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert json.loads(out.decode().splitlines()[-1])["input"]["events"] == 2, err.decode()[-2000:]
