@@ -67,16 +67,6 @@ class VsockGuest(guestkit.Guest):
         return self
 
 
-@pytest.fixture(scope="module")
-def kit() -> guestkit.Kit:
-    try:
-        return guestkit.build(log=lambda s: None)
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the guest kit cannot be built here ({e}); run tools/guestkit/build.sh")
-
-
 LISTEN_SCRIPT = f"""
 dd if=/dev/urandom of=/tmp/up bs=1M count={SIZE >> 20} 2>/dev/null
 echo "RESULT up=$(md5sum /tmp/up | cut -d' ' -f1)"
