@@ -50,6 +50,8 @@ MODULES = [
     "virtiofs",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    "evdev",
+    "virtio_input",
 ]
 
 QEMU = "qemu-system-x86_64"
@@ -369,6 +371,9 @@ class Guest:
         self.results: dict[str, str] = {}
         self._events: queue.Queue[str | None] = queue.Queue()
         self._reader: threading.Thread | None = None
+        #: notified on every console line and at the console's end (``_ended``)
+        self._line = threading.Condition()
+        self._ended = False
         self._tmp = tempfile.mkdtemp(prefix="pyvhost-guest-", dir=self.workdir)
         self.log_path = Path(self._tmp) / "console.log"
 
@@ -459,12 +464,17 @@ class Guest:
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 log.write(line + "\n")
                 log.flush()
-                self.lines.append(line)
+                with self._line:
+                    self.lines.append(line)
+                    self._line.notify_all()
                 r = parse_result(line)
                 if r:
                     self.results.update(r)
                     for k in r:
                         self._events.put(k)
+        with self._line:
+            self._ended = True
+            self._line.notify_all()
         self._events.put(None)
 
     def expect(self, key: str, timeout: float) -> str:
@@ -483,6 +493,24 @@ class Guest:
             except queue.Empty:
                 continue
         return self.results[key]
+
+    def expect_line(self, pattern: str, timeout: float) -> str:
+        """Wait until a console line matches ``pattern`` (a regular expression); return that line."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._line:
+            while True:
+                for line in self.lines[seen:]:
+                    if rx.search(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._ended:
+                    raise RuntimeError(f"guest ended without a line matching {pattern!r}\n{self.tail()}")
+                if left <= 0:
+                    raise TimeoutError(f"guest: no line matching {pattern!r} within {timeout:.0f} s\n{self.tail()}")
+                self._line.wait(left)
 
     def wait(self, timeout: float) -> dict[str, str]:
         """Wait for the guest to power off (killed after ``timeout``); return its results."""

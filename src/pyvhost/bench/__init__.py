@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import argparse
 
-from . import blk, fs, guests, net
+from . import blk, fs, guests, net, vsock
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
-        choices=["net", "blk", "fs"],
+        choices=["net", "blk", "fs", "vsock"],
         default="net",
         help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py); "
-        "fs: pyvhost's virtio-fs against virtiofsd, measured in a QEMU guest (bench/fs.py)",
+        "fs: pyvhost's virtio-fs against virtiofsd, measured in a QEMU guest (bench/fs.py); "
+        "vsock: MB/s over one connection and over 16, both ways, from a QEMU guest (bench/vsock.py)",
     )
     p.add_argument(
         "--guests",
@@ -85,4 +86,6 @@ def main(a: argparse.Namespace) -> int:
         return guests.main(a)
     if a.device == "fs":
         return fs.main(a)
+    if a.device == "vsock":
+        return vsock.main(a)
     return blk.main(a) if a.device == "blk" else net.main(a)

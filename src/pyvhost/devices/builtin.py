@@ -171,6 +171,45 @@ def create_vsock(args: argparse.Namespace) -> Device:
     return device
 
 
+def input_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--events",
+        metavar="FILE",
+        help="inject the events of FILE (- : standard input; a FIFO may be written to by one writer after another), "
+        'JSON lines {"type": "EV_KEY", "code": "KEY_A", "value": 1} (names of linux/input-event-codes.h or numbers)',
+    )
+    p.add_argument("--name", default="pyvhost keyboard and mouse", help="the name the guest sees")
+    p.add_argument("--serial", default="pyvhost-input", help="the serial the guest sees")
+    p.add_argument(
+        "--abs-max",
+        type=int,
+        default=0,
+        metavar="N",
+        help="an absolute pointer too: ABS_X and ABS_Y from 0 to N (default 0: none)",
+    )
+
+
+def create_input(args: argparse.Namespace) -> Device:
+    import dataclasses
+
+    from . import input as input_device
+
+    if args.abs_max < 0:
+        raise SystemExit("serve input: --abs-max must be >= 0")
+    try:
+        profile = dataclasses.replace(input_device.keyboard_mouse(args.abs_max), name=args.name, serial=args.serial)
+    except ValueError as e:
+        raise SystemExit(f"serve input: {e}") from None
+    device = input_device.InputDevice(profile)
+    if args.events:
+        try:
+            device.read_events(args.events)
+        except OSError as e:
+            raise SystemExit(f"serve input: --events {args.events}: {e.strerror}") from None
+    log.info("input %r%s", args.name, f", events from {args.events}" if args.events else "")
+    return device
+
+
 CACHE_MODES = ("none", "auto", "always")
 
 
@@ -250,6 +289,13 @@ SPECS: dict[str, DeviceSpec] = {
         DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng, rng_arguments),
         DeviceSpec(
             "vsock", "virtio-vsock to host Unix sockets (Firecracker's hybrid scheme)", create_vsock, vsock_arguments
+        ),
+        DeviceSpec(
+            "input",
+            "virtio-input: a keyboard and mouse whose events come from a JSON-lines stream or from Python",
+            create_input,
+            input_arguments,
+            one_socket="one event stream feeds one guest",
         ),
         DeviceSpec(
             "fs", "virtio-fs sharing a host directory, or a filesystem written in Python", create_fs, fs_arguments
