@@ -189,7 +189,11 @@ class Runner:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             stop(proc)
-        ended = json.loads(stats.read_text())["ended"][-1]
+        history = json.loads(stats.read_text())["ended"]
+        if not history:  # stopped with its connection still live: its counters are not final
+            log = stats.with_name(stats.name.replace("stats", "pyvhost").replace(".json", ".log"))
+            raise RuntimeError(f"the back-end did not end its connection 30 s after the front-end did (log: {log})")
+        ended = history[-1]
         qs = [ended[str(q)] for q in queues]
         return {
             "packets": sum(q["packets"] for q in qs),
