@@ -373,7 +373,9 @@ class Frontend:
         timeout: float = 30.0,
     ) -> dict:
         """Transmit (``tx``) or receive (``rx``) on queue pair ``pair`` for ``seconds`` or until ``count``
-        completions (counted from this call); return counts and the rate measured after ``warmup``."""
+        completions (counted from this call); return counts and the rate measured after ``warmup``.  The
+        ``warmup`` + ``seconds`` window starts at the first completion (a back-end slow to start, e.g. on a loaded
+        machine, is not measured as idle); without any completion the run ends after ``timeout``."""
         ring = self.rings[2 * pair + (1 if direction == "tx" else 0)]
         ring.d[D_BATCH] = batch
         done0 = int(ring.d[D_DONE])
@@ -389,7 +391,7 @@ class Frontend:
         t0 = time.perf_counter()
         t_warm = t0 + warmup
         done_warm = None
-        end = t0 + (seconds + warmup if seconds else timeout)
+        end = t0 + (max(timeout, seconds + warmup) if seconds else timeout)
         first_at = None
         while True:
             step(passes)
@@ -397,7 +399,9 @@ class Frontend:
             done = int(ring.d[D_DONE]) - done0
             if first_at is None and done:
                 first_at = now - t0
-            if done_warm is None and now >= t_warm:
+                if seconds:  # the measured window starts with the traffic
+                    t_warm, end = now + warmup, now + warmup + seconds
+            if done_warm is None and now >= t_warm and (first_at is not None or not seconds):
                 done_warm, t_warm = done, now
             if count >= 0 and done >= count:
                 break
