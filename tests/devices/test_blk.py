@@ -117,7 +117,8 @@ def test_config_and_features(image, sock_path, metadata):
         assert fe.features & (1 << VIRTIO_BLK_F_CONFIG_WCE) and fe.config["writeback"] == 1
         fe.command(R.SET_CONFIG, P.CONFIG_HDR.pack(32, 1, 0) + b"\0")
         assert fe.read_config()["writeback"] == 0 and dev.writeback == 0
-        assert fe.write(16, payload(2, 2)) == VIRTIO_BLK_S_OK
+        assert fe.write(16, payload(2, 2)) == VIRTIO_BLK_S_OK  # one pwritev with RWF_DSYNC
+        assert fe.read(16, BLOCK) == (VIRTIO_BLK_S_OK, payload(2, 2))
         with pytest.raises(FrontendError):  # any other field is read-only
             fe.command(R.SET_CONFIG, P.CONFIG_HDR.pack(0, 8, 0) + bytes(8))
         fe.command(R.SET_CONFIG, P.CONFIG_HDR.pack(32, 1, 0) + b"\1")
@@ -212,6 +213,17 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
         assert c.length == BLOCK + 1 and fe.data(c, BLOCK + 1) == payload(1, 1) + bytes([VIRTIO_BLK_S_OK])
         assert fe.read(8, BLOCK) == (VIRTIO_BLK_S_OK, payload(1, 1))
         assert fe.write(8, bytes(BLOCK)) == VIRTIO_BLK_S_OK  # back to zeros
+        # a write whose header is split, its second half and the data in one buffer: the data starts past it
+        hdr = OUTHDR.pack(VIRTIO_BLK_T_OUT, 0, 16)
+        fe.post_chain(
+            [("hdr", 8, False), ("data", 8 + BLOCK, False), ("status", 1, True)],
+            header=hdr[:8],
+            data=hdr[8:] + payload(3, 3),
+        )
+        (c,) = fe.wait()
+        assert c.status == VIRTIO_BLK_S_OK and c.length == 1
+        assert fe.read(16, BLOCK) == (VIRTIO_BLK_S_OK, payload(3, 3))
+        assert fe.write(16, bytes(BLOCK)) == VIRTIO_BLK_S_OK  # back to zeros
         assert fe.anomalies == []
     assert dev.stats()["ioerr"] >= 8
     dev.close()

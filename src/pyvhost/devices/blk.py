@@ -92,7 +92,7 @@ def _skip(views: list[memoryview], n: int) -> list[memoryview]:
 
 
 def _total(views: list[memoryview]) -> int:
-    return sum(len(v) for v in views)
+    return sum(map(len, views))
 
 
 def _release(views: list[memoryview]) -> None:
@@ -320,8 +320,10 @@ class BlkDevice(ChainDevice):
     def _parse(self, req: Request) -> tuple:
         """Check the request; return what the I/O thread does: (kind, offset, views or ranges)."""
         hdr = req.readable[0] if req.readable else b""
-        if len(hdr) >= OUTHDR.size:
-            rtype, _reserved, sector = OUTHDR.unpack(hdr[: OUTHDR.size])
+        if len(hdr) == OUTHDR.size:
+            rtype, _reserved, sector = OUTHDR.unpack(hdr)
+        elif len(hdr) > OUTHDR.size:
+            rtype, _reserved, sector = OUTHDR.unpack_from(hdr)
         else:
             raw = b"".join(bytes(v) for v in req.readable)
             if len(raw) < OUTHDR.size:
@@ -330,11 +332,12 @@ class BlkDevice(ChainDevice):
         if rtype == VIRTIO_BLK_T_IN or rtype == VIRTIO_BLK_T_OUT:
             if rtype == VIRTIO_BLK_T_IN:
                 last = req.writable[-1]
-                data = req.writable[:-1] + ([last[:-1]] if len(last) > 1 else [])
+                data = req.writable[:-1] if len(last) == 1 else [*req.writable[:-1], last[:-1]]
             else:
                 if self.readonly:
                     raise BlkError(VIRTIO_BLK_S_IOERR, "write to a read-only image")
-                data = _skip(req.readable, OUTHDR.size)
+                # the usual layout: the header alone in the first buffer
+                data = req.readable[1:] if len(hdr) == OUTHDR.size else _skip(req.readable, OUTHDR.size)
             n = _total(data)
             if n % SECTOR_SIZE:
                 raise BlkError(VIRTIO_BLK_S_IOERR, f"data of {n} bytes is not a multiple of {SECTOR_SIZE}")
@@ -380,10 +383,8 @@ class BlkDevice(ChainDevice):
             if kind == "read":
                 written = self._preadv(what, offset)
                 self._count("read", "read_bytes", written)
-            elif kind == "write":
-                n = self._pwritev(what, offset)
-                if not self.writeback:
-                    os.fdatasync(self.fd)
+            elif kind == "write":  # write-through: durable in the same call (RWF_DSYNC), no fdatasync after
+                n = self._pwritev(what, offset, 0 if self.writeback else os.RWF_DSYNC)
                 self._count("write", "write_bytes", n)
             elif kind == "flush":
                 if not self.readonly:
@@ -434,8 +435,8 @@ class BlkDevice(ChainDevice):
 
     # -- system calls -----------------------------------------------------------------------------------
     def _preadv(self, views: list[memoryview], offset: int) -> int:
-        done = 0
         total = _total(views)
+        done = os.preadv(self.fd, views, offset) if 0 < len(views) <= IOV_MAX else 0  # one call, usually all
         while done < total:
             part = _skip(views, done)[:IOV_MAX]
             n = os.preadv(self.fd, part, offset + done)
@@ -444,12 +445,13 @@ class BlkDevice(ChainDevice):
             done += n
         return done
 
-    def _pwritev(self, views: list[memoryview], offset: int) -> int:
-        done = 0
+    def _pwritev(self, views: list[memoryview], offset: int, flags: int = 0) -> int:
+        """Write ``views`` at ``offset``; ``flags``: RWF_DSYNC makes each call durable (write-through)."""
         total = _total(views)
+        done = os.pwritev(self.fd, views, offset, flags) if 0 < len(views) <= IOV_MAX else 0  # usually all
         while done < total:
             part = _skip(views, done)[:IOV_MAX]
-            n = os.pwritev(self.fd, part, offset + done)
+            n = os.pwritev(self.fd, part, offset + done, flags)
             if n == 0:
                 raise OSError(errno.EIO, f"no progress writing at byte {offset + done}")
             done += n
