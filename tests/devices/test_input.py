@@ -66,16 +66,6 @@ def query(fe: Frontend, select: int, subsel: int) -> bytes:
     return get_config(fe, 0, 128)
 
 
-def wait_used(drv: RingDriver, n: int, timeout: float = 10.0) -> list[tuple[int, int]]:
-    got: list[tuple[int, int]] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        got += drv.used()
-        assert time.monotonic() < deadline, f"{len(got)} of {n} completions within {timeout} s"
-        time.sleep(0.001)
-    return got
-
-
 def test_config_space_byte_for_byte(input_dev):
     _, fe, _, _, _ = input_dev
     keys = bytes([0xFE]) + b"\xff" * 30 + bytes([0x01, 0, 0, 0xFF])  # KEY_ESC..KEY_MICMUTE, BTN_LEFT..BTN_TASK
@@ -124,7 +114,7 @@ def test_events_in_order_none_lost_without_buffers(input_dev):
     heads = [evq.post(8) for _ in range(4)]
     for e in sent:
         dev.send(*e)
-    got = wait_used(evq, 4)
+    got = evq.wait(4)
     assert [h for h, _ in got] == heads and all(n == 8 for _, n in got)
     data = [bytes(evq.buf(h)[:8]) for h in heads]
     assert data == [ev(*e) for e in sent[:4]]
@@ -132,14 +122,14 @@ def test_events_in_order_none_lost_without_buffers(input_dev):
     assert evq.used() == [] and dev.stats()["pending"] == len(sent) - 4  # the rest wait for buffers
     for _ in range(len(sent) - 4):
         heads.append(evq.post(8))
-    got = wait_used(evq, len(sent) - 4)
+    got = evq.wait(len(sent) - 4)
     assert [bytes(evq.buf(h)[:8]) for h, _ in got] == [ev(*e) for e in sent[4:]]
     assert dev.wait_delivered(1) and dev.stats()["events"] == len(sent)
     # a buffer split over two descriptors (a guest whose buffer crosses a page) gets its event whole
     head = evq.post(3, 5)
     first, second = evq.chains[head]
     dev.send(EV_KEY, BTN_LEFT, 1)
-    assert wait_used(evq, 1) == [(head, 8)]
+    assert evq.wait(1) == [(head, 8)]
     assert bytes(evq.buf(first)[:3]) + bytes(evq.buf(second)[:5]) == ev(EV_KEY, BTN_LEFT, 1)
     with pytest.raises(ValueError):
         dev.send(EV_KEY, 0x2FF, 1)  # not a key of this device
@@ -151,7 +141,7 @@ def test_status_queue_reports_leds(input_dev):
     dev, _, _, stq, seen = input_dev
     stq.post(ev(EV_LED, LED_CAPSL, 1))
     stq.post(ev(EV_LED, 0, 1))
-    got = wait_used(stq, 2)
+    got = stq.wait(2)
     assert [n for _, n in got] == [0, 0]  # the device writes nothing into status buffers
     assert seen == [(EV_LED, LED_CAPSL, 1), (EV_LED, 0, 1)]
     assert dev.stats()["leds"] == {"0": 1, "1": 1}
@@ -165,7 +155,7 @@ def test_malformed_chains_never_written_outside(input_dev, errors):
     os.eventfd_write(evq.ring.kick_fd, 1)
     wrong = evq.post(b"readable")  # wrong direction: the device would have to write into a readable buffer
     dev.send(EV_KEY, KEY_B, 1)
-    got = wait_used(evq, 2)
+    got = evq.wait(2)
     assert sorted(got) == sorted([(head, 0), (wrong, 0)])
     assert (np.asarray(evq.buf(head)) == 0xA5).all()
     # status: short, and with a device-writable segment
@@ -173,7 +163,7 @@ def test_malformed_chains_never_written_outside(input_dev, errors):
     stq.post(ev(EV_LED, LED_CAPSL, 0), kick=False)
     writable = stq.post(ev(EV_LED, LED_CAPSL, 0), 8, kick=False)
     os.eventfd_write(stq.ring.kick_fd, 1)
-    got = dict(wait_used(stq, 3))
+    got = dict(stq.wait(3))
     assert got[short] == 0 and got[writable] == 0
     assert seen == [(EV_LED, LED_CAPSL, 0)]
     s = dev.stats()
@@ -181,7 +171,7 @@ def test_malformed_chains_never_written_outside(input_dev, errors):
     assert any("event buffer needs 8" in e for e in errors()) and any("status buffer" in e for e in errors())
     # the queues go on
     ok = evq.post(8)
-    assert wait_used(evq, 1) == [(ok, 8)] and bytes(evq.buf(ok)[:8]) == ev(EV_KEY, KEY_B, 1)
+    assert evq.wait(1) == [(ok, 8)] and bytes(evq.buf(ok)[:8]) == ev(EV_KEY, KEY_B, 1)
 
 
 def test_stopped_ring_hands_held_buffers_back(input_dev):
@@ -201,7 +191,7 @@ def test_stopped_ring_hands_held_buffers_back(input_dev):
     dev.send(EV_KEY, KEY_A, 1)  # waits for the ring to come back
     fe.start_ring(evq.ring, base)
     h = evq.post(8)
-    assert wait_used(evq, 1) == [(h, 8)] and bytes(evq.buf(h)[:8]) == ev(EV_KEY, KEY_A, 1)
+    assert evq.wait(1) == [(h, 8)] and bytes(evq.buf(h)[:8]) == ev(EV_KEY, KEY_A, 1)
 
 
 def test_event_stream_lines(tmp_path, caplog):
@@ -249,7 +239,7 @@ def test_serve_input_events_file(tmp_path, sock_path):
             fe.setup()
             evq = RingDriver(fe, 0)
             heads = [evq.post(8) for _ in range(2)]
-            assert sorted(wait_used(evq, 2)) == sorted((h, 8) for h in heads)
+            assert sorted(evq.wait(2)) == sorted((h, 8) for h in heads)
             assert [bytes(evq.buf(h)[:8]) for h in heads] == [ev(EV_KEY, KEY_B, 1), ev(EV_SYN, 0, 0)]
     finally:
         proc.send_signal(signal.SIGTERM)

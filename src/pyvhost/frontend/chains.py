@@ -5,6 +5,7 @@ queues carry more than frames (vsock, input)."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -60,3 +61,14 @@ class RingDriver:
             self.free += self.chains.pop(head)
             out.append((head, n))
         return out
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[tuple[int, int]]:
+        """The next ``n`` completions, polled; TimeoutError after ``timeout`` s (a lost completion, not a slow one)."""
+        got: list[tuple[int, int]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            got += self.used()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(got)} of {n} completions within {timeout} s")
+            time.sleep(0.001)
+        return got
