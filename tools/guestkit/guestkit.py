@@ -46,6 +46,8 @@ MODULES = [
     "virtiofs",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    "virtio_scsi",
+    "sd_mod",
 ]
 
 QEMU = "qemu-system-x86_64"
