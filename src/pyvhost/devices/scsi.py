@@ -224,7 +224,9 @@ class ScsiDevice(ChainDevice):
         self.request_queues = request_queues
         self.num_queues = REQUESTQ + request_queues
         self.seg_max, self.max_sectors, self.cmd_per_lun = seg_max, max_sectors, cmd_per_lun
-        self.features = 0  # no hot-plug, no change events, no T10 PI, no bidirectional commands
+        # CHANGE: QEMU's vhost-user-scsi asks for it (a device may report parameter changes; none is ever
+        # reported here); no hot-plug, no T10 PI, no bidirectional commands
+        self.features = 1 << VIRTIO_SCSI_F_CHANGE
         self.negotiated = 0
         self.pool: IOPool | None = IOPool(io_threads, "pyvhost-scsi-io") if io_threads > 0 else None
         self.lock = threading.Lock()
