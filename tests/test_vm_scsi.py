@@ -1,8 +1,8 @@
 """A real guest on ``pyvhost serve scsi``: QEMU (TCG) with ``vhost-user-scsi-pci`` (``vectors=0``, guest RAM in
-a shared memfd); the guest's virtio_scsi and sd drivers find two LUNs (``/dev/sda``, ``/dev/sdb``, either order),
-checks sizes, the VPD-derived settings (write cache, thin provisioning by UNMAP), writes and reads back with
-O_DIRECT (checksums compared in the guest and with the image files), and trims an ext2 filesystem (``fstrim``:
-UNMAP punches holes in the image).  One boot per metadata path.
+a shared memfd); the guest's virtio_scsi and sd drivers find two LUNs (``/dev/sda`` and ``/dev/sdb``, in either
+order), and the guest checks sizes, the VPD-derived settings (write cache, thin provisioning by UNMAP), writes
+and reads back with O_DIRECT (checksums compared in the guest and with the image files), and trims an ext2
+filesystem (``fstrim``: UNMAP punches holes in the image).  One boot per metadata path.
 """
 
 from __future__ import annotations
