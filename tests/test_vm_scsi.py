@@ -52,10 +52,10 @@ dd if=/tmp/a of=/dev/$D0 bs=1M seek={RAW_AT} oflag=direct 2>/dev/null || echo "R
 b=$(dd if=/dev/$D0 bs=1M skip={RAW_AT} count={RAW_MIB} iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 echo "RESULT b_md5=$b"
 mke2fs -q /dev/$D1 >/dev/null 2>&1 || echo "RESULT mkfs=fail"
-mkdir -p /mnt && mount -t ext2 /dev/$D1 /mnt || echo "RESULT mount=fail"
+mkdir -p /mnt && mount -t ext4 /dev/$D1 /mnt || echo "RESULT mount=fail"
 dd if=/dev/urandom of=/mnt/f bs=1M count={FILE_MIB} conv=fsync 2>/dev/null
 echo "RESULT f_md5=$(md5sum /mnt/f | cut -d' ' -f1)"
-umount /mnt && mount -t ext2 /dev/$D1 /mnt
+umount /mnt && mount -t ext4 /dev/$D1 /mnt
 echo "RESULT g_md5=$(md5sum /mnt/f | cut -d' ' -f1)"
 rm /mnt/f && sync
 echo "RESULT trimmed=$(fstrim -v /mnt 2>&1 | tr -cd '0-9')"

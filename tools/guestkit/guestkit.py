@@ -48,6 +48,8 @@ MODULES = [
     "vmw_vsock_virtio_transport",
     "virtio_scsi",
     "sd_mod",
+    "crc32c_generic",
+    "ext4",
 ]
 
 QEMU = "qemu-system-x86_64"
