@@ -149,3 +149,12 @@ def test_bench_guests(tmp_path):
         assert r["errors"] == 0 and r["packets"] == r["guests"] * 2000, r
         assert r["connected_mb"] > 0 and r["idle_mb"] > 0 and r["threads"] > r["guests"], r
     assert "MB/guest" in p.stdout
+
+
+def test_bench_regions(tmp_path):
+    """The memory-slot rows: direct and copy with the front-end's RAM in 1 and 509 regions, each ratio per pair."""
+    rows, table = bench(tmp_path, "--regions", "1,509", "--workload", "tx")
+    check(rows)
+    assert {(r["regions"], r["metadata"]) for r in rows} == {(n, m) for n in (1, 509) for m in ("copy", "direct")}
+    assert all(r["path"] == r["metadata"] for r in rows)
+    assert "direct/copy" in table and "vs 1 region" in table

@@ -45,6 +45,7 @@ class FileRam(GuestRam):
         self.uva_base = self.buf.ctypes.data
         self.gpa_base = GPA_BASE
         self.top = 0
+        self.split(1)
 
 
 class Server:

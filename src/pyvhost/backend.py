@@ -972,10 +972,22 @@ class Connection:
             return []  # nothing to unmap
 
         self._memory_change(add)
+        log.info(
+            "memory region added: guest-physical %#x, %d MiB (%d regions)",
+            region.guest_phys_addr,
+            region.memory_size >> 20,
+            self.mem.nregions,
+        )
 
     def rem_mem_reg(self, msg: P.Message) -> None:
         region = msg.single_region()
         self._memory_change(lambda: [self.mem.remove_region(region)])
+        log.info(
+            "memory region removed: guest-physical %#x, %d MiB (%d regions)",
+            region.guest_phys_addr,
+            region.memory_size >> 20,
+            self.mem.nregions,
+        )
 
     # -- vrings -----------------------------------------------------------------------------------------
     def set_vring_num(self, msg: P.Message) -> None:

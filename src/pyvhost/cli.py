@@ -168,6 +168,7 @@ def cmd_drive(args: argparse.Namespace) -> int:
         dirty_log=args.dirty_log,
         iommu=args.iommu_entries is not None,
         iommu_prefill=args.iommu_entries,
+        regions=args.regions,
     ) as fe:
         fe.setup()
         if args.dirty_log:
@@ -288,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="play a vIOMMU (VIRTIO_F_ACCESS_PLATFORM) whose IOTLB holds N entries, all sent up front",
+    )
+    drive.add_argument(
+        "--regions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="share guest RAM as N memory regions (ADD_MEM_REG when the back-end offers CONFIGURE_MEM_SLOTS)",
     )
     drive.add_argument("--cpu", type=int)
     drive.set_defaults(func=cmd_drive)

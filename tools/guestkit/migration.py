@@ -71,8 +71,8 @@ class QMP:
             raise QMPError("QMP connection closed")
         return json.loads(line)
 
-    def cmd(self, name: str, **arguments) -> dict:
-        msg: dict = {"execute": name}
+    def cmd(self, command: str, /, **arguments) -> dict:
+        msg: dict = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
         self.file.write(json.dumps(msg).encode() + b"\n")
@@ -82,7 +82,7 @@ class QMP:
             if "event" in r:
                 self.events.append(r)
             elif "error" in r:
-                raise QMPError(f"{name}: {r['error'].get('desc', r['error'])}")
+                raise QMPError(f"{command}: {r['error'].get('desc', r['error'])}")
             elif "return" in r:
                 return r["return"]
 

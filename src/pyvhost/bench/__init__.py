@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="net: the vIOMMU rows -- direct vs copy with the IOTLB on at 1, 64 and 2,048 entries (and without), "
         "and with --peer dpdk DPDK's net_vhost iommu-support=1, all driven by pyvhost's front-end",
     )
+    p.add_argument(
+        "--regions",
+        metavar="N,N,...",
+        help="net: the memory-slot rows -- direct vs copy with pyvhost's front-end's RAM shared as N regions "
+        "(ADD_MEM_REG, rings and buffers spread over them) for each N, e.g. 1,8,64,509",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")

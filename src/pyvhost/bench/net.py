@@ -11,6 +11,9 @@ back-end to beat, with testpmd's virtio-user as the front-end, and pyvhost's fro
 ``--iommu``: pyvhost's front-end plays a vIOMMU whose IOTLB holds 1, 64 or 2,048 entries (sent up front), so
 every ring and buffer address is an IOVA: the copy path pays a lookup in that many entries per access, the
 direct path only when it binds a ring; with ``--peer dpdk`` also DPDK's net_vhost ``iommu-support=1``.
+``--regions 1,8,64,509``: pyvhost's front-end shares its RAM as that many regions (ADD_MEM_REG), rings and
+buffers spread over them: the copy path translates every access in a table of that many rows, the direct path
+only when it binds a ring.
 
 ``--workload`` picks the work (a comma list): ``tx`` (a sink with no payload access), ``tx-read`` (a sink that
 reads every payload byte and reports a checksum, as DPDK's vhost PMD copies every frame into an mbuf), ``rx``
@@ -89,6 +92,7 @@ class Row:
     #: pages the log showed at the end (pyvhost's front-end with the log on; 0 otherwise)
     dirty_pages: int = 0
     iommu: int | None = None  # IOTLB entries (None: no vIOMMU)
+    regions: int | None = None  # memory regions of pyvhost's front-end's RAM (None: one, not asked)
 
 
 @dataclass
@@ -101,6 +105,7 @@ class Config:
     pkt_size: int = 64
     dirty_log: str = "off"  # on: the front-end shares a dirty log and switches VHOST_F_LOG_ALL on (migrating)
     iommu: int | None = None  # pyvhost's front-end plays a vIOMMU with this many IOTLB entries
+    regions: int | None = None  # pyvhost's front-end shares its RAM as this many regions
     rows: list[Row] = field(default_factory=list)
 
     def new_row(self, run: int, queue_size: int, errors: int = 0, note: str = "") -> Row:
@@ -120,12 +125,14 @@ class Config:
             note=note,
             dirty_log=self.dirty_log,
             iommu=self.iommu,
+            regions=self.regions,
         )
 
     @property
     def label(self) -> str:
         log = " log" if self.dirty_log == "on" else ""
         iotlb = "" if self.iommu is None else f" iotlb={self.iommu}"
+        iotlb += "" if self.regions is None else f" regions={self.regions}"
         return (
             f"{self.frontend}->{self.backend} {self.direction} {self.metadata} {self.ring} {self.pkt_size}B{iotlb}{log}"
         )
@@ -190,6 +197,7 @@ class Runner:
         pkt_size: int = 64,
         dirty_log: bool = False,
         iommu: int | None = None,
+        regions: int | None = None,
     ) -> dict:
         cmd = pyvhost_cmd(
             "drive",
@@ -217,6 +225,8 @@ class Runner:
             cmd.append("--dirty-log")
         if iommu is not None:
             cmd += ["--iommu-entries", str(iommu)]
+        if regions is not None:
+            cmd += ["--regions", str(regions)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.seconds + self.a.warmup + 120)
         if out.returncode:
             raise RuntimeError(f"pyvhost drive failed: {out.stderr[-2000:]}")
@@ -289,7 +299,7 @@ def run_frontend(r: Runner, c: Config, sock: Path, fwd: str, row: Row, backend_p
     if c.frontend == "pyvhost":
         u0 = cpu_seconds(backend_pid)
         direction = "tx" if c.direction.startswith("tx") else "rx"
-        res = r.drive(sock, direction, c.ring, c.pkt_size, c.dirty_log == "on", c.iommu)
+        res = r.drive(sock, direction, c.ring, c.pkt_size, c.dirty_log == "on", c.iommu, c.regions)
         row.dirty_pages = res.get("dirty_pages", 0)
         u1 = cpu_seconds(backend_pid)  # the back-end is not reaped yet: its times are still there
         row.mpps, row.packets = res["mpps"], res["final"]["packets"]
@@ -373,11 +383,28 @@ def pkt_sizes(a: argparse.Namespace) -> list[int]:
     return [int(x) for x in str(a.pkt_size).split(",") if x.strip()]
 
 
+def regions(a: argparse.Namespace) -> list[int]:
+    """``--regions``: a comma list of region counts, each in 1..509."""
+    out = [int(x) for x in str(a.regions).split(",") if x.strip()]
+    bad = [n for n in out if not 1 <= n <= 509]
+    if bad:
+        raise SystemExit(f"pyvhost bench: --regions {bad[0]} is not in 1..509 (VHOST_USER_MAX_MEM_SLOTS)")
+    return out
+
+
 def configs(a: argparse.Namespace) -> list[Config]:
     paths = ["copy", "direct"] if a.metadata == "both" else [a.metadata]
     rings = ["split", "packed"] if getattr(a, "ring", "split") == "both" else [getattr(a, "ring", "split")]
     logs = ["off", "on"] if getattr(a, "dirty_log", "off") == "both" else [getattr(a, "dirty_log", "off")]
     out: list[Config] = []
+    if getattr(a, "regions", None):  # pyvhost's front-end only: it is the one that splits its RAM
+        counts = regions(a)
+        for size in pkt_sizes(a):
+            for d in (w for w in workloads(a) if w in ("tx", "tx-read", "rx")):
+                for ring in rings:
+                    for k in counts:
+                        out += [Config("pyvhost", "pyvhost", d, m, ring, size, regions=k) for m in paths]
+        return out
     if getattr(a, "iommu", False):  # pyvhost's front-end only: DPDK's virtio-user plays no vIOMMU
         for size in pkt_sizes(a):
             for d in (w for w in workloads(a) if w in ("tx", "rx")):
@@ -448,6 +475,7 @@ def ratios(c: Config, cs: list[Config]) -> str:
         and x is not c
         and (x.dirty_log == c.dirty_log or x.backend == "dpdk")
         and x.iommu == c.iommu
+        and x.regions == c.regions
     ]
     out = []
     if c.backend == "pyvhost" and c.metadata == "direct":
@@ -466,6 +494,7 @@ def ratios(c: Config, cs: list[Config]) -> str:
             and x.ring == "split"
             and x.dirty_log == c.dirty_log
             and x.iommu == c.iommu
+            and x.regions == c.regions
             and x.rows
         ]
         if split:
@@ -498,6 +527,17 @@ def ratios(c: Config, cs: list[Config]) -> str:
         ]
         if plain:
             out.append(_ratio("vs no vIOMMU", pair_ratios(c.rows, plain[0].rows)))
+    if c.regions not in (None, 1):  # the same path and layout with the RAM in one region
+        one = [
+            x
+            for x in cs
+            if (x.frontend, x.backend, x.direction, x.metadata, x.ring, x.pkt_size)
+            == (c.frontend, c.backend, c.direction, c.metadata, c.ring, c.pkt_size)
+            and x.regions == 1
+            and x.rows
+        ]
+        if one:
+            out.append(_ratio("vs 1 region", pair_ratios(c.rows, one[0].rows)))
     return "  ".join(x for x in out if x)
 
 
@@ -508,7 +548,7 @@ def table(cs: list[Config]) -> str:
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
         lines.append(
-            f"{'back-end':9} {'path ran':9} {'ring':6} {'iotlb':5} {'log':3} {'workload':26} {'bytes':>5} "
+            f"{'back-end':9} {'path ran':9} {'ring':6} {'iotlb':5} {'regs':4} {'log':3} {'workload':26} {'bytes':>5} "
             f"{'Mpps median (min–max)':24} {'Gbit/s':>6} {'CPU s/Mpkt':>10} {'errors':>6}  ratios (per pair of runs)"
         )
         for c in (c for c in cs if c.frontend == fe):
@@ -519,8 +559,9 @@ def table(cs: list[Config]) -> str:
             gbps = statistics.median(x.gbps for x in c.rows)
             errs = sum(x.errors for x in c.rows)
             iotlb = "-" if c.iommu is None else str(c.iommu)
+            regs = "1" if c.regions is None else str(c.regions)
             lines.append(
-                f"{c.backend:9} {ran:9} {c.ring:6} {iotlb:5} {c.dirty_log:3} {work:26} {c.pkt_size:5d} "
+                f"{c.backend:9} {ran:9} {c.ring:6} {iotlb:5} {regs:>4} {c.dirty_log:3} {work:26} {c.pkt_size:5d} "
                 f"{_fmt(c.rows):24} {gbps:6.2f} {_cpu(c.rows):>10} {errs:6d}  {ratios(c, cs)}"
             )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]

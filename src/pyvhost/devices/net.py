@@ -2,10 +2,10 @@
 
 Modes: ``sink`` counts and drops what the driver transmits (reading no payload); ``sink-read`` also reads
 every payload byte (a checksum of them in the device's stats, the work a copy into a packet buffer does);
-``source`` fills receive buffers with generated
-frames; ``loopback`` returns each transmitted frame on the paired receive queue.  The datapath is compiled:
-each kernel runs up to ``budget`` passes of at most ``Q_BATCH`` chains per ring, polls ``spins`` empty passes
-before asking for kicks, and publishes used entries once per pass.
+``source`` fills receive buffers with generated frames
+(and consumes what the driver transmits, as ``sink`` does); ``loopback`` returns each transmitted frame on the
+paired receive queue.  The datapath is compiled: each kernel runs up to ``budget`` passes of at most ``Q_BATCH``
+chains per ring, polls ``spins`` empty passes before asking for kicks, and publishes used entries once per pass.
 """
 
 from __future__ import annotations
@@ -433,8 +433,8 @@ class NetDevice(Device):
         pairs = range(self.queue_pairs)
         if self.mode in (Mode.SINK, Mode.SINK_READ):
             return [(2 * p + 1,) for p in pairs]
-        if self.mode is Mode.SOURCE:
-            return [(2 * p,) for p in pairs]
+        if self.mode is Mode.SOURCE:  # RX generates; TX is a sink, so that a driver's transmissions never stall
+            return [(q,) for q in range(self.num_queues)]
         return [(2 * p, 2 * p + 1) for p in pairs]
 
     def warm_up(self) -> None:
@@ -450,6 +450,8 @@ class NetDevice(Device):
         return self._step(Mode.SINK, [ring])
 
     def make_step(self, rings: list[Ring]) -> StepFn:
+        if self.mode is Mode.SOURCE and rings[0].index % 2 == 1:
+            return self._step(Mode.SINK, rings)  # a source's TX queue
         return self._step(self.mode, rings)
 
     def _step(self, mode: Mode, rings: list[Ring]) -> StepFn:

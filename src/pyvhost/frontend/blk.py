@@ -150,9 +150,11 @@ class BlkFrontend(Frontend):
         connect_timeout: float = 10.0,
         dirty_log: bool = False,
         iommu: bool = False,
+        regions: int = 1,
     ) -> None:
-        """``iommu``: play a vIOMMU (frontend/iommu.py): every address the back-end sees is an IOVA, and the
-        driver reaches headers, data and status through the vIOMMU's page table (pages may be remapped)."""
+        """``regions``: guest RAM shared as that many regions (see ``Frontend``).  ``iommu``: play a vIOMMU
+        (frontend/iommu.py): every address the back-end sees is an IOVA, and the driver reaches
+        headers, data and status through the vIOMMU's page table (pages may be remapped)."""
         slots = queue_size // 3
         per_queue = (
             desc_bytes(queue_size)
@@ -173,6 +175,7 @@ class BlkFrontend(Frontend):
             num_queues=num_queues,
             dirty_log=dirty_log,
             iommu=iommu,
+            regions=regions,
         )
         self.max_io = max_io
         self.want_inflight = inflight
@@ -200,7 +203,7 @@ class BlkFrontend(Frontend):
         self.features = want & offered
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
             pf = P.U64.unpack(self.request(R.GET_PROTOCOL_FEATURES))[0]
-            mine = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG)
+            mine = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG) | self.slots_pf()
             if self.want_inflight:
                 mine |= 1 << PF.INFLIGHT_SHMFD
             if self.want_iommu:

@@ -71,8 +71,11 @@ class Frontend:
         iommu: bool = False,
         iommu_grain: int = PAGE,
         iommu_prefill: int | None = None,
+        regions: int = 1,
     ) -> None:
-        """``iommu``: play a vIOMMU (frontend/iommu.py): rings and buffers at IOVAs, MISS answered with UPDATEs
+        """``regions``: share guest RAM as that many memory regions, rings and buffers spread over them (by
+        ADD_MEM_REG when the back-end offers CONFIGURE_MEM_SLOTS, else by SET_MEM_TABLE, 8 regions at most).
+        ``iommu``: play a vIOMMU (frontend/iommu.py): rings and buffers at IOVAs, MISS answered with UPDATEs
         of at most ``iommu_grain`` bytes; ``iommu_prefill``: before the rings start, send UPDATEs for all of
         them cut into about that many entries (None: nothing, the back-end asks for each page)."""
         self.socket_path = socket_path
@@ -83,7 +86,9 @@ class Frontend:
         self.want_event_idx = event_idx
         self.want_mrg = mrg_rxbuf
         self.want_packed = packed  # VIRTIO_F_RING_PACKED: packed rings (frontend_packed.py)
-        self.ram = GuestRam(ram_size, seal=seal_memory)
+        self.ram = GuestRam(ram_size, seal=seal_memory, regions=regions)
+        #: the socket on which the regions were last sent by ADD_MEM_REG (to be removed before sending again)
+        self.regions_sent_on: socket.socket | None = None
         self.sock = self._connect(socket_path, connect_timeout)
         self.rings: list[DriverRing] = []
         self.features = 0
@@ -150,7 +155,7 @@ class Frontend:
         self.features = want & offered
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
             pf = P.U64.unpack(self.request(R.GET_PROTOCOL_FEATURES))[0]
-            mine = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG) | self.log_pf(pf)
+            mine = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIG) | self.log_pf(pf) | self.slots_pf()
             if self.want_iommu:
                 mine |= 1 << PF.BACKEND_REQ
             self.protocol_features = pf & mine
@@ -304,9 +309,29 @@ class Frontend:
             log_addr = self.ram.gpa(used_off)
         self.command(R.SET_VRING_ADDR, P.VRING_ADDR.pack(ring.index, flags, a.desc, a.used, a.avail, log_addr))
 
+    def slots_pf(self) -> int:
+        """CONFIGURE_MEM_SLOTS when guest RAM is shared as more than one region."""
+        return 1 << PF.CONFIGURE_MEM_SLOTS if self.ram.nregions > 1 else 0
+
     def set_mem_table(self) -> None:
-        payload = P.MEM_TABLE_HDR.pack(1, 0) + self.ram.region().pack()
-        self.command(R.SET_MEM_TABLE, payload, [self.ram.fd])
+        """Share guest RAM: in several regions with CONFIGURE_MEM_SLOTS, one ADD_MEM_REG per region (after
+        removing those sent before on this connection); else one SET_MEM_TABLE."""
+        regions = self.ram.regions()
+        if self.protocol_features & (1 << PF.CONFIGURE_MEM_SLOTS) and len(regions) > 1:
+            most = P.U64.unpack(self.request(R.GET_MAX_MEM_SLOTS))[0]
+            if len(regions) > most:
+                raise FrontendError(f"{len(regions)} regions, the back-end takes {most} memory slots")
+            if self.regions_sent_on is self.sock:
+                for r in regions:
+                    self.command(R.REM_MEM_REG, P.SINGLE_REGION_HDR.pack(0) + r.pack())
+            for r in regions:
+                self.command(R.ADD_MEM_REG, P.SINGLE_REGION_HDR.pack(0) + r.pack(), [self.ram.fd])
+            self.regions_sent_on = self.sock
+            return
+        if len(regions) > P.MEMORY_BASELINE_NREGIONS:
+            raise FrontendError(f"{len(regions)} regions need CONFIGURE_MEM_SLOTS, which the back-end lacks")
+        payload = P.MEM_TABLE_HDR.pack(len(regions), 0) + b"".join(r.pack() for r in regions)
+        self.command(R.SET_MEM_TABLE, payload, [self.ram.fd] * len(regions))
 
     def start_ring(self, ring: DriverRing, base: int | None = None) -> None:
         i = ring.index
