@@ -15,6 +15,9 @@ import pytest
 from pyvhost.devices import scsi as S
 from pyvhost.devices import scsi_cdb as C
 from pyvhost.devices.chain_device import Request, _Completions
+from pyvhost.frontend.scsi import ScsiFrontend, rw16
+
+from .test_blk import server
 
 MiB = 1 << 20
 BLOCKS = (4 * MiB) // 512
@@ -225,3 +228,36 @@ def test_controlq(drv):
 
 def test_config():
     assert S.CONFIG.size == 36
+
+
+@pytest.mark.parametrize("metadata", ["direct", "copy"])
+def test_frontend_over_the_ring(images, tmp_path, metadata):
+    """pyvhost's SCSI front-end against the served device, through the request queue (I/O threads, RWF_NOWAIT):
+    the capacity it reads, writes read back and found in the image, a batch in flight at once, a bad LBA."""
+    dev = S.ScsiDevice(images)
+    sock = str(tmp_path / "scsi.sock")
+    try:
+        with server(dev, sock, metadata), ScsiFrontend(sock, queue_size=64, max_io=64 << 10) as fe:
+            fe.setup()
+            assert (fe.blocks, fe.block_size) == (BLOCKS, 512) and fe.config["num_queues"] == 1
+            data = os.urandom(64 << 10)
+            c, _ = fe.command_io(rw16(True, 100, len(data) // 512), data=data)
+            assert c.ok and c.residual == 0 and not c.sense, c
+            c, got = fe.command_io(rw16(False, 100, len(data) // 512), datain=len(data))
+            assert c.ok and got == data and c.length == S.CMD_RESP_SIZE + len(data), c
+            with open(images[0], "rb") as f:
+                f.seek(100 * 512)
+                assert f.read(len(data)) == data
+            fe.fill_slots(data)
+            slots = [fe.post_rw(k % 2 == 0, 8 * k, 4096, publish=False) for k in range(fe.queue.slots)]
+            fe.publish()
+            done = []
+            while len(done) < len(slots):
+                done += fe.wait()
+            assert sorted(c.slot for c in done) == sorted(slots) and all(c.ok for c in done), done
+            c, _ = fe.command_io(rw16(False, BLOCKS, 1), datain=512)
+            assert c.response == S.VIRTIO_SCSI_S_OK and c.status == C.CHECK_CONDITION, c
+            assert c.sense == C.fixed_sense(C.ILLEGAL_REQUEST, C.ASC_LBA_OUT_OF_RANGE), c
+            assert not fe.anomalies, fe.anomalies
+    finally:
+        dev.close()
