@@ -7,15 +7,18 @@ is written outside the chain's writable buffers."""
 from __future__ import annotations
 
 import os
+import select
 import struct
 from pathlib import Path
 
 import pytest
 
+from pyvhost import protocol as P
 from pyvhost.devices import scsi as S
 from pyvhost.devices import scsi_cdb as C
 from pyvhost.devices.chain_device import Request, _Completions
 from pyvhost.frontend.scsi import ScsiFrontend, rw16
+from pyvhost.protocol import Request as R
 
 from .test_blk import server
 
@@ -259,5 +262,48 @@ def test_frontend_over_the_ring(images, tmp_path, metadata):
             assert c.response == S.VIRTIO_SCSI_S_OK and c.status == C.CHECK_CONDITION, c
             assert c.sense == C.fixed_sense(C.ILLEGAL_REQUEST, C.ASC_LBA_OUT_OF_RANGE), c
             assert not fe.anomalies, fe.anomalies
+    finally:
+        dev.close()
+
+
+class LateCallFrontend(ScsiFrontend):
+    """QEMU's order: a ring is kicked and enabled before its call fd comes (SET_VRING_CALL without waiting for
+    replies), and the guest goes on meanwhile."""
+
+    def start_ring(self, ring, base=None) -> None:
+        i = ring.index
+        self.command(R.SET_VRING_NUM, P.VRING_STATE.pack(i, ring.size))
+        self.command(R.SET_VRING_BASE, P.VRING_STATE.pack(i, 0))
+        self.set_vring_addr(ring)
+        self.command(R.SET_VRING_KICK, P.U64.pack(i), [ring.kick_fd])
+        self.command(R.SET_VRING_ENABLE, P.VRING_STATE.pack(i, 1))
+
+
+def readable(fd: int, timeout: float) -> bool:
+    if not select.select([fd], [], [], timeout)[0]:
+        return False
+    os.eventfd_read(fd)
+    return True
+
+
+def test_completion_before_the_call_fd_is_signalled_when_it_comes(images, tmp_path):
+    """A command completed while the ring had no call fd (setup's READ CAPACITY, taken by polling the used ring
+    here) is signalled on the call fd SET_VRING_CALL brings -- once: Linux's virtio_scsi, whose first INQUIRY
+    raced QEMU's late SET_VRING_CALL, waited for that interrupt forever.  A call fd with nothing missed gets
+    nothing; later completions are signalled as usual."""
+    dev = S.ScsiDevice(images)
+    sock = str(tmp_path / "scsi.sock")
+    try:
+        with server(dev, sock), LateCallFrontend(sock, queue_size=64, max_io=4096) as fe:
+            fe.setup()
+            (ring,) = fe.rings
+            assert not readable(ring.call_fd, 0.2)
+            fe.command(R.SET_VRING_CALL, P.U64.pack(ring.index), [ring.call_fd])
+            assert readable(ring.call_fd, 5.0), "the completion published without a call fd was not signalled"
+            fe.command(R.SET_VRING_CALL, P.U64.pack(ring.index), [ring.call_fd])
+            assert not readable(ring.call_fd, 0.2), "a call fd with no completion missed was signalled"
+            fe.post(bytes(6), tag="tur")  # TEST UNIT READY
+            assert readable(ring.call_fd, 5.0)
+            assert [(c.tag, c.ok) for c in fe.reap()] == [("tur", True)]
     finally:
         dev.close()
