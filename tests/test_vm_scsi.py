@@ -42,7 +42,7 @@ for l in 0 1; do  # the disks probe asynchronously (scan, then sd): find each LU
   i=0
   while [ ! -e /sys/class/scsi_disk/0:0:0:$l/device/block ] && [ $i -lt {PROBE_POLLS} ]; do sleep 0.1; i=$((i+1)); done
   d=$(ls /sys/class/scsi_disk/0:0:0:$l/device/block 2>/dev/null)
-  [ -n "$d" ] || {{ echo "RESULT missing=$l"; exit 1; }}
+  [ -n "$d" ] || {{ echo "RESULT missing=$l"; dmesg | tail -20; exit 1; }}
   eval D$l=$d
   echo "RESULT lun${{l}}_size=$(cat /sys/block/$d/size) lun${{l}}_ro=$(cat /sys/block/$d/ro)"
   wc=$(tr ' ' _ < /sys/block/$d/queue/write_cache)
