@@ -18,6 +18,7 @@ LAZY_BY_DESIGN = {
     "pyvhost.bench",
     "pyvhost.bench.net",
     "pyvhost.bench.blk",
+    "pyvhost.bench.scsi",
     "pyvhost.bench.guests",
 }
 

@@ -166,3 +166,15 @@ def test_bench_queue_pairs(tmp_path):
     check(rows)
     assert {(r["queue_pairs"], r["direction"]) for r in rows} == {(q, d) for q in (1, 2) for d in ("tx", "rx")}
     assert "2 pairs/1" in table
+
+
+def test_bench_scsi(tmp_path):
+    """``--device scsi``: scsi on both paths and blk on the same image, every workload's requests counted without
+    errors, each row with the path the back-end ran; the ratios per pair of runs."""
+    rows, table = bench(tmp_path, "--device", "scsi", "--image-mb", "16", "--queue-size", "64")
+    assert {(r["device"], r["metadata"]) for r in rows} == {("blk", "direct"), ("scsi", "direct"), ("scsi", "copy")}
+    assert {r["workload"] for r in rows} == {"randread", "randwrite", "seqread", "seqwrite"}
+    for r in rows:
+        assert r["ops"] > 0 and r["errors"] == 0 and r["path"] == r["metadata"], r
+        assert (r["iops"] if r["block_size"] <= 4096 else r["mbps"]) > 0, r
+    assert "scsi direct/blk" in table and "scsi copy/blk" in table and "scsi direct/copy" in table

@@ -58,7 +58,7 @@ def test_help_and_argument_errors_load_no_datapath(argv):
 
 def test_every_builtin_device_is_served_by_name():
     parser = cli.build_parser()
-    required = {"blk": ["--file", "f"], "vsock": ["--guest-cid", "3", "--uds-path", "u"]}
+    required = {"blk": ["--file", "f"], "scsi": ["--lun", "0:f"], "vsock": ["--guest-cid", "3", "--uds-path", "u"]}
     for name in SPECS:
         args = parser.parse_args(["serve", name, "--socket-path", "s", *required.get(name, [])])
         assert args.spec is SPECS[name] and args.func is cli.cmd_serve

@@ -71,6 +71,7 @@ from .ring.state import (
     Q_AVAIL_WRAP,
     Q_BATCH,
     Q_BYTES,
+    Q_CALL_MISSED,
     Q_CALLFD,
     Q_CALLS,
     Q_CHAINS,
@@ -1167,6 +1168,13 @@ class Connection:
             os.close(vr.call_fd)
         vr.call_fd = fd
         vr.q[Q_CALLFD] = fd
+        if fd >= 0 and vr.q[Q_CALL_MISSED]:
+            # completions were published while the ring had no call fd -- QEMU sends SET_VRING_CALL after the
+            # ring has started, without waiting for replies, and its guest goes on meanwhile: tell the driver
+            # now, or it waits for them forever (Linux's virtio_scsi never times a command out)
+            vr.q[Q_CALL_MISSED] = 0
+            os.eventfd_write(fd, 1)
+            log.info("vring %d: completions published before its call fd came are signalled now", vr.index)
         if workers:
             self.refresh()
 

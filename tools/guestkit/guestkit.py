@@ -21,6 +21,7 @@ Command line:  ``python3 tools/guestkit/guestkit.py build``  (prints the paths o
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import lzma
 import os
@@ -52,6 +53,10 @@ MODULES = [
     "vmw_vsock_virtio_transport",
     "evdev",
     "virtio_input",
+    "virtio_scsi",
+    "sd_mod",
+    "crc32c_generic",
+    "ext4",
 ]
 
 QEMU = "qemu-system-x86_64"
@@ -215,22 +220,27 @@ class Cpio:
         return gzip.compress(self.buf.getvalue(), compresslevel=6, mtime=0)
 
 
+def initramfs_name() -> str:
+    """The base initramfs's file name, keyed by what goes into it (the modules and the init script): checkouts
+    that want different modules share the cache without rebuilding over one another."""
+    key = hashlib.sha256("\n".join([*MODULES, INIT]).encode()).hexdigest()[:12]
+    return f"initramfs-{key}.cpio.gz"
+
+
 def build(force: bool = False, log=print) -> Kit:
     """Build (or find in the cache) the guest kernel and base initramfs."""
     base = cache_dir()
     try:
         pkg = kernel_package()
     except (OSError, subprocess.CalledProcessError, RuntimeError):
-        cached = sorted(base.glob("linux-image-*/initramfs.cpio.gz"))
+        cached = sorted(base.glob(f"linux-image-*/{initramfs_name()}"))
         if cached and not force:  # no apt lists (offline): use what is cached
             d = cached[-1].parent
-            return Kit(d / "vmlinuz", d / "initramfs.cpio.gz", d.name)
+            return Kit(d / "vmlinuz", d / initramfs_name(), d.name)
         raise
     out = base / pkg
-    kit = Kit(out / "vmlinuz", out / "initramfs.cpio.gz", pkg)
-    stamp = out / "stamp"
-    wanted = f"wanted: {' '.join(MODULES)}"
-    if stamp.exists() and not force and kit.kernel.exists() and kit.initrd.exists() and wanted in stamp.read_text():
+    kit = Kit(out / "vmlinuz", out / initramfs_name(), pkg)
+    if not force and kit.kernel.exists() and kit.initrd.exists():
         return kit
     log(f"guestkit: building {out}")
     debs = base / "debs"
@@ -268,11 +278,13 @@ def build(force: bool = False, log=print) -> Kit:
         for name, ko in mods:
             c.file(f"lib/modules/{name}.ko", ko)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(vmlinuz, out / "vmlinuz.tmp")
-        (out / "initramfs.tmp").write_bytes(c.finish())
-        os.replace(out / "vmlinuz.tmp", kit.kernel)
-        os.replace(out / "initramfs.tmp", kit.initrd)
-        stamp.write_text(f"{moddir.name} modules: {' '.join(n for n, _ in mods)}\n{wanted}\n")
+        # each builder writes its own files and renames them into place: kits built at once never mix
+        shutil.copyfile(vmlinuz, t / "vmlinuz")
+        (t / "initramfs").write_bytes(c.finish())
+        (t / "modules").write_text(f"{moddir.name} modules: {' '.join(n for n, _ in mods)}\n")
+        os.replace(t / "vmlinuz", kit.kernel)
+        os.replace(t / "modules", kit.initrd.with_suffix(".modules"))
+        os.replace(t / "initramfs", kit.initrd)
     log(f"guestkit: kernel {moddir.name}, modules {' '.join(n for n, _ in mods)}")
     return kit
 

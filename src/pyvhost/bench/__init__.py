@@ -1,20 +1,22 @@
 """``pyvhost bench``: devices measured side by side in one run, against the reference peers (net: the metadata
-paths and DPDK's vhost PMD; blk: qemu-storage-daemon; fs: QEMU's virtiofsd, from inside a guest).  ``net``,
-``blk`` and ``fs`` hold the measurements, ``peers`` the processes they run."""
+paths and DPDK's vhost PMD; blk: qemu-storage-daemon; scsi: pyvhost's blk on the same image; fs: QEMU's
+virtiofsd, from inside a guest).  ``net``, ``blk``, ``scsi`` and ``fs`` hold the measurements, ``peers`` the
+processes they run."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import blk, fs, guests, net, vsock
+from . import blk, fs, guests, net, scsi, vsock
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
-        choices=["net", "blk", "fs", "vsock"],
+        choices=["net", "blk", "scsi", "fs", "vsock"],
         default="net",
         help="net (default); blk: pyvhost's virtio-blk against qemu-storage-daemon (bench/blk.py); "
+        "scsi: pyvhost's virtio-scsi (direct and copy) against pyvhost's virtio-blk on the same image (bench/scsi.py); "
         "fs: pyvhost's virtio-fs against virtiofsd, measured in a QEMU guest (bench/fs.py); "
         "vsock: MB/s over one connection and over 16, both ways, from a QEMU guest (bench/vsock.py)",
     )
@@ -24,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="measure instead the resident memory of one back-end process serving N guests (--socket-count N, "
         "net sink), e.g. 1,8,64 (bench/guests.py)",
     )
-    p.add_argument("--image-mb", type=int, default=256, help="blk: size of the benchmark image")
+    p.add_argument("--image-mb", type=int, default=256, help="blk, scsi: size of the benchmark image")
     p.add_argument("--fs-mb", type=int, default=128, help="fs: size of the file the guest writes and reads")
     p.add_argument(
         "--peer",
@@ -88,4 +90,6 @@ def main(a: argparse.Namespace) -> int:
         return fs.main(a)
     if a.device == "vsock":
         return vsock.main(a)
+    if a.device == "scsi":
+        return scsi.main(a)
     return blk.main(a) if a.device == "blk" else net.main(a)

@@ -95,13 +95,21 @@ def stop_backend(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup: float, nbytes: int) -> dict:
+def drive(
+    fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup: float, nbytes: int, post=None, failed=None
+) -> dict:
     """Keep ``depth`` requests in flight for ``warmup + seconds``; count what completes after the warm-up.
     The window is stretched until ``depth`` requests have completed in it (at most ``MAX_WINDOW`` s), so a
-    loaded machine gives a slower rate rather than none; the rate is over the window actually measured."""
+    loaded machine gives a slower rate rather than none; the rate is over the window actually measured.
+    ``post(offset)`` queues one request of ``bs`` bytes at byte ``offset`` unpublished and ``failed(c)`` judges
+    a completion (defaults: virtio-blk's on a ``BlkFrontend``); ``fe.publish()`` and ``fe.reap()`` do the rest."""
     from ..devices.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 
     rtype = VIRTIO_BLK_T_IN if "read" in name else VIRTIO_BLK_T_OUT
+    if post is None:  # writes send what the slot holds
+        post = lambda offset: fe.post(rtype, offset // 512, bs, publish=False)  # noqa: E731
+    if failed is None:
+        failed = lambda c: c.status != VIRTIO_BLK_S_OK  # noqa: E731
     nblocks = nbytes // bs
     rng = random.Random(42)
     pos = 0
@@ -109,8 +117,7 @@ def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup
     t0 = time.perf_counter()
     t_start, done_start = None, 0
     end = t0 + warmup + seconds
-    post, publish, reap = fe.post, fe.publish, fe.reap
-    sectors_per_block = bs // 512
+    publish, reap = fe.publish, fe.reap
     outstanding = 0
     while True:
         while outstanding < depth:
@@ -118,14 +125,14 @@ def drive(fe, name: str, bs: int, depth: int, rand: bool, seconds: float, warmup
                 b = rng.randrange(nblocks)
             else:
                 b, pos = pos, (pos + 1) % nblocks
-            post(rtype, b * sectors_per_block, bs, publish=False)  # writes send what the slot holds
+            post(b * bs)
             outstanding += 1
         publish()
         cs = reap()
         if cs:
             outstanding -= len(cs)
             done += len(cs)
-            errors += sum(1 for c in cs if c.status != VIRTIO_BLK_S_OK)
+            errors += sum(1 for c in cs if failed(c))
         now = time.perf_counter()
         if t_start is None and now >= t0 + warmup:
             t_start, done_start = now, done

@@ -210,6 +210,51 @@ def create_input(args: argparse.Namespace) -> Device:
     return device
 
 
+def _lun(text: str) -> tuple[int, str]:
+    number, sep, path = text.partition(":")
+    if not sep or not number.isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"--lun {text!r}: expected N:PATH (a LUN number and an image)")
+    return int(number), path
+
+
+def scsi_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lun",
+        type=_lun,
+        action="append",
+        required=True,
+        metavar="N:PATH",
+        help="logical unit N on raw image file or block device PATH (repeat for more LUNs)",
+    )
+    p.add_argument("--readonly", action="store_true", help="every LUN write-protected")
+    p.add_argument("--queues", type=int, default=1, help="request queues (num_queues)")
+    p.add_argument("--io-threads", type=int, default=4, help="I/O threads (0: do the I/O in the queue's worker)")
+    p.add_argument("--no-nowait", action="store_true", help="send every read and write to the I/O threads")
+
+
+def create_scsi(args: argparse.Namespace) -> Device:
+    from . import scsi
+
+    luns = dict(args.lun)
+    if len(luns) != len(args.lun):
+        raise SystemExit("serve scsi: a LUN number is given twice")
+    try:
+        device = scsi.ScsiDevice(
+            luns,
+            readonly=args.readonly,
+            request_queues=args.queues,
+            io_threads=args.io_threads,
+            nowait=not args.no_nowait,
+        )
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"serve scsi: {e}") from None
+    for n, unit in sorted(device.units.items()):
+        log.info(
+            "scsi LUN %d: %s (%d blocks%s)", n, unit.path, unit.info.blocks, ", read-only" if args.readonly else ""
+        )
+    return device
+
+
 CACHE_MODES = ("none", "auto", "always")
 
 
@@ -285,6 +330,13 @@ SPECS: dict[str, DeviceSpec] = {
             blk_arguments,
             one_socket="an image is one guest's disk (one guest writing under another's page cache corrupts it); "
             "run one process per image, as vhost-device does",
+        ),
+        DeviceSpec(
+            "scsi",
+            "virtio-scsi: one target whose LUNs are raw image files or block devices",
+            create_scsi,
+            scsi_arguments,
+            one_socket="an image is one guest's disk; run one process per guest",
         ),
         DeviceSpec("rng", "virtio-rng (a device written in plain Python)", create_rng, rng_arguments),
         DeviceSpec(

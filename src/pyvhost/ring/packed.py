@@ -48,6 +48,7 @@ from .split import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DE
 from .state import (
     Q_AVAIL,
     Q_AVAIL_WRAP,
+    Q_CALL_MISSED,
     Q_CALLFD,
     Q_CALLS,
     Q_DESC,
@@ -448,9 +449,12 @@ def flush_used(q, drv, desc, mem, table, shadow, n):
             signal = flags != RING_EVENT_FLAGS_DISABLE
     else:
         signal = flags != RING_EVENT_FLAGS_DISABLE
-    if signal and q[Q_CALLFD] >= 0:
-        q[Q_CALLS] += 1
-        eventfd_write(q[Q_CALLFD], 1)
+    if signal:
+        if q[Q_CALLFD] >= 0:
+            q[Q_CALLS] += 1
+            eventfd_write(q[Q_CALLFD], 1)
+        else:
+            q[Q_CALL_MISSED] = 1  # told once a call fd comes (backend.py, SET_VRING_CALL)
     return True, True
 
 

@@ -37,6 +37,7 @@ from ..memory import SPACE_UVA, SPACE_UVA_W, translate
 from .poll import NOTHING, make_poll
 from .state import (
     Q_AVAIL,
+    Q_CALL_MISSED,
     Q_CALLFD,
     Q_CALLS,
     Q_DESC,
@@ -274,9 +275,12 @@ def flush_used(q, avail, used16, mem, table, new_used):
         signal = (not valid) or need_event(event, new_used, last)
     else:
         signal = (flags & VRING_AVAIL_F_NO_INTERRUPT) == 0
-    if signal and q[Q_CALLFD] >= 0:
-        q[Q_CALLS] += 1
-        eventfd_write(q[Q_CALLFD], 1)
+    if signal:
+        if q[Q_CALLFD] >= 0:
+            q[Q_CALLS] += 1
+            eventfd_write(q[Q_CALLFD], 1)
+        else:
+            q[Q_CALL_MISSED] = 1  # told once a call fd comes (backend.py, SET_VRING_CALL)
     return True
 
 

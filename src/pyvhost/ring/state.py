@@ -48,6 +48,9 @@ Q_SEQ = 39
 # the last address fault (behind a vIOMMU the backend asks the front-end for the missing IOVA, backend.py)
 Q_FAULT_WRITE = 34  # 1: the faulting buffer is one the device writes (SPACE_GPA_W), 0: one it reads
 Q_FAULT_LEN = 35  # bytes of the range that did not translate (an indirect table's length; 1 for a buffer)
+# a completion the driver asked to be told of went unsignalled: the ring had no call fd then (the backend
+# signals the call fd SET_VRING_CALL brings, once)
+Q_CALL_MISSED = 36
 Q_FIELDS = 40
 
 
