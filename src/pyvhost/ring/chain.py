@@ -248,6 +248,44 @@ def sg_copy(mem, dst, dfirst, dlast, dst_off, src, sfirst, slast, src_off, lengt
     return done
 
 
+#: Byte lanes of a word summed pairwise into 16-bit lanes (SWAR): each word adds at most 2 x 255 to a lane, so a
+#: lane holds the sums of ``_FOLD_WORDS`` words (128 x 510 < 65536) before it is folded into the total.
+_LO_BYTES = np.uint64(0x00FF00FF00FF00FF)
+_LO_HALVES = np.uint64(0x0000FFFF0000FFFF)
+_LO_WORD = np.uint64(0xFFFFFFFF)
+_FOLD_WORDS = 128
+
+
+@helper
+def byte_sum(mem, off, n):
+    """The sum of the ``n`` bytes ``mem[off:off+n]`` (uint64), read 8 bytes at a time: the bytes up to the next
+    8-byte boundary and after the last whole word one by one, the words between as a uint64 view whose bytes
+    are added in 16-bit lanes, folded every ``_FOLD_WORDS`` words -- a loop LLVM turns into vector code.
+    Indices are unsigned, so Numba emits no negative-index fix-up (which would make the loop gather)."""
+    total = np.uint64(0)
+    end = off + n
+    a = min(end, off + ((-(mem.ctypes.data + off)) & 7))  # the first byte at an 8-aligned address
+    for b in range(off, a):
+        total += np.uint64(mem[np.uint64(b)])
+    nw = (end - a) >> 3
+    if nw > 0:
+        words = mem[a : a + 8 * nw].view(np.uint64)
+        i = 0
+        while i < nw:
+            stop = min(nw, i + _FOLD_WORDS)
+            lanes = np.uint64(0)
+            for j in range(i, stop):
+                w = words[np.uint64(j)]
+                lanes += (w & _LO_BYTES) + ((w >> np.uint64(8)) & _LO_BYTES)
+            lanes = (lanes & _LO_HALVES) + ((lanes >> np.uint64(16)) & _LO_HALVES)
+            total += (lanes & _LO_WORD) + (lanes >> np.uint64(32))
+            i = stop
+        a += 8 * nw
+    for b in range(a, end):
+        total += np.uint64(mem[np.uint64(b)])
+    return total
+
+
 @helper
 def sg_sum(mem, sg, first, last, src_off):
     """The sum of every byte of segments ``sg[first:last]`` from ``src_off`` bytes in (a sink that reads the
@@ -259,9 +297,7 @@ def sg_sum(mem, sg, first, last, src_off):
         if skip >= seg_len:
             skip -= seg_len
             continue
-        o = sg[i, 0]
-        for b in range(o + skip, o + seg_len):
-            total += np.uint64(mem[b])
+        total += byte_sum(mem, sg[i, 0] + skip, seg_len - skip)
         skip = 0
     return total
 
