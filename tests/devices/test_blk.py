@@ -46,12 +46,15 @@ from pyvhost.frontend.net import FrontendError
 from pyvhost.protocol import ProtocolFeature as PF
 from pyvhost.protocol import Request as R
 from pyvhost.ring import inflight as INF
+from pyvhost.ring.packed import encode_base
 
 from ..conftest import assert_log_path, assert_path
 
 PATHS = ["direct", "copy"]
 MiB = 1 << 20
 BLOCK = 4096
+#: ring layouts (the front-end drives packed rings with buffer id = request slot)
+LAYOUTS = ["split", "packed"]
 
 
 @pytest.fixture
@@ -96,10 +99,11 @@ def file_hash(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_config_and_features(image, sock_path, metadata):
+def test_config_and_features(image, sock_path, metadata, layout):
     dev = BlkDevice(image, num_queues=2)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, num_queues=2) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, num_queues=2, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0, 1])
         assert fe.config["capacity"] == 32 * MiB // 512
@@ -167,14 +171,15 @@ def test_checksummed_data_survives_backend_restart(image, sock_path, metadata):
             assert parse(f.read(BLOCK)) == (seq, b)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, errors):
+def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, errors, layout):
     ro_image = str(tmp_path / "ro.img")
     Path(ro_image).write_bytes(os.urandom(1 * MiB))
     before = file_hash(image)
     dev = BlkDevice(image)
     cap = dev.capacity
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         # out of range: past the end, straddling the end, a sector number near 2^64
@@ -223,7 +228,7 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
     # a read-only image: writes, discards and write-zeroes fail, reads work, the file is unchanged
     ro_before = file_hash(ro_image)
     dev = BlkDevice(ro_image, readonly=True)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         assert fe.features & (1 << VIRTIO_BLK_F_RO)
@@ -236,10 +241,11 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
     assert file_hash(ro_image) == ro_before
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_discard_and_write_zeroes(image, sock_path, metadata):
+def test_discard_and_write_zeroes(image, sock_path, metadata, layout):
     dev = BlkDevice(image)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         for b in range(4):
@@ -281,10 +287,11 @@ def _taken(ev: threading.Event) -> None:
     ev.clear()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata):
+def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata, layout):
     dev = SlowSector(image, io_threads=4)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         fe.post(VIRTIO_BLK_T_IN, 0, BLOCK, tag="slow")
@@ -300,7 +307,11 @@ def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata):
         _taken(dev.started)
         base = fe.stop_ring(fe.rings[0])
         assert dev.finished.is_set(), "GET_VRING_BASE returned while a request was in flight"
-        assert base == fe.rings[0].used16[1] == fe.queues[0].avail_idx
+        if layout == "packed":  # both cursors where the driver's avail cursor is: nothing left in flight
+            bq = fe.queues[0]
+            assert base == encode_base(bq.pos, bq.wrap, bq.pos, bq.wrap)
+        else:
+            assert base == fe.rings[0].used16[1] == fe.queues[0].avail_idx
         assert [c.tag for c in fe.reap()] == ["slow2"]
     dev.close()
 
