@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import mmap
 import os
 import random
@@ -734,3 +735,26 @@ def test_bench_blk(tmp_path):
     for r in rows:
         assert r["ops"] > 0 and r["errors"] == 0 and r["iops"] > 0, r
     assert "pyvhost/qsd" in p.stdout
+
+
+def test_packed_ring_with_an_inflight_area_works_untracked(image, sock_path, caplog):
+    """A front-end that gives an inflight area on a packed ring: requests are served, not tracked, and that is
+    logged once for the ring, however often it is restarted."""
+    caplog.set_level(logging.INFO, logger="pyvhost")
+    dev = BlkDevice(image)
+    with server(dev, sock_path) as srv, BlkFrontend(sock_path, packed=True) as fe:
+        fe.setup()
+        assert fe.inflight_fd is not None
+        for k in range(3):
+            assert fe.write(8 * k, payload(k, k)) == VIRTIO_BLK_S_OK
+            assert fe.read(8 * k, BLOCK) == (VIRTIO_BLK_S_OK, payload(k, k))
+            bq = fe.queues[0]
+            base = fe.stop_ring(fe.rings[0])
+            assert base == encode_base(bq.pos, bq.wrap, bq.pos, bq.wrap)
+            fe.start_ring(fe.rings[0], base)
+        region = srv.connection.inflight.queue(0, fe.queue_size)
+        assert region is not None and len(region.inflight_heads()) == 0  # nothing recorded
+        assert fe.anomalies == []
+    warned = [r for r in caplog.records if "inflight tracking is split-ring only" in r.getMessage()]
+    assert len(warned) == 1 and "vring 0" in warned[0].getMessage()
+    dev.close()
