@@ -208,17 +208,20 @@ class Scatter(ChainDevice):
         return sum(len(b) for b in writable)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
 @pytest.mark.parametrize("kind", ["rng", "scatter"])
 @EXAMPLES
 @given(size=st.sampled_from([2, 8, 64, 256]), before=st.integers(0, 300), count=st.integers(1, 300))
-def test_chain_device_writes_are_logged(kind, metadata, size, before, count):
-    """(ChainDevice rings are split rings.)"""
+def test_chain_device_writes_are_logged(kind, metadata, layout, size, before, count):
+    """A ChainDevice's writes (logged whole on completion) and the used ring or descriptors, split and packed."""
     path = os.path.join(tempfile.mkdtemp(prefix="pyvhost-oracle-"), "vhost.sock")
     dev = RngDevice() if kind == "rng" else Scatter()
     srv = serve_on(path, metadata, device=dev)
     try:
-        with Frontend(path, num_queues=1, queue_size=size, ram_size=RAM, dirty_log=True) as fe:
+        with Frontend(
+            path, num_queues=1, queue_size=size, ram_size=RAM, dirty_log=True, packed=layout == "packed"
+        ) as fe:
             fe.setup()
             srv.assert_path(metadata, [0])
             if before:

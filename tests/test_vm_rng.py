@@ -52,18 +52,20 @@ echo "RESULT same=$(cmp -s /tmp/r0 /tmp/r1 && echo yes || echo no)"
 
 
 class RngGuest(guestkit.Guest):
-    """The kit's guest with two vhost-user-rng devices (sockets ``socket_path`` and ``second``)."""
+    """The kit's guest with two vhost-user-rng devices (sockets ``socket_path`` and ``second``), or one if
+    ``second`` is empty; ``device_opts`` go to each device."""
 
     second: str = ""
 
     def device_args(self) -> list[str]:
         out = []
-        for i, sock in enumerate((self.socket_path, self.second)):
+        opts = f",{self.device_opts}" if self.device_opts else ""
+        for i, sock in enumerate(s for s in (self.socket_path, self.second) if s):
             out += [
                 "-chardev",
                 f"socket,id=c{i},path={sock}",
                 "-device",
-                f"vhost-user-rng-pci,chardev=c{i},vectors=0,addr={4 + i:#x}",
+                f"vhost-user-rng-pci,chardev=c{i},vectors=0,addr={4 + i:#x}{opts}",
             ]
         return out
 
@@ -149,3 +151,33 @@ def test_guest_reads_hwrng_within_the_rate_limit(kit, tmp_path):
         f"limited to {MAX_BYTES} B per {PERIOD_MS} ms: {took:.2f} s, {len(windows)} windows, max {max(windows)} B, "
         f"{over} B over the limit at stops"
     )
+
+
+PACKED_SCRIPT = f"""
+echo "RESULT packed=$(cut -c35 /sys/bus/virtio/devices/virtio0/features)"
+echo virtio_rng.0 > {HWRNG}/rng_current || {{ echo "RESULT select=fail"; exit 1; }}
+head -c {READ} /dev/hwrng > /tmp/r
+echo "RESULT current=$(cat {HWRNG}/rng_current) bytes=$(wc -c < /tmp/r) gz=$(gzip -c /tmp/r | wc -c)"
+"""
+
+
+def test_guest_reads_hwrng_on_a_packed_ring(kit, tmp_path):
+    """``vhost-user-rng-pci,packed=on``: the guest negotiates VIRTIO_F_RING_PACKED and reads 1 MiB of random
+    bytes (they do not compress) through /dev/hwrng; the back-end's ring start is logged packed, no error."""
+    rng = Backend(tmp_path, "rng")
+    try:
+        g = RngGuest(kit, rng.sock, PACKED_SCRIPT, workdir=str(tmp_path), memory_mb=256, device_opts="packed=on")
+        with g:
+            g.wait(GUEST_TIMEOUT)
+        r = dict(g.results)
+    finally:
+        stats = rng.stop()
+    log = rng.log.read_text()
+    assert r.get("exit") == "0", g.tail(60)
+    assert r["packed"] == "1", "the guest did not negotiate VIRTIO_F_RING_PACKED"
+    assert r["current"] == "virtio_rng.0" and r["bytes"] == str(READ), r
+    assert int(r["gz"]) > READ, r  # random bytes do not compress
+    assert stats["bytes"] >= READ, stats
+    starts = [line for line in log.splitlines() if "started (" in line]
+    assert starts and all("packed rings" in line for line in starts), starts
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]

@@ -25,6 +25,7 @@ class QueueError(enum.IntEnum):
     PACKED_BAD_WRAP = 13
     PACKED_BAD_ID = 14
     PACKED_INDIRECT_IN_CHAIN = 15
+    PACKED_ID_IN_USE = 16
 
     @property
     def text(self) -> str:
@@ -50,6 +51,7 @@ _TEXT = {
     "a descriptor that is not available; value: position << 16 | flags)",
     QueueError.PACKED_BAD_ID: "a packed chain's buffer id is not below the queue size",
     QueueError.PACKED_INDIRECT_IN_CHAIN: "a packed chain mixes an indirect descriptor with chained ones",
+    QueueError.PACKED_ID_IN_USE: "a packed chain's buffer id is that of a chain the device has not completed yet",
 }
 
 

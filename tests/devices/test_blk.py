@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import mmap
 import os
 import random
@@ -46,12 +47,15 @@ from pyvhost.frontend.net import FrontendError
 from pyvhost.protocol import ProtocolFeature as PF
 from pyvhost.protocol import Request as R
 from pyvhost.ring import inflight as INF
+from pyvhost.ring.packed import encode_base
 
 from ..conftest import assert_log_path, assert_path
 
 PATHS = ["direct", "copy"]
 MiB = 1 << 20
 BLOCK = 4096
+#: ring layouts (the front-end drives packed rings with buffer id = request slot)
+LAYOUTS = ["split", "packed"]
 
 
 @pytest.fixture
@@ -96,10 +100,11 @@ def file_hash(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_config_and_features(image, sock_path, metadata):
+def test_config_and_features(image, sock_path, metadata, layout):
     dev = BlkDevice(image, num_queues=2)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, num_queues=2) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, num_queues=2, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0, 1])
         assert fe.config["capacity"] == 32 * MiB // 512
@@ -168,14 +173,15 @@ def test_checksummed_data_survives_backend_restart(image, sock_path, metadata):
             assert parse(f.read(BLOCK)) == (seq, b)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, errors):
+def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, errors, layout):
     ro_image = str(tmp_path / "ro.img")
     Path(ro_image).write_bytes(os.urandom(1 * MiB))
     before = file_hash(image)
     dev = BlkDevice(image)
     cap = dev.capacity
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         # out of range: past the end, straddling the end, a sector number near 2^64
@@ -235,7 +241,7 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
     # a read-only image: writes, discards and write-zeroes fail, reads work, the file is unchanged
     ro_before = file_hash(ro_image)
     dev = BlkDevice(ro_image, readonly=True)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         assert fe.features & (1 << VIRTIO_BLK_F_RO)
@@ -248,10 +254,11 @@ def test_malformed_and_refused_requests(image, tmp_path, sock_path, metadata, er
     assert file_hash(ro_image) == ro_before
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_discard_and_write_zeroes(image, sock_path, metadata):
+def test_discard_and_write_zeroes(image, sock_path, metadata, layout):
     dev = BlkDevice(image)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         for b in range(4):
@@ -293,10 +300,11 @@ def _taken(ev: threading.Event) -> None:
     ev.clear()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", PATHS)
-def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata):
+def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata, layout):
     dev = SlowSector(image, io_threads=4)
-    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path) as fe:
+    with server(dev, sock_path, metadata) as srv, BlkFrontend(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert_path(srv, metadata, [0])
         fe.post(VIRTIO_BLK_T_IN, 0, BLOCK, tag="slow")
@@ -312,7 +320,11 @@ def test_slow_request_does_not_stall_the_queue(image, sock_path, metadata):
         _taken(dev.started)
         base = fe.stop_ring(fe.rings[0])
         assert dev.finished.is_set(), "GET_VRING_BASE returned while a request was in flight"
-        assert base == fe.rings[0].used16[1] == fe.queues[0].avail_idx
+        if layout == "packed":  # both cursors where the driver's avail cursor is: nothing left in flight
+            bq = fe.queues[0]
+            assert base == encode_base(bq.pos, bq.wrap, bq.pos, bq.wrap)
+        else:
+            assert base == fe.rings[0].used16[1] == fe.queues[0].avail_idx
         assert [c.tag for c in fe.reap()] == ["slow2"]
     dev.close()
 
@@ -735,3 +747,26 @@ def test_bench_blk(tmp_path):
     for r in rows:
         assert r["ops"] > 0 and r["errors"] == 0 and r["iops"] > 0, r
     assert "pyvhost/qsd" in p.stdout
+
+
+def test_packed_ring_with_an_inflight_area_works_untracked(image, sock_path, caplog):
+    """A front-end that gives an inflight area on a packed ring: requests are served, not tracked, and that is
+    logged once for the ring, however often it is restarted."""
+    caplog.set_level(logging.INFO, logger="pyvhost")
+    dev = BlkDevice(image)
+    with server(dev, sock_path) as srv, BlkFrontend(sock_path, packed=True) as fe:
+        fe.setup()
+        assert fe.inflight_fd is not None
+        for k in range(3):
+            assert fe.write(8 * k, payload(k, k)) == VIRTIO_BLK_S_OK
+            assert fe.read(8 * k, BLOCK) == (VIRTIO_BLK_S_OK, payload(k, k))
+            bq = fe.queues[0]
+            base = fe.stop_ring(fe.rings[0])
+            assert base == encode_base(bq.pos, bq.wrap, bq.pos, bq.wrap)
+            fe.start_ring(fe.rings[0], base)
+        region = srv.connection.inflight.queue(0, fe.queue_size)
+        assert region is not None and len(region.inflight_heads()) == 0  # nothing recorded
+        assert fe.anomalies == []
+    warned = [r for r in caplog.records if "inflight tracking is split-ring only" in r.getMessage()]
+    assert len(warned) == 1 and "vring 0" in warned[0].getMessage()
+    dev.close()

@@ -29,10 +29,12 @@ from pyvhost.devices.builtin import SPECS
 from pyvhost.devices.fs import CONFIG, MAX_WRITE, FsDevice
 from pyvhost.devices.fs_passthrough import Passthrough
 from pyvhost.frontend.net import Frontend, FrontendError
+from pyvhost.frontend.packed import new_ring as new_packed_ring
 from pyvhost.frontend.ram import PAGE
 from pyvhost.frontend.split import DriverRing
 from pyvhost.fs import ROOT_INO, Attr, Operations
 from pyvhost.protocol import Request as R
+from pyvhost.ring.packed import VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED
 from pyvhost.ring.split import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, avail_bytes, desc_bytes, used_bytes
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "fs.md"
@@ -45,7 +47,7 @@ O_RDWR, O_RDONLY = os.O_RDWR, os.O_RDONLY
 class FuseDriver(Frontend):
     """A virtio-fs driver: one hiprio and one request queue, requests placed in per-slot areas of guest RAM."""
 
-    def __init__(self, path: str, request_queues: int = 1) -> None:
+    def __init__(self, path: str, request_queues: int = 1, packed: bool = False) -> None:
         super().__init__(
             path,
             queue_size=SLOTS * DESCS,
@@ -53,7 +55,10 @@ class FuseDriver(Frontend):
             ram_size=(1 + request_queues) * SLOTS * SLOT_BYTES + (4 << 20),
             event_idx=False,
             mrg_rxbuf=False,
+            packed=packed,
         )
+        #: packed rings: the driver's avail and used cursors per queue (position, wrap counter)
+        self.cursors: list[list[int]] = []
         self.unique = 0
         self.slots: list[list[int]] = []
         self.areas: list[int] = []
@@ -65,13 +70,17 @@ class FuseDriver(Frontend):
         self.negotiate()
         n = self.queue_size
         for i in range(self.num_queues):
-            desc = self.ram.alloc(desc_bytes(n), PAGE)
-            avail = self.ram.alloc(avail_bytes(n), 64)
-            used = self.ram.alloc(used_bytes(n), PAGE)
-            kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
-            ring = DriverRing(i, n, desc, avail, used, 0, self.ram, kick, call)
-            ring.avail[0] = 0
-            self.rings.append(ring)
+            if self.want_packed:
+                self.rings.append(new_packed_ring(self.ram, i, n))  # type: ignore[arg-type]  # same use
+                self.cursors.append([0, 1, 0, 1])
+            else:
+                desc = self.ram.alloc(desc_bytes(n), PAGE)
+                avail = self.ram.alloc(avail_bytes(n), 64)
+                used = self.ram.alloc(used_bytes(n), PAGE)
+                kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+                ring = DriverRing(i, n, desc, avail, used, 0, self.ram, kick, call)
+                ring.avail[0] = 0
+                self.rings.append(ring)
             self.areas.append(self.ram.alloc(SLOTS * SLOT_BYTES, PAGE))
             self.slots.append(list(range(SLOTS)))
             self.avail_idx.append(0)
@@ -94,6 +103,7 @@ class FuseDriver(Frontend):
         segs = [(len(b), b, False) for b in readable] + [(n, None, True) for n in writable]
         assert len(segs) <= DESCS
         outs = []
+        packed: list[tuple[int, int]] = []  # (position, second word) of the packed descriptors
         for k, (length, data, w) in enumerate(segs):
             assert off + length <= self.areas[queue] + (s + 1) * SLOT_BYTES
             if data is not None:
@@ -104,9 +114,24 @@ class FuseDriver(Frontend):
             d = s * DESCS + k
             more = k + 1 < len(segs)
             flags = (VRING_DESC_F_NEXT if more else 0) | (VRING_DESC_F_WRITE if w else 0)
-            ring.desc[2 * d] = self.ram.gpa(off)
-            ring.desc[2 * d + 1] = length | (flags << 32) | ((d + 1 if more else 0) << 48)
+            if self.want_packed:  # at the avail cursor, the buffer id (the slot) in every descriptor
+                cur = self.cursors[queue]
+                flags |= VRING_PACKED_DESC_F_AVAIL if cur[1] else VRING_PACKED_DESC_F_USED
+                ring.desc[2 * cur[0]] = self.ram.gpa(off)
+                packed.append((cur[0], length | (s << 32) | (flags << 48)))
+                cur[0] += 1
+                if cur[0] == ring.size:
+                    cur[0], cur[1] = 0, cur[1] ^ 1
+            else:
+                ring.desc[2 * d] = self.ram.gpa(off)
+                ring.desc[2 * d + 1] = length | (flags << 32) | ((d + 1 if more else 0) << 48)
             off += -(-length // 8) * 8
+        if self.want_packed:
+            for pos, word in packed[::-1]:  # the head last: its flags make the chain available
+                ring.desc[2 * pos + 1] = word
+            self.busy[queue][s] = (tag, outs, len(segs))  # type: ignore[assignment]
+            os.eventfd_write(ring.kick_fd, 1)
+            return s
         ring.avail[2 + (self.avail_idx[queue] % ring.size)] = s * DESCS
         self.avail_idx[queue] = (self.avail_idx[queue] + 1) & 0xFFFF
         ring.avail[1] = self.avail_idx[queue]
@@ -119,8 +144,8 @@ class FuseDriver(Frontend):
         ring = self.rings[queue]
         deadline = time.monotonic() + timeout
         while True:
-            used = int(ring.used16[1])
-            out = []
+            out = self.used_packed(queue) if self.want_packed else []
+            used = self.last_used[queue] if self.want_packed else int(ring.used16[1])
             while self.last_used[queue] != used:
                 e = self.last_used[queue] % ring.size
                 head, length = int(ring.used32[1 + 2 * e]), int(ring.used32[2 + 2 * e])
@@ -136,6 +161,24 @@ class FuseDriver(Frontend):
                 raise FrontendError(f"queue {queue}: no completion in {timeout} s")
             if select.select([ring.call_fd], [], [], 0.05)[0]:
                 os.eventfd_read(ring.call_fd)
+
+    def used_packed(self, queue: int) -> list[tuple[int, int, bytes]]:
+        """Completions on a packed ring: used descriptors from the used cursor, each moving it by its chain's
+        descriptors."""
+        ring, cur, out = self.rings[queue], self.cursors[queue], []
+        both = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
+        while True:
+            word = int(ring.desc[2 * cur[2] + 1])
+            if (word >> 48) & both != (both if cur[3] else 0):
+                return out
+            s, length = (word >> 32) & 0xFFFF, word & 0xFFFFFFFF
+            tag, outs, nseg = self.busy[queue].pop(s)  # type: ignore[misc]
+            data = b"".join(bytes(self.ram.mm[o : o + n]) for o, n in outs)
+            out.append((tag, length, data[:length]))
+            self.slots[queue].append(s)
+            cur[2] += nseg
+            if cur[2] >= ring.size:
+                cur[2], cur[3] = cur[2] - ring.size, cur[3] ^ 1
 
     def raw(self, readable: list[bytes], writable: list[int], queue: int = 1) -> tuple[int, bytes]:
         self.post(queue, readable, writable)
@@ -290,11 +333,12 @@ def test_max_pages_fit_the_request_queue(share, sock_path, serve, metadata, erro
         assert (share / "big.bin").read_bytes() == blob
 
 
+@pytest.mark.parametrize("layout", ["split", "packed"])
 @pytest.mark.parametrize("metadata", ["direct", "copy"])
-def test_passthrough_requests(share, sock_path, serve, metadata, errors):
+def test_passthrough_requests(share, sock_path, serve, metadata, errors, layout):
     ops = Passthrough(str(share))
     dev = serve_fs(serve, ops, metadata)
-    with FuseDriver(sock_path) as fe:
+    with FuseDriver(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         assert fe.config() == (b"myfs", 1)
         assert fe.getattr(ROOT_INO)[0] == errno.EIO  # nothing before INIT
@@ -554,10 +598,11 @@ class Slow(Operations):
         return b"z" * size
 
 
-def test_requests_complete_out_of_order(sock_path, serve):
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_requests_complete_out_of_order(sock_path, serve, layout):
     ops = Slow()
     serve_fs(serve, ops, thread_pool_size=4)
-    with FuseDriver(sock_path) as fe:
+    with FuseDriver(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         fe.init()
         _, slow = fe.message(F.FUSE_READ, 2, F.READ_IN.pack(0, 0, 8, 0, 0, 0, 0))
@@ -620,11 +665,12 @@ def test_cli_arguments():
     assert struct.calcsize("<36sI") == CONFIG.size == 40
 
 
-def test_more_opcodes(share, sock_path, serve, errors):
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_more_opcodes(share, sock_path, serve, errors, layout):
     """FALLOCATE, LSEEK, RENAME2, GETATTR by handle, BATCH_FORGET, INTERRUPT, ACCESS (not offered)."""
     ops = Passthrough(str(share))
     dev = serve_fs(serve, ops)
-    with FuseDriver(sock_path) as fe:
+    with FuseDriver(sock_path, packed=layout == "packed") as fe:
         fe.setup()
         fe.init()
         err, node, fh = fe.create(ROOT_INO, b"sparse")

@@ -19,9 +19,10 @@ import pytest
 
 from pyvhost import protocol as P
 from pyvhost.devices.input import InputDevice, keyboard_mouse, parse_event
-from pyvhost.frontend.chains import RingDriver
+from pyvhost.frontend.chains import RingDriver, ring_driver
 from pyvhost.frontend.net import Frontend, FrontendError
 from pyvhost.protocol import Request as R
+from pyvhost.ring.packed import encode_base
 
 EV_SYN, EV_KEY, EV_REL, EV_ABS, EV_LED = 0, 1, 2, 3, 0x11
 KEY_A, KEY_B, BTN_LEFT, REL_X, LED_CAPSL = 30, 48, 0x110, 0, 1
@@ -33,18 +34,19 @@ def ev(t: int, c: int, v: int) -> bytes:
     return EVENT.pack(t, c, v)
 
 
-@pytest.fixture(params=["direct", "copy"])
+@pytest.fixture(params=["direct", "copy", "direct-packed", "copy-packed"])
 def input_dev(serve, sock_path, request):
     """An input device (with an absolute pointer, 0..32767) on each metadata path, a started front-end, the two
     rings' drivers, and the status events the device reported."""
     seen: list[tuple[int, int, int]] = []
     dev = InputDevice(keyboard_mouse(abs_max=32767), on_status=lambda *e: seen.append(e))
-    srv = serve(device=dev, metadata=request.param)
-    fe = Frontend(sock_path, num_queues=2, queue_size=64)
+    metadata, _, layout = request.param.partition("-")
+    srv = serve(device=dev, metadata=metadata)
+    fe = Frontend(sock_path, num_queues=2, queue_size=64, packed=layout == "packed")
     fe.setup()
-    srv.assert_path(request.param, [0, 1])
+    srv.assert_path(metadata, [0, 1])
     try:
-        yield dev, fe, RingDriver(fe, 0), RingDriver(fe, 1), seen
+        yield dev, fe, ring_driver(fe, 0), ring_driver(fe, 1), seen
     finally:
         fe.close()
         dev.close()
@@ -184,7 +186,7 @@ def test_stopped_ring_hands_held_buffers_back(input_dev):
         assert time.monotonic() < deadline
         time.sleep(0.001)
     base = fe.stop_ring(evq.ring)
-    assert base == 3
+    assert base == (encode_base(3, 1, 3, 1) if fe.want_packed else 3)  # packed: both cursors, each with its wrap
     got = evq.used()
     assert sorted(got) == sorted((h, 8) for h in held)
     assert all(bytes(evq.buf(h)[:8]) == bytes(8) for h in held)  # EV_SYN SYN_REPORT 0

@@ -13,53 +13,39 @@ import pytest
 
 from pyvhost.devices.chain_device import ChainDevice
 from pyvhost.devices.rng import RngDevice
+from pyvhost.frontend.chains import PackedRingDriver, ring_driver
 from pyvhost.frontend.net import Frontend
 from pyvhost.frontend.ram import BUF_SIZE
-from pyvhost.ring.split import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from pyvhost.ring.split import VRING_DESC_F_WRITE
 from pyvhost.ring.state import Q_LAST_AVAIL
 
+#: ring layouts a ChainDevice serves
+LAYOUTS = ["split", "packed"]
 #: what the driver leaves in its buffers, to see which bytes the device wrote
 POISON = 0xA5
 
 
 class Driver:
-    """Hand-made chains on ring 0 of a started Frontend: descriptor ``d`` always points at buffer ``d`` of the
-    ring (BUF_SIZE bytes), poisoned before it is posted; completions are read off the used ring."""
+    """Hand-made chains on ring 0 of a started Frontend, split or packed (``frontend.chains``): every buffer
+    of the ring is poisoned at the start, and a device-writable one again each time it is posted; completions
+    are read off the used ring (descriptors) as (head or buffer id, used length)."""
 
     def __init__(self, fe: Frontend) -> None:
-        self.fe, self.ring = fe, fe.rings[0]
-        self.avail_idx = self.last_used = self.next_desc = 0
+        self.fe, self.d = fe, ring_driver(fe, 0)
+        ring = self.d.ring
+        fe.ram.buf[ring.bufs_off : ring.bufs_off + ring.size * BUF_SIZE] = POISON
 
     def buf(self, d: int) -> np.ndarray:
-        off = self.ring.bufs_off + d * BUF_SIZE
-        return self.fe.ram.buf[off : off + BUF_SIZE]
+        return self.d.buf(d)
 
     def post(self, *segments: tuple[int, bool], kick: bool = True) -> list[int]:
-        """One chain of ``(length, device_writable)`` segments; returns its descriptor indices (head first)."""
-        ring = self.ring
-        ds = [(self.next_desc + k) % ring.size for k in range(len(segments))]
-        self.next_desc = (self.next_desc + len(segments)) % ring.size
-        for k, (d, (length, writable)) in enumerate(zip(ds, segments)):
-            self.buf(d)[:] = POISON
-            more = k + 1 < len(ds)
-            flags = (VRING_DESC_F_NEXT if more else 0) | (VRING_DESC_F_WRITE if writable else 0)
-            ring.desc[2 * d] = ring.buf_gpa(d)
-            ring.desc[2 * d + 1] = length | (flags << 32) | ((ds[k + 1] if more else 0) << 48)
-        ring.avail[2 + self.avail_idx % ring.size] = ds[0]
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        ring.avail[1] = self.avail_idx  # after the entry (x86 keeps stores in order)
-        if kick:
-            os.eventfd_write(ring.kick_fd, 1)
-        return ds
+        """One chain of ``(length, device_writable)`` segments; returns its buffers (the head or id first)."""
+        head = self.d.post(*(n if w else bytes([POISON]) * n for n, w in segments), kick=kick, fill=POISON)
+        return list(self.d.chains[head])
 
     def completed(self) -> list[tuple[int, int]]:
-        """(head, used length) of the completions published since the last call."""
-        ring, out = self.ring, []
-        while self.last_used != int(ring.used16[1]):
-            e = self.last_used % ring.size
-            out.append((int(ring.used32[1 + 2 * e]), int(ring.used32[2 + 2 * e])))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-        return out
+        """(head or buffer id, used length) of the completions published since the last call."""
+        return self.d.used()
 
     def wait(self, n: int, timeout: float = 30.0) -> list[tuple[int, int]]:
         """The next ``n`` completions (fails after ``timeout`` s: a lost completion, not a slow one)."""
@@ -82,17 +68,21 @@ def assert_written(drv: Driver, d: int, n: int, expect: bytes | None = None) -> 
     assert (buf[n:] == POISON).all(), f"buffer {d}: bytes written past the used length {n}"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", ["direct", "copy"])
-def test_rng_fills_every_buffer(serve, sock_path, metadata):
+def test_rng_fills_every_buffer(serve, sock_path, metadata, layout):
     dev = RngDevice()
     srv = serve(metadata=metadata, device=dev)
-    with Frontend(sock_path, num_queues=1) as fe:
+    with Frontend(sock_path, num_queues=1, packed=layout == "packed") as fe:
         fe.setup()
         srv.assert_path(metadata, [0])
         r = fe.run("rx", count=5000)
         ring = fe.rings[0]
         assert r["packets"] == 5000
-        lens = ring.used32[2::2][: ring.size]
+        if layout == "packed":  # the used descriptors' len (their id is that of the one buffer each)
+            lens = ring.desc[1::2] & 0xFFFFFFFF
+        else:
+            lens = ring.used32[2::2][: ring.size]
         assert (lens == BUF_SIZE).all()  # every completion says the whole buffer was written
         bufs = fe.ram.buf[ring.bufs_off : ring.bufs_off + ring.size * BUF_SIZE]
         assert np.count_nonzero(bufs) > 0.99 * bufs.size  # random, not the zeros the driver left
@@ -103,15 +93,16 @@ def test_rng_fills_every_buffer(serve, sock_path, metadata):
     assert stats["chains"] == 5000 and stats["error"] == 0
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metadata", ["direct", "copy"])
-def test_rng_rate_limit_holds_over_windows(serve, sock_path, metadata, errors):
+def test_rng_rate_limit_holds_over_windows(serve, sock_path, metadata, errors, layout):
     """40 requests of 1000 bytes through a limit of 4096 bytes per 100 ms: every window gives at most 4096
     bytes (a request gets what is left of it, never 0), and the 40000 bytes span at least 10 windows --
     checked on the device's window counts and by a lower bound on the time taken, never an upper one."""
     max_bytes, period, size, count = 4096, 0.1, 1000, 40
     dev = RngDevice(max_bytes=max_bytes, period=period)
     srv = serve(metadata=metadata, device=dev)
-    with Frontend(sock_path, num_queues=1) as fe:
+    with Frontend(sock_path, num_queues=1, packed=layout == "packed") as fe:
         fe.setup()
         srv.assert_path(metadata, [0])
         drv = Driver(fe)
@@ -141,13 +132,14 @@ def test_rng_rate_limit_holds_over_windows(serve, sock_path, metadata, errors):
     dev.close()
 
 
-def test_rng_stop_completes_waiting_requests_at_once(serve, sock_path, errors):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rng_stop_completes_waiting_requests_at_once(serve, sock_path, errors, layout):
     """A window of 1000 bytes per minute: 600, then the 400 left, then the third request waits; stopping the
     ring (GET_VRING_BASE) completes it at once, without waiting for the window, with 1 byte (virtio 1.2
     §5.4.7.2: one or more bytes; Linux's driver hangs on 0), counted beyond the limit."""
     dev = RngDevice(max_bytes=1000, period=60)
     srv = serve(device=dev)
-    with Frontend(sock_path, num_queues=1) as fe:
+    with Frontend(sock_path, num_queues=1, packed=layout == "packed") as fe:
         fe.setup()
         drv = Driver(fe)
         heads = [drv.post((600, True))[0] for _ in range(3)]
@@ -167,13 +159,14 @@ def test_rng_stop_completes_waiting_requests_at_once(serve, sock_path, errors):
     dev.close()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("limited", [False, True])
-def test_rng_hostile_chains(serve, sock_path, errors, limited):
+def test_rng_hostile_chains(serve, sock_path, errors, limited, layout):
     """Read-only chains complete with 0 bytes (logged once), a readable buffer before the writable one is
     left alone, and a zero-length buffer breaks the queue (as in QEMU) after the chains before it completed."""
     dev = RngDevice(max_bytes=1 << 20, period=1) if limited else RngDevice()
     srv = serve(device=dev)
-    with Frontend(sock_path, num_queues=1) as fe:
+    with Frontend(sock_path, num_queues=1, packed=layout == "packed") as fe:
         fe.setup()
         drv = Driver(fe)
         ro = drv.post((512, False))
@@ -297,31 +290,21 @@ class Echo(ChainDevice):
         return n
 
 
-def test_device_exception_completes_the_chain_and_goes_on(serve, sock_path, errors):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_device_exception_completes_the_chain_and_goes_on(serve, sock_path, errors, layout):
     serve(device=Echo())
-    with Frontend(sock_path, num_queues=1) as fe:
+    with Frontend(sock_path, num_queues=1, packed=layout == "packed") as fe:
         fe.setup()
-        ring = fe.rings[0]
-        ram = fe.ram
-        for i, payload in enumerate((b"hello", b"boom!", b"again")):
-            src, dst = ring.bufs_off + 2 * i * BUF_SIZE, ring.bufs_off + (2 * i + 1) * BUF_SIZE
-            ram.buf[src : src + len(payload)] = np.frombuffer(payload, np.uint8)
-            d = 2 * i
-            ring.desc[2 * d] = ram.gpa(src)
-            ring.desc[2 * d + 1] = len(payload) | (VRING_DESC_F_NEXT << 32) | ((d + 1) << 48)
-            ring.desc[2 * (d + 1)] = ram.gpa(dst)
-            ring.desc[2 * (d + 1) + 1] = 64 | (VRING_DESC_F_WRITE << 32)
-            ring.avail[2 + i] = d
-        ring.avail[1] = 3
-        os.eventfd_write(ring.kick_fd, 1)
-
+        drv = ring_driver(fe, 0)
+        heads = [drv.post(payload, 64) for payload in (b"hello", b"boom!", b"again")]
+        last = drv.chains[heads[2]][1]
+        done: list[tuple[int, int]] = []
         deadline = time.monotonic() + 10
-        while ring.used16[1] != 3 and time.monotonic() < deadline:
+        while len(done) < 3 and time.monotonic() < deadline:
+            done += drv.used()
             time.sleep(0.01)
-        assert ring.used16[1] == 3  # every chain completed, the failing one too
-        assert [int(x) for x in ring.used32[2:8:2]] == [5, 0, 5]
-        dst = ring.bufs_off + 5 * BUF_SIZE
-        assert bytes(ram.buf[dst : dst + 5]) == b"again"
+        assert done == list(zip(heads, [5, 0, 5]))  # every chain completed, the failing one too
+        assert bytes(drv.buf(last)[:5]) == b"again"
     assert any("handling a chain of queue 0 failed" in m for m in errors())
 
 
@@ -336,9 +319,10 @@ class Careless(ChainDevice):
             req.complete(1)
 
 
-def test_device_completion_mistakes_do_not_lose_chains(serve, sock_path, errors):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_device_completion_mistakes_do_not_lose_chains(serve, sock_path, errors, layout):
     serve(device=Careless())
-    with Frontend(sock_path, num_queues=1) as fe:
+    with Frontend(sock_path, num_queues=1, packed=layout == "packed") as fe:
         fe.setup()
         r = fe.run("rx", count=300)
         assert r["packets"] == 300  # every chain completed, the ones the device got wrong too
@@ -348,26 +332,29 @@ def test_device_completion_mistakes_do_not_lose_chains(serve, sock_path, errors)
     assert any("completing chain 0" in m for m in msgs) and any("completed twice" in m for m in msgs)
 
 
-def test_fault_at_the_first_chain_breaks_the_queue(serve, sock_path, errors):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fault_at_the_first_chain_breaks_the_queue(serve, sock_path, errors, layout):
     """The only chain on the avail ring names a buffer outside guest memory: the queue breaks, logged.  (A fault
     at the first chain takes no chain, and ChainDevice took that for an idle ring: the queue hung silently --
     behind a vIOMMU, where such a fault is an IOTLB miss, no MISS was ever sent.)"""
-    import os
-    import time
-
-    from pyvhost.ring.split import VRING_DESC_F_WRITE
-
     serve(device=Echo())
-    with Frontend(sock_path, num_queues=1) as fe:
+    with Frontend(sock_path, num_queues=1, packed=layout == "packed") as fe:
         fe.setup()
         ring = fe.rings[0]
-        ring.desc[0] = 1 << 40  # far past the front-end's RAM
-        ring.desc[1] = 64 | (VRING_DESC_F_WRITE << 32)
-        ring.avail[2] = 0
-        ring.avail[1] = 1
-        os.eventfd_write(ring.kick_fd, 1)
+        if layout == "packed":
+            drv = PackedRingDriver(fe, 0)
+            drv.write_descs([(1 << 40, 64, 0, VRING_DESC_F_WRITE | drv.avail_flags(1))])  # far past the RAM
+        else:
+            ring.desc[0] = 1 << 40  # far past the front-end's RAM
+            ring.desc[1] = 64 | (VRING_DESC_F_WRITE << 32)
+            ring.avail[2] = 0
+            ring.avail[1] = 1
+            os.eventfd_write(ring.kick_fd, 1)
         deadline = time.monotonic() + 10
         while not any("vring 0 broken" in m for m in errors()) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert any("vring 0 broken: BAD_ADDRESS" in m for m in errors()), errors()
-        assert ring.used16[1] == 0  # nothing completed
+        if layout == "packed":
+            assert ring.desc[1] >> 48 == VRING_DESC_F_WRITE | drv.avail_flags(1)  # nothing completed
+        else:
+            assert ring.used16[1] == 0  # nothing completed

@@ -29,7 +29,7 @@ from pyvhost.devices.vsock_packet import (
     VMADDR_CID_HOST,
     Header,
 )
-from pyvhost.frontend.chains import RingDriver
+from pyvhost.frontend.chains import ring_driver
 from pyvhost.frontend.net import Frontend
 from pyvhost.frontend.ram import BUF_SIZE
 
@@ -43,7 +43,7 @@ class Driver:
     """The guest's vsock driver: RX buffers kept posted, TX packets, events."""
 
     def __init__(self, fe: Frontend, rx_buffers: int = 64) -> None:
-        self.rx, self.tx, self.ev = RingDriver(fe, 0), RingDriver(fe, 1), RingDriver(fe, 2)
+        self.rx, self.tx, self.ev = ring_driver(fe, 0), ring_driver(fe, 1), ring_driver(fe, 2)
         for _ in range(rx_buffers):
             self.rx.post(BUF_SIZE, kick=False)
         os.eventfd_write(self.rx.ring.kick_fd, 1)
@@ -97,15 +97,17 @@ class Driver:
         return [EVENT.unpack(bytes(self.ev.buf(h)[:n]))[0] for h, n in self.ev.used() if n == EVENT.size]
 
 
-@pytest.fixture(params=["direct", "copy"])
+@pytest.fixture(params=["direct", "copy", "direct-packed", "copy-packed"])
 def vsock(serve, sock_path, tmp_path, request):
-    """A vsock device served on each metadata path, a front-end with its three rings, the driver, the uds path."""
+    """A vsock device served on each metadata path, split and packed rings, a front-end with its three rings,
+    the driver, the uds path."""
     uds = str(tmp_path / "vm.vsock")
     dev = VsockDevice(CID, uds)
-    srv = serve(device=dev, metadata=request.param)
-    fe = Frontend(sock_path, num_queues=3)
+    metadata, _, layout = request.param.partition("-")
+    srv = serve(device=dev, metadata=metadata)
+    fe = Frontend(sock_path, num_queues=3, packed=layout == "packed")
     fe.setup()
-    srv.assert_path(request.param, [0, 1, 2])
+    srv.assert_path(metadata, [0, 1, 2])
     try:
         yield dev, fe, Driver(fe), uds
     finally:

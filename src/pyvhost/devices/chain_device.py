@@ -14,12 +14,15 @@ import numpy as np
 
 from ..access import _NO_U32, RingViews
 from ..atomic import fence_full
+from ..errors import QueueError
 from ..jit import helper, kernel
 from ..memory import GuestMemory
+from ..ring import packed as PK
 from ..ring.chain import ANY, MAX_INDIRECT, log_rows, new_sg, walk_chain
 from ..ring.poll import POLL_AGAIN, POLL_IDLE
-from ..ring.split import flush_used, poll_avail, read_avail_entry, write_used
+from ..ring.split import fail, flush_used, poll_avail, read_avail_entry, write_used
 from ..ring.state import (
+    Q_AVAIL_WRAP,
     Q_CHAINS,
     Q_DROPS,
     Q_ERROR,
@@ -31,12 +34,13 @@ from ..ring.state import (
     Q_USED_IDX,
     new_queue_state,
 )
-from .base import VIRTIO_F_RING_PACKED, Device, Ring, Step, StepFn
+from .base import Device, Ring, Step, StepFn
 
 log = logging.getLogger(__name__)
 #: pop_chains results besides a chain count
 POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
-#: columns of the chains array: head, first sg row, readable segments, sg row after the last segment
+#: columns of the chains array: head (packed: buffer id), first sg row, readable segments, sg row after the last
+#: segment
 C_HEAD, C_FIRST, C_NREAD, C_END = 0, 1, 2, 3
 #: inflight tracking state of a ring (``ist``): next counter value, 1 if tracking
 IST_COUNTER, IST_TRACK = 0, 1
@@ -123,6 +127,85 @@ def push_used(q, avail, used16, used32, mem, table, heads, lens, n, i8, i16, tra
         fence_full()
         i16[7] = np.uint16(new_used)  # used_idx
     return True
+
+
+@helper
+def wait_head(q, desc, dev, mem, table, spins):
+    """``wait_pending`` of a packed ring: the flags of the available descriptor at the avail cursor (> 0),
+    POP_IDLE, POP_STOPPED or POP_BROKEN."""
+    while True:
+        if q[Q_STOP]:
+            return POP_STOPPED
+        f = PK.poll_head(q, desc, dev, mem, table, spins, True)
+        if f != POLL_AGAIN:
+            break
+    if f == POLL_IDLE:
+        return POP_IDLE
+    return POP_BROKEN if f < 0 else f
+
+
+@kernel
+def pop_packed(q, desc, dev, mem, table, sg, chains, max_chains, spins, ids):
+    """``pop_chains`` of a packed ring: take up to ``max_chains`` chains (walked and bounded by walk_packed:
+    at most the descriptors the ring can still have in flight) from the avail cursor into ``chains``/``sg``,
+    ``chains[k, C_HEAD]`` being the buffer id.  ``ids[id]`` holds the descriptors the chain with that id took
+    while it is out (0: free): an id the driver makes available again before it was completed breaks the
+    queue (PACKED_ID_IN_USE).  The chains taken before a fault are still handed out; the fault shows in
+    q[Q_ERROR]."""
+    f = wait_head(q, desc, dev, mem, table, spins)
+    if f <= 0:
+        return f
+    size = q[Q_SIZE]
+    room = size - PK.in_flight(q)  # descriptors the driver may have made available
+    pos, wrap = q[Q_LAST_AVAIL], q[Q_AVAIL_WRAP]
+    rows = size + MAX_INDIRECT  # rows one chain may need at most
+    row = 0
+    taken = 0
+    k = 0
+    while k < max_chains and taken < room and row + rows <= sg.shape[0]:
+        nread, nseg, _r, _w, ndesc, bid = PK.walk_packed(q, desc, mem, table, pos, wrap, f, sg[row:], ANY, room - taken)
+        if nread < 0:
+            break
+        if ids[bid] != 0:
+            fail(q, QueueError.PACKED_ID_IN_USE, bid)
+            break
+        ids[bid] = ndesc
+        chains[k, C_HEAD] = bid
+        chains[k, C_FIRST] = row
+        chains[k, C_NREAD] = nread
+        chains[k, C_END] = row + nseg
+        row += nseg
+        taken += ndesc
+        k += 1
+        pos, wrap = PK.advance(pos, wrap, ndesc, size)
+        if k >= max_chains or taken >= room:
+            break
+        f = PK.read_head(q, desc, mem, table, pos, wrap)
+        if f < 0:  # nothing more yet, or broken (q[Q_ERROR])
+            break
+    q[Q_LAST_AVAIL] = pos
+    q[Q_AVAIL_WRAP] = wrap
+    return k
+
+
+@kernel
+def push_packed(q, drv, desc, mem, table, shadow, ids, heads, lens, n):
+    """``push_used`` of a packed ring: the ``n`` completed chains' used descriptors (buffer id, length written)
+    written from the used cursor in completion order -- the cursor moving on by the descriptors each chain took
+    (virtio 1.2 §2.8.21: in-order completion is not required) -- published at once, the driver notified if it
+    asked to be; their ids are then free.  False if the queue broke."""
+    for i in range(n):
+        b = heads[i]
+        shadow[i, PK.SH_ID] = b
+        shadow[i, PK.SH_LEN] = lens[i]
+        shadow[i, PK.SH_NDESC] = ids[b]
+    published, ok = PK.flush_used(q, drv, desc, mem, table, shadow, n)
+    if published:
+        for i in range(n):
+            ids[heads[i]] = 0
+        q[Q_CHAINS] += n
+        q[Q_IDLE] = 0
+    return published and ok
 
 
 @kernel
@@ -238,9 +321,11 @@ class ChainDevice(Device):
     backend's stop timeout, the queue is broken, those requests are logged (queue, head) and guest memory stays
     mapped until they complete; their completions are then dropped.
 
-    Chains in flight are recorded in the inflight area when the front-end provides one
-    (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a back-end restarted after a crash resubmits the chains the
-    crashed one had taken and not completed, once each, in the order they were taken, before new ones.
+    Split and packed rings (VIRTIO_F_RING_PACKED) alike; on a packed ring ``Request.head`` is the chain's
+    buffer id.  Chains in flight on a split ring are recorded in the inflight area when the front-end provides
+    one (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a back-end restarted after a crash resubmits the chains the
+    crashed one had taken and not completed, once each, in the order they were taken, before new ones.  On a
+    packed ring they are not (logged once per ring): the ring works, without that crash recovery.
     """
 
     #: chains taken per batch
@@ -249,8 +334,6 @@ class ChainDevice(Device):
     spins: int = 2000
     #: completions published at the latest after this many, even in the middle of a batch
     publish_every: int = 8
-    #: the datapath is split-ring only
-    transport_features_off = 1 << VIRTIO_F_RING_PACKED
     inflight_tracking = True
 
     def warm_up(self) -> None:
@@ -274,8 +357,6 @@ class ChainDevice(Device):
         mem = ring.mem
         arena, table = mem.arena.view, mem.table
         q = ring.q
-        assert isinstance(ring.views, RingViews), "ChainDevice serves split rings"
-        desc, avail, used16, used32 = ring.views.args()
         size = int(q[Q_SIZE])
         sg = new_sg(size * 2)
         batch = max(1, min(self.batch, size))
@@ -293,6 +374,18 @@ class ChainDevice(Device):
         region = ring.inflight
         ist = np.zeros(2, dtype=np.int64)
         resubmit: collections.deque[int] = collections.deque()
+        views = ring.views
+        split = isinstance(views, RingViews)
+        if not split and region is not None:
+            untracked: set[int] = self.__dict__.setdefault("_untracked_rings", set())
+            if index not in untracked:  # once per ring
+                untracked.add(index)
+                log.warning(
+                    "vring %d: inflight tracking is split-ring only: requests in flight on this packed ring are "
+                    "not recorded (no resubmission after a back-end crash)",
+                    index,
+                )
+            region = None
         if region is not None:
             heads_in_flight, counter = region.recover(int(q[Q_USED_IDX]))
             resubmit.extend(heads_in_flight)
@@ -310,6 +403,26 @@ class ChainDevice(Device):
         else:
             i8, i16, i64 = _NO_U8, _NO_U16, _NO_U64
         track = int(ist[IST_TRACK])
+        if isinstance(views, RingViews):
+            desc, avail, used16, used32 = views.args()
+
+            def pop(room: int, polls: int) -> int:
+                return pop_chains(q, desc, avail, used16, arena, table, sg, chains, room, polls, i8, i64, ist)
+
+            def push(k: int) -> bool:
+                return push_used(q, avail, used16, used32, arena, table, heads, lens, k, i8, i16, track)
+
+        else:
+            desc, drv, dev = views.args()
+            shadow = PK.new_shadow(size)
+            ids = np.zeros(size, dtype=np.int64)  # descriptors taken by the chain with this buffer id (0: free)
+
+            def pop(room: int, polls: int) -> int:
+                return pop_packed(q, desc, dev, arena, table, sg, chains, room, polls, ids)
+
+            def push(k: int) -> bool:
+                return push_packed(q, drv, desc, arena, table, shadow, ids, heads, lens, k)
+
         done = _Completions()
         kick_fd = ring.kick_fd
         outstanding = 0
@@ -351,7 +464,7 @@ class ChainDevice(Device):
                 k += 1
             if not k:
                 return True
-            if not push_used(q, avail, used16, used32, arena, table, heads, lens, k, i8, i16, track):
+            if not push(k):
                 publish = False
             return publish
 
@@ -400,21 +513,7 @@ class ChainDevice(Device):
                 if room <= 0:
                     done.sleep([], 0.1)
                     continue
-                n = pop_chains(
-                    q,
-                    desc,
-                    avail,
-                    used16,
-                    arena,
-                    table,
-                    sg,
-                    chains,
-                    room,
-                    spins if not outstanding else 64,
-                    i8,
-                    i64,
-                    ist,
-                )
+                n = pop(room, spins if not outstanding else 64)
                 if n == POP_STOPPED:
                     continue
                 if n == POP_BROKEN:
@@ -492,5 +591,9 @@ def warm_up() -> None:
         pop_chains(q, _NO_U64, _NO_U16, _NO_U16, mem.arena.view, mem.table, sg, chains, 1, 1, _NO_U8, _NO_U64, ist)
         push_used(q, _NO_U16, _NO_U16, _NO_U32, mem.arena.view, mem.table, ints, ints, 0, _NO_U8, _NO_U16, 0)
         walk_one(q, _NO_U64, mem.arena.view, mem.table, -1, sg)
+        pq = PK.new_packed_state(1)
+        pq[Q_STOP] = 1
+        pop_packed(pq, _NO_U64, _NO_U16, mem.arena.view, mem.table, sg, chains, 1, 1, ints)
+        push_packed(pq, _NO_U16, _NO_U64, mem.arena.view, mem.table, PK.new_shadow(1), ints, ints, ints, 0)
     finally:
         mem.close()

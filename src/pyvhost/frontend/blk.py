@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import protocol as P
 from ..atomic import fence_full, store_release
-from ..devices.base import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
+from ..devices.base import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
 from ..devices.blk import (
     DISCARD_WZ,
     OUTHDR,
@@ -47,6 +47,7 @@ from ..jit import kernel
 from ..protocol import ProtocolFeature as PF
 from ..protocol import Request as R
 from ..ring import inflight as INF
+from ..ring.packed import VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, ring_bytes
 from ..ring.split import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_NEXT,
@@ -57,6 +58,7 @@ from ..ring.split import (
     used_bytes,
 )
 from .net import Frontend, FrontendError
+from .packed import PackedDriverRing
 from .ram import PAGE
 from .split import DriverRing
 
@@ -133,6 +135,14 @@ class BlkQueue:
     avail_idx: int = 0
     published: int = 0
     last_used: int = 0
+    #: packed rings: the avail and used cursors (position, wrap counter), the descriptors written but not yet
+    #: made available ((position, second word), in order), and the descriptors each slot's chain took
+    pos: int = 0
+    wrap: int = 1
+    used_pos: int = 0
+    used_wrap: int = 1
+    pending: list[tuple[int, int]] = field(default_factory=list)
+    ndesc: dict[int, int] = field(default_factory=dict)
 
 
 class BlkFrontend(Frontend):
@@ -151,8 +161,10 @@ class BlkFrontend(Frontend):
         dirty_log: bool = False,
         iommu: bool = False,
         regions: int = 1,
+        packed: bool = False,
     ) -> None:
-        """``regions``: guest RAM shared as that many regions (see ``Frontend``).  ``iommu``: play a vIOMMU
+        """``packed``: packed rings (VIRTIO_F_RING_PACKED; a slot's buffer id is the slot).
+        ``regions``: guest RAM shared as that many regions (see ``Frontend``).  ``iommu``: play a vIOMMU
         (frontend/iommu.py): every address the back-end sees is an IOVA, and the driver reaches
         headers, data and status through the vIOMMU's page table (pages may be remapped)."""
         slots = queue_size // 3
@@ -176,6 +188,7 @@ class BlkFrontend(Frontend):
             dirty_log=dirty_log,
             iommu=iommu,
             regions=regions,
+            packed=packed,
         )
         self.max_io = max_io
         self.want_inflight = inflight
@@ -200,6 +213,10 @@ class BlkFrontend(Frontend):
             if not offered & (1 << VIRTIO_F_ACCESS_PLATFORM):
                 raise FrontendError(f"back-end does not offer VIRTIO_F_ACCESS_PLATFORM (features {offered:#x})")
             want |= 1 << VIRTIO_F_ACCESS_PLATFORM
+        if self.want_packed:
+            if not offered & (1 << VIRTIO_F_RING_PACKED):
+                raise FrontendError(f"back-end does not offer VIRTIO_F_RING_PACKED (features {offered:#x})")
+            want |= 1 << VIRTIO_F_RING_PACKED
         self.features = want & offered
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
             pf = P.U64.unpack(self.request(R.GET_PROTOCOL_FEATURES))[0]
@@ -234,10 +251,28 @@ class BlkFrontend(Frontend):
         self.config = self.read_config()
         n = self.queue_size
         for i in range(self.num_queues):
+            slots = n // 3
+            if self.want_packed:
+                pdesc = self.ram.alloc(ring_bytes(n), PAGE)
+                driver, device = self.ram.alloc(4, 64), self.ram.alloc(4, 64)
+                hdr = self.ram.alloc(16 * slots, 64)
+                status = self.ram.alloc(slots, 64)
+                data = self.ram.alloc(slots * self.max_io, PAGE)
+                kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+                pring = PackedDriverRing(i, n, pdesc, driver, device, data, self.ram, kick, call)
+                if not self.poll:
+                    pring.driver[1] = 0  # RING_EVENT_FLAGS_ENABLE: a call for every used batch
+                self.rings.append(pring)  # type: ignore[arg-type]  # the same use as a split ring
+                self.queues.append(BlkQueue(pring, slots, hdr, status, data, self.max_io, list(range(slots))[::-1]))  # type: ignore[arg-type]
+                if self.viommu is not None:
+                    self.viommu.map(pdesc, ring_bytes(n))
+                    self.viommu.map(driver, device + 4 - driver)
+                    self.viommu.map(hdr, status + slots - hdr)
+                    self.viommu.map(data, slots * self.max_io)
+                continue
             desc = self.ram.alloc(desc_bytes(n), PAGE)
             avail = self.ram.alloc(avail_bytes(n), 64)
             used = self.ram.alloc(used_bytes(n), PAGE)
-            slots = n // 3
             hdr = self.ram.alloc(16 * slots, 64)
             status = self.ram.alloc(slots, 64)
             data = self.ram.alloc(slots * self.max_io, PAGE)
@@ -346,6 +381,16 @@ class BlkFrontend(Frontend):
         self._put(st_off, bytes([STATUS_UNSET]))
         if data is not None:
             self._put(d_off, data)
+        if self.want_packed:
+            segs = [(h_off, 16, False)]
+            if nbytes:
+                segs.append((d_off, nbytes, rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID)))
+            segs.append((st_off, 1, True))
+            self._post_packed(bq, s, segs)
+            bq.busy[s] = (tag, rtype, sector, nbytes)
+            if publish:
+                self.publish(queue)
+            return s
         desc = ring.desc
         d0, d1, d2 = 3 * s, 3 * s + 1, 3 * s + 2
         desc[2 * d0] = self.dma(h_off)
@@ -386,6 +431,16 @@ class BlkFrontend(Frontend):
         self._put(areas["hdr"][0], header)
         self._put(areas["data"][0], data)
         self._put(areas["status"][0], bytes([STATUS_UNSET]))
+        if self.want_packed:
+            segs = []
+            for area, length, writable in segments:
+                off, room = areas[area]
+                assert length <= room, (area, length)
+                segs.append((off, length, writable))
+            self._post_packed(bq, s, segs)
+            bq.busy[s] = (tag, -1, 0, 0)
+            self.publish(queue)
+            return s
         for k, (area, length, writable) in enumerate(segments):
             off, room = areas[area]
             assert length <= room, (area, length)
@@ -400,9 +455,31 @@ class BlkFrontend(Frontend):
         self.publish(queue)
         return s
 
+    def _post_packed(self, bq: BlkQueue, s: int, segs: list[tuple[int, int, bool]]) -> None:
+        """Slot ``s``'s chain of ``(offset, length, device_writable)`` segments at the avail cursor of a
+        packed ring, buffer id ``s``; made available by ``publish``."""
+        ring = bq.ring
+        for k, (off, length, writable) in enumerate(segs):
+            flags = (VRING_DESC_F_NEXT if k + 1 < len(segs) else 0) | (VRING_DESC_F_WRITE if writable else 0)
+            flags |= VRING_PACKED_DESC_F_AVAIL if bq.wrap else VRING_PACKED_DESC_F_USED
+            ring.desc[2 * bq.pos] = self.dma(off)
+            bq.pending.append((bq.pos, length | (s << 32) | (flags << 48)))
+            bq.pos += 1
+            if bq.pos == ring.size:
+                bq.pos, bq.wrap = 0, bq.wrap ^ 1
+        bq.ndesc[s] = len(segs)
+
     def publish(self, queue: int = 0) -> None:
         """Make the posted requests visible and kick the device unless it said it is polling."""
         bq = self.queues[queue]
+        if self.want_packed:  # every descriptor but the first, then the first: the device sees whole chains
+            if not bq.pending:
+                return
+            for pos, word in bq.pending[::-1]:
+                bq.ring.desc[2 * pos + 1] = word
+            bq.pending.clear()
+            os.eventfd_write(bq.ring.kick_fd, 1)
+            return
         if bq.published == bq.avail_idx:
             return
         bq.published = bq.avail_idx
@@ -413,6 +490,8 @@ class BlkFrontend(Frontend):
     def reap(self, queue: int = 0) -> list[Completion]:
         """Completions published since the last call, checked against what is outstanding."""
         bq = self.queues[queue]
+        if self.want_packed:
+            return self._reap_packed(queue, bq)
         ring = bq.ring
         used = int(ring.used16[1])
         out = []
@@ -435,6 +514,30 @@ class BlkFrontend(Frontend):
             out.append(Completion(tag, status, length, rtype, sector, s))
             bq.free.append(s)
         return out
+
+    def _reap_packed(self, queue: int, bq: BlkQueue) -> list[Completion]:
+        """``reap`` on a packed ring: used descriptors from the used cursor, each moving it by the descriptors of
+        its chain (a buffer id that is not outstanding is an anomaly and stops the reaping)."""
+        ring = bq.ring
+        out: list[Completion] = []
+        both = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
+        while True:
+            word = int(ring.desc[2 * bq.used_pos + 1])
+            if (word >> 48) & both != (both if bq.used_wrap else 0):
+                return out
+            s, length = (word >> 32) & 0xFFFF, word & 0xFFFFFFFF
+            if s not in bq.busy:
+                self.anomalies.append(f"queue {queue}: completion of buffer id {s} that is not outstanding")
+                return out
+            tag, rtype, sector, _n = bq.busy.pop(s)
+            status = self._get(bq.status_off + s, 1)[0]
+            if status == STATUS_UNSET and rtype >= 0:
+                self.anomalies.append(f"queue {queue}: request {tag!r} completed without a status")
+            out.append(Completion(tag, status, length, rtype, sector, s))
+            bq.free.append(s)
+            bq.used_pos += bq.ndesc.pop(s)
+            if bq.used_pos >= ring.size:
+                bq.used_pos, bq.used_wrap = bq.used_pos - ring.size, bq.used_wrap ^ 1
 
     def data(self, c: Completion, nbytes: int, queue: int = 0) -> bytes:
         """The data buffer of a completed request's slot (valid until the slot is reused)."""
