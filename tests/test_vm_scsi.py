@@ -2,7 +2,8 @@
 a shared memfd); the guest's virtio_scsi and sd drivers find two LUNs (``/dev/sda`` and ``/dev/sdb``, in either
 order), and the guest checks sizes, the VPD-derived settings (write cache, thin provisioning by UNMAP), writes
 and reads back with O_DIRECT (checksums compared in the guest and with the image files), and trims an ext2
-filesystem (``fstrim``: UNMAP punches holes in the image).  One boot per metadata path.
+filesystem (``fstrim``: UNMAP punches holes in the image).  One boot per metadata path, and one on
+packed virtqueues.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ for l in 0 1; do  # the disks probe asynchronously (scan, then sd): find each LU
   echo "RESULT lun${{l}}_prov=$(cat /sys/class/scsi_disk/0:0:0:$l/provisioning_mode)"
   echo "RESULT lun${{l}}_discard=$(cat /sys/block/$d/queue/discard_max_bytes)"
 done
+echo "RESULT packed=$(cut -c35 /sys/bus/virtio/drivers/virtio_scsi/virtio*/features)"
 dd if=/dev/urandom of=/tmp/a bs=1M count={RAW_MIB} 2>/dev/null
 echo "RESULT a_md5=$(md5sum /tmp/a | cut -d' ' -f1)"
 dd if=/tmp/a of=/dev/$D0 bs=1M seek={RAW_AT} oflag=direct 2>/dev/null || echo "RESULT dd_write=fail"
@@ -72,14 +74,16 @@ echo "RESULT errors=$(dmesg | grep -iE 'scsi|sd[a-z]|virtio|ext4|I/O' | grep -ci
 
 
 class ScsiGuest(guestkit.Guest):
-    """The kit's guest with a vhost-user-scsi device."""
+    """The kit's guest with a vhost-user-scsi device (``packed``: on packed virtqueues)."""
+
+    packed = False
 
     def device_args(self) -> list[str]:
         return [
             "-chardev",
             f"socket,id=c0,path={self.socket_path}",
             "-device",
-            "vhost-user-scsi-pci,chardev=c0,num_queues=1,vectors=0",
+            "vhost-user-scsi-pci,chardev=c0,num_queues=1,vectors=0" + (",packed=on" if self.packed else ""),
         ]
 
 
@@ -123,12 +127,14 @@ class Target:
             return hashlib.md5(f.read(n)).hexdigest()
 
 
-@pytest.mark.parametrize("metadata", ["direct", "copy"])
-def test_guest_two_luns_odirect_and_fstrim(kit, tmp_path, metadata):
+@pytest.mark.parametrize("metadata,ring", [("direct", "split"), ("copy", "split"), ("direct", "packed")])
+def test_guest_two_luns_odirect_and_fstrim(kit, tmp_path, metadata, ring):
     t = Target(tmp_path, metadata)
     started = time.monotonic()
     try:
-        with ScsiGuest(kit, t.sock, SCRIPT, workdir=str(tmp_path), memory_mb=384) as g:
+        guest = ScsiGuest(kit, t.sock, SCRIPT, workdir=str(tmp_path), memory_mb=384)
+        guest.packed = ring == "packed"
+        with guest as g:
             g.wait(GUEST_TIMEOUT)
         r = dict(g.results)
     finally:
@@ -136,6 +142,7 @@ def test_guest_two_luns_odirect_and_fstrim(kit, tmp_path, metadata):
     took = time.monotonic() - started
     log = t.log.read_text()
     assert r.get("exit") == "0", g.tail(60)
+    assert r["packed"] == ("1" if ring == "packed" else "0"), "VIRTIO_F_RING_PACKED as asked"
     assert (int(r["lun0_size"]) * 512, int(r["lun1_size"]) * 512) == SIZES, r
     assert r["lun0_ro"] == r["lun1_ro"] == "0" and r["lun0_vendor"] == r["lun1_vendor"] == "PYVHOST", r
     assert r["lun0_wc"] == "write_back" and r["lun0_prov"] == r["lun1_prov"] == "unmap", r
@@ -149,5 +156,8 @@ def test_guest_two_luns_odirect_and_fstrim(kit, tmp_path, metadata):
     assert os.stat(t.images[1]).st_blocks * 512 < FILE_MIB * MiB, os.stat(t.images[1])
     assert r["errors"] == "0", g.tail(60)
     assert_log_path(log, metadata)
+    starts = [ln for ln in log.splitlines() if "started (" in ln]
+    # the last start is Linux's (SeaBIOS's driver before it is split-only)
+    assert starts and f"{ring} rings" in starts[-1], starts
     assert "Traceback" not in log, log[-3000:]
-    print(f"{metadata}: guest run {took:.0f} s; {stats}")
+    print(f"{metadata} {ring}: guest run {took:.0f} s; {stats}")
