@@ -49,9 +49,11 @@ class VsockGuest(guestkit.Guest):
     """The kit's guest with a vhost-user-vsock device and /vsockcat in its initramfs."""
 
     client: bytes = b""
+    packed = False  # packed virtqueues (packed=on)
 
     def device_args(self) -> list[str]:
-        return ["-chardev", f"socket,id=c0,path={self.socket_path}", "-device", "vhost-user-vsock-pci,chardev=c0"]
+        device = "vhost-user-vsock-pci,chardev=c0" + (",packed=on" if self.packed else "")
+        return ["-chardev", f"socket,id=c0,path={self.socket_path}", "-device", device]
 
     def start(self) -> guestkit.Guest:
         archive = guestkit.script_archive(self.script)
@@ -91,8 +93,9 @@ def exchange(c: socket.socket, down: bytes, host: dict) -> None:
     c.close()
 
 
-def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side) -> tuple[dict, dict, bytes]:
-    """Serve vsock, boot the guest with ``script``; ``host_side(guest, uds, down, host)`` runs beside it."""
+def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side, packed: bool = False) -> tuple[dict, dict, bytes]:
+    """Serve vsock, boot the guest with ``script`` (``packed``: on packed virtqueues); ``host_side(guest, uds,
+    down, host)`` runs beside it."""
     client = tmp_path / "vsockcat"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(client), str(ROOT / "tools/guestkit/vsockcat.c")], check=True)
     uds = str(tmp_path / "vm.vsock")
@@ -110,7 +113,7 @@ def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side) -> tuple[dict
             assert time.monotonic() < deadline
             time.sleep(0.05)
         g = VsockGuest(kit, sock, script, workdir=str(tmp_path), memory_mb=256)
-        g.client = client.read_bytes()
+        g.client, g.packed = client.read_bytes(), packed
         with g:
             t = threading.Thread(target=host_side, args=(g, uds, down, host), daemon=True)
             t.start()
@@ -123,6 +126,8 @@ def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side) -> tuple[dict
     text = log.read_text()
     assert r.get("rc") == "0", g.tail(60) + text[-3000:]
     assert_log_path(text, "direct")
+    starts = [ln for ln in text.splitlines() if "started (" in ln]
+    assert starts and ("packed rings" if packed else "split rings") in starts[-1], starts
     assert "Traceback" not in text, text[-3000:]
     return r, host, down
 
@@ -148,7 +153,7 @@ def test_guest_connects_to_a_host_socket(kit, tmp_path):
 
 def test_host_connects_to_the_guest(kit, tmp_path):
     """A host process connects to ``<uds-path>``, writes ``CONNECT 52``, reads ``OK <port>`` and talks to the
-    guest's listener on port 52."""
+    guest's listener on port 52 -- on packed virtqueues (``packed=on``; the other cases run split ones)."""
 
     def host_side(g, uds, down, host):
         g.expect("listening", GUEST_TIMEOUT)
@@ -161,7 +166,7 @@ def test_host_connects_to_the_guest(kit, tmp_path):
         host["ok"] = line.decode().split()[0]
         exchange(c, down, host)
 
-    r, host, down = run(kit, tmp_path, LISTEN_SCRIPT, host_side)
+    r, host, down = run(kit, tmp_path, LISTEN_SCRIPT, host_side, packed=True)
     assert host == {"ok": "OK", "up": r["up"], "uplen": SIZE}, (host, r)
     assert r["down"] == hashlib.md5(down).hexdigest() and r["downlen"] == str(SIZE), r
 
