@@ -89,14 +89,16 @@ echo "RESULT mount=ok"
 
 
 class FsGuest(guestkit.Guest):
-    """The kit's guest with a vhost-user-fs device instead of virtio-net."""
+    """The kit's guest with a vhost-user-fs device instead of virtio-net (``packed``: on packed virtqueues)."""
+
+    packed = False
 
     def device_args(self) -> list[str]:
         return [
             "-chardev",
             f"socket,id=c0,path={self.socket_path}",
             "-device",
-            f"vhost-user-fs-pci,chardev=c0,tag={TAG},queue-size=128,vectors=0",
+            f"vhost-user-fs-pci,chardev=c0,tag={TAG},queue-size=128,vectors=0" + (",packed=on" if self.packed else ""),
         ]
 
 
@@ -149,8 +151,10 @@ def make_share(tmp: Path, name: str) -> Path:
     return shared
 
 
-def run_guest(kit: guestkit.Kit, sock: str, script: str, tmp: Path) -> dict[str, str]:
-    with FsGuest(kit, sock, script, workdir=str(tmp), memory_mb=512) as g:
+def run_guest(kit: guestkit.Kit, sock: str, script: str, tmp: Path, packed: bool = False) -> dict[str, str]:
+    guest = FsGuest(kit, sock, script, workdir=str(tmp), memory_mb=512)
+    guest.packed = packed
+    with guest as g:
         g.wait(GUEST_TIMEOUT)
     r = dict(g.results)
     assert r.get("exit") == "0", g.tail(60)
@@ -219,15 +223,18 @@ umount /mnt && echo "RESULT umount=ok"
 
 
 def test_guest_mounts_the_python_memfs(kit, tmp_path):
-    """The in-memory filesystem of docs/fs.md, extracted and served with ``--ops``, mounted by a guest."""
+    """The in-memory filesystem of docs/fs.md, extracted and served with ``--ops``, mounted by a guest -- on
+    packed virtqueues (``packed=on``; the other guests here run split ones)."""
     code = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "fs.md").read_text(), re.S)[0]
     (tmp_path / "memfs.py").write_text(code)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     be = pyvhost(tmp_path, "--ops", "memfs:MemFS", env=env)
     try:
-        r = run_guest(kit, be.sock, MEMFS_WORKLOAD, tmp_path)
+        r = run_guest(kit, be.sock, MEMFS_WORKLOAD, tmp_path, packed=True)
     finally:
         be.stop()
+    starts = [ln for ln in be.log.read_text().splitlines() if "started (" in ln]
+    assert starts and "packed rings" in starts[-1], starts
     assert r["a"] == "hello" and r["big"] == r["back"], r
     assert r["listed"] == "202" and r["truncated"] == "he" and r["left"] == "0" and r["umount"] == "ok", r
     assert "Traceback" not in be.log.read_text(), be.log.read_text()[-3000:]
