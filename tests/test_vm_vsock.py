@@ -93,9 +93,11 @@ def exchange(c: socket.socket, down: bytes, host: dict) -> None:
     c.close()
 
 
-def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side, packed: bool = False) -> tuple[dict, dict, bytes]:
-    """Serve vsock, boot the guest with ``script`` (``packed``: on packed virtqueues); ``host_side(guest, uds,
-    down, host)`` runs beside it."""
+def run(
+    kit: guestkit.Kit, tmp_path: Path, script: str, host_side, packed: bool = False, metadata: str = "direct"
+) -> tuple[dict, dict, bytes]:
+    """Serve vsock on the ``metadata`` path, boot the guest with ``script`` (``packed``: on packed virtqueues);
+    ``host_side(guest, uds, down, host)`` runs beside it."""
     client = tmp_path / "vsockcat"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(client), str(ROOT / "tools/guestkit/vsockcat.c")], check=True)
     uds = str(tmp_path / "vm.vsock")
@@ -103,6 +105,7 @@ def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side, packed: bool 
     down = os.urandom(SIZE)
     host: dict = {}
     argv = [sys.executable, "-m", "pyvhost", "serve", "vsock", "--socket-path", sock, "--ready-file", str(ready)]
+    argv += ["--metadata", metadata]
     proc = subprocess.Popen(
         [*argv, "--guest-cid", str(CID), "--uds-path", uds], stdout=subprocess.DEVNULL, stderr=open(log, "w")
     )
@@ -125,7 +128,7 @@ def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side, packed: bool 
         proc.wait(30)
     text = log.read_text()
     assert r.get("rc") == "0", g.tail(60) + text[-3000:]
-    assert_log_path(text, "direct")
+    assert_log_path(text, metadata)
     starts = [ln for ln in text.splitlines() if "started (" in ln]
     assert starts and ("packed rings" if packed else "split rings") in starts[-1], starts
     assert "Traceback" not in text, text[-3000:]
@@ -133,7 +136,8 @@ def run(kit: guestkit.Kit, tmp_path: Path, script: str, host_side, packed: bool 
 
 
 def test_guest_connects_to_a_host_socket(kit, tmp_path):
-    """The guest connects to host port 5000: the host peer listening on ``<uds-path>_5000`` answers."""
+    """The guest connects to host port 5000: the host peer listening on ``<uds-path>_5000`` answers -- on the
+    copy path (the other cases run the direct one)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(f"{tmp_path / 'vm.vsock'}_5000")
     listener.listen(1)
@@ -144,7 +148,7 @@ def test_guest_connects_to_a_host_socket(kit, tmp_path):
         exchange(c, down, host)
 
     try:
-        r, host, down = run(kit, tmp_path, SCRIPT, host_side)
+        r, host, down = run(kit, tmp_path, SCRIPT, host_side, metadata="copy")
     finally:
         listener.close()
     assert host == {"up": r["up"], "uplen": SIZE}, (host, r)
