@@ -18,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .peers import BACKEND_CPU, FRONTEND_CPU, cpu_seconds, qsd_binary, wait_for
 
@@ -243,14 +245,19 @@ def main(a) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    print(table(rows))
+    return report(rows, table(rows), a, plot, lambda r: r.backend)
+
+
+def report(rows: list, text: str, a, plot_rows: Callable[[list, str], None], name: Callable[[Any], str]) -> int:
+    """Print the table, write ``--json`` and ``--plot``, say which rows failed; the exit status (1: a row did)."""
+    print(text)
     if a.json:
         Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     if a.plot:
-        plot(rows, a.plot)
+        plot_rows(rows, a.plot)
     bad = [r for r in rows if r.errors or r.ops == 0]
     for r in bad:
-        print(f"error: {r.backend} {r.workload}: {r.errors} errors, {r.ops} ops {r.note}", file=sys.stderr)
+        print(f"error: {name(r)} {r.workload}: {r.errors} errors, {r.ops} ops {r.note}", file=sys.stderr)
     return 1 if bad else 0
 
 

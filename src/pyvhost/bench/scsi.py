@@ -10,16 +10,15 @@ three configurations alternate within each round, and every ratio is taken per p
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from .blk import WORKLOADS, drive, stop_backend
+from .blk import WORKLOADS, drive, report, stop_backend
 from .net import STARTED, _ratio
 from .peers import BACKEND_CPU, FRONTEND_CPU, cpu_seconds, pyvhost_cmd, wait_for
 
@@ -199,15 +198,7 @@ def main(a) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    print(table(rows))
-    if a.json:
-        Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    if a.plot:
-        plot(rows, a.plot)
-    bad = [r for r in rows if r.errors or r.ops == 0]
-    for r in bad:
-        print(f"error: {r.label} {r.workload}: {r.errors} errors, {r.ops} ops {r.note}", file=sys.stderr)
-    return 1 if bad else 0
+    return report(rows, table(rows), a, plot, lambda r: r.label)
 
 
 def plot(rows: list[ScsiRow], path: str) -> None:
