@@ -119,7 +119,10 @@ class IOPool:
             fn, args = self.q.get()
             if fn is None:
                 return
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # the thread lives on; the job's request is the stop timeout's to report
+                log.exception("%s: an I/O job failed", threading.current_thread().name)
             del fn, args  # nothing of the request outlives it here
 
     def close(self) -> None:
