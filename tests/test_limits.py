@@ -254,7 +254,8 @@ def test_worker_stops_promptly_under_a_flood_of_worst_chains(serve, sock_path):
             stop.set()
             t.join()
             g.close()
-    assert srv.ended()[-1][1]["chains"] > 4 * QSIZE
+    # the front-end saw at least 4 * QSIZE completions before the stop (the stop may follow the last at once)
+    assert srv.ended()[-1][1]["chains"] >= 4 * QSIZE
 
 
 # =========================================================================================================
