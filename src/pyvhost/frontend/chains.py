@@ -23,6 +23,18 @@ class HandDriver:
     def used(self) -> list[tuple[int, int]]:
         raise NotImplementedError
 
+    def buf(self, d: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def fill(self, d: int, seg: bytes | int, fill: int) -> tuple[int, int]:
+        """Buffer ``d`` as one segment of a chain: device-readable ``bytes`` copied in, or a device-writable
+        length (the buffer set to ``fill``); returns the descriptor's length and flags."""
+        if isinstance(seg, int):
+            self.buf(d)[:] = fill
+            return seg, VRING_DESC_F_WRITE
+        self.buf(d)[: len(seg)] = np.frombuffer(seg, np.uint8)
+        return len(seg), 0
+
     def wait(self, n: int, timeout: float = 10.0) -> list[tuple[int, int]]:
         """The next ``n`` completions, polled; TimeoutError after ``timeout`` s (a lost completion, not a slow one)."""
         got: list[tuple[int, int]] = []
@@ -54,12 +66,7 @@ class RingDriver(HandDriver):
         ring = self.ring
         ds = [self.free.pop() for _ in segments]
         for k, (d, seg) in enumerate(zip(ds, segments)):
-            if isinstance(seg, int):
-                length, flags = seg, VRING_DESC_F_WRITE
-                self.buf(d)[:] = fill
-            else:
-                length, flags = len(seg), 0
-                self.buf(d)[: len(seg)] = np.frombuffer(seg, np.uint8)
+            length, flags = self.fill(d, seg, fill)
             more = k + 1 < len(ds)
             flags |= VRING_DESC_F_NEXT if more else 0
             ring.desc[2 * d] = ring.buf_gpa(d)
@@ -130,12 +137,7 @@ class PackedRingDriver(HandDriver):
         descs = []
         wrap, pos = self.wrap, self.pos
         for k, (d, seg) in enumerate(zip(ds, segments)):
-            if isinstance(seg, int):
-                length, flags = seg, VRING_DESC_F_WRITE
-                self.buf(d)[:] = fill
-            else:
-                length, flags = len(seg), 0
-                self.buf(d)[: len(seg)] = np.frombuffer(seg, np.uint8)
+            length, flags = self.fill(d, seg, fill)
             flags |= VRING_DESC_F_NEXT if k + 1 < len(ds) else 0
             descs.append((ring.buf_gpa(d), length, ds[0], flags | self.avail_flags(wrap)))
             pos += 1
