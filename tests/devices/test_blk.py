@@ -41,6 +41,7 @@ from pyvhost.devices.blk import (
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
     BlkDevice,
+    IOPool,
 )
 from pyvhost.frontend.blk import BlkFrontend
 from pyvhost.frontend.net import FrontendError
@@ -770,3 +771,21 @@ def test_packed_ring_with_an_inflight_area_works_untracked(image, sock_path, cap
     warned = [r for r in caplog.records if "inflight tracking is split-ring only" in r.getMessage()]
     assert len(warned) == 1 and "vring 0" in warned[0].getMessage()
     dev.close()
+
+
+def test_io_pool_thread_survives_a_failing_job(caplog):
+    """An exception escaping an I/O job is logged and the pool's thread goes on with the next job."""
+    pool = IOPool(1, name="pyvhost-blk-io-test")
+    done = threading.Event()
+
+    def fail() -> None:
+        raise RuntimeError("job failed on purpose")
+
+    try:
+        with caplog.at_level(logging.ERROR):
+            pool.put(fail)
+            pool.put(done.set)
+            assert done.wait(30), "the job after a failing one never ran"
+        assert any("an I/O job failed" in r.getMessage() for r in caplog.records)
+    finally:
+        pool.close()
