@@ -78,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pkt-size", default="64", help="net: frame bytes, one or a comma list (64,512,1518)")
     p.add_argument("--batch", type=int, default=64, help="pyvhost front-end batch")
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=32,
+        help="net: the back-ends' burst, the same on both sides: pyvhost serve --batch N and DPDK testpmd --burst=N "
+        "(DPDK's vhost PMD dequeues at most 32 per call and loops above that); testpmd's front-end uses it too",
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--workdir", help="keep sockets and logs here (default: a temporary directory)")

@@ -178,6 +178,8 @@ class Runner:
             str(count),
             "--queue-pairs",
             str(queue_pairs),
+            "--batch",
+            str(self.a.burst),  # the same burst as DPDK's back-end
         )
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         wait_for(ready, proc)
@@ -265,6 +267,7 @@ class Runner:
             self.a.queue_size,
             interactive,
             extra,
+            self.a.burst,
         )
 
     def dpdk_backend(
@@ -591,9 +594,9 @@ def ratios(c: Config, cs: list[Config]) -> str:
     return "  ".join(x for x in out if x)
 
 
-def table(cs: list[Config]) -> str:
+def table(cs: list[Config], burst: int | None = None) -> str:
     """The result tables: one per front-end, a line per configuration (the path and ring the back-end ran),
-    with the ratios per pair of alternating runs."""
+    with the ratios per pair of alternating runs; ``burst``: the back-ends' burst, said in each title."""
     lines = []
     for fe in dict.fromkeys(c.frontend for c in cs):
         lines.append(f"front-end: {fe}")
@@ -676,8 +679,8 @@ def main(a: argparse.Namespace) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    print(table(cs))
-    rows = [asdict(x) for c in cs for x in c.rows]
+    print(table(cs, a.burst))
+    rows = [asdict(x) | {"burst": a.burst} for c in cs for x in c.rows]
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.plot:

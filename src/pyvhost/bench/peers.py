@@ -53,10 +53,11 @@ def start_testpmd(
     queue_size: int,
     interactive: bool = False,
     extra: tuple[str, ...] = (),
+    burst: int = 32,
 ) -> tuple[subprocess.Popen, Path]:
     """DPDK's testpmd with one vdev (a virtio-user front-end or a vhost PMD back-end) on ``cpu``, its output
     line-buffered into ``log``; interactive (commands through :class:`PmdConsole`) or started at once.
-    ``extra``: more testpmd options (``--port-topology=loop``, ``--txpkts=512``)."""
+    ``extra``: more testpmd options (``--port-topology=loop``, ``--txpkts=512``); ``burst``: packets per burst."""
     testpmd = shutil.which("dpdk-testpmd")
     if testpmd is None:
         raise RuntimeError("dpdk-testpmd not found (make deps installs Debian's DPDK)")
@@ -79,6 +80,7 @@ def start_testpmd(
         f"--txd={queue_size}",
         f"--rxd={queue_size}",
         "--no-flush-rx",  # count every received packet
+        f"--burst={burst}",
         *extra,
     ]
     # non-interactive testpmd waits for Enter unless it has a stats period; stdin is /dev/null here
