@@ -46,7 +46,11 @@ def threads(pid: int) -> str:
             vol = re.search(r"voluntary_ctxt_switches:\s+(\d+)", (task / "status").read_text())
         except OSError:
             continue
-        out.append(f"{f[0]}{int(f[11]) + int(f[12])}/v{vol[1] if vol else '?'}")
+        try:
+            wchan = (task / "wchan").read_text() or "-"
+        except OSError:
+            wchan = "?"
+        out.append(f"{f[0]}{int(f[11]) + int(f[12])}/v{vol[1] if vol else '?'}/{wchan}")
     return " ".join(out)
 
 
