@@ -599,7 +599,7 @@ def table(cs: list[Config], burst: int | None = None) -> str:
     with the ratios per pair of alternating runs; ``burst``: the back-ends' burst, said in each title."""
     lines = []
     for fe in dict.fromkeys(c.frontend for c in cs):
-        lines.append(f"front-end: {fe}" + (f"    (both back-ends' burst: {burst})" if burst else ""))
+        lines.append(f"front-end: {fe}" + (f"    (back-end burst: {burst})" if burst else ""))
         lines.append(
             f"{'back-end':9} {'path ran':9} {'ring':6} {'iotlb':5} {'regs':4} {'log':3} {'qp':>2} {'workload':26} "
             f"{'bytes':>5} {'Mpps median (min–max)':24} {'Gbit/s':>6} {'CPU s/Mpkt':>10} {'errors':>6}  "
