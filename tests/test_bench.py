@@ -178,3 +178,22 @@ def test_bench_scsi(tmp_path):
         assert r["ops"] > 0 and r["errors"] == 0 and r["path"] == r["metadata"], r
         assert (r["iops"] if r["block_size"] <= 4096 else r["mbps"]) > 0, r
     assert "scsi direct/blk" in table and "scsi copy/blk" in table and "scsi direct/copy" in table
+
+
+def test_table_says_the_burst_and_notes_runs_far_apart():
+    """The title names the back-ends' burst; a configuration whose runs are more than 2x apart gets a note
+    (the reflector's two modes), one whose runs agree does not."""
+    from pyvhost.bench.net import Config, table
+
+    def config(backend: str, rates: list[float]) -> Config:
+        c = Config(backend, "dpdk", "loop", "direct" if backend == "pyvhost" else "-", pkt_size=512)
+        for run, mpps in enumerate(rates, 1):
+            row = c.new_row(run, 256)
+            row.mpps, row.packets, row.path = mpps, 1000, c.metadata
+            c.rows.append(row)
+        return c
+
+    text = table([config("dpdk", [8.0, 8.5, 7.9]), config("pyvhost", [8.9, 3.1, 9.0])], 32)
+    assert "front-end: dpdk    (back-end burst: 32)" in text
+    notes = [line for line in text.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "dpdk->pyvhost loop direct split 512B 2.9x" in notes[0], text

@@ -493,9 +493,19 @@ def _ratio(name: str, pairs: list[float]) -> str:
     return f"{name} {statistics.median(pairs):.2f}x ({min(pairs):.2f}–{max(pairs):.2f}, {len(pairs)} pairs)"
 
 
+#: runs of one configuration further apart than this (fastest over slowest) get a note under the table
+WIDE_SPREAD = 2.0
+
+
 def _fmt(rows: list[Row]) -> str:
     v = [x.mpps for x in rows]
     return f"{statistics.median(v):7.2f} ({min(v):.2f}–{max(v):.2f})"
+
+
+def _spread(rows: list[Row]) -> float:
+    """The fastest run over the slowest (1.0 with fewer than two runs that moved packets)."""
+    v = [x.mpps for x in rows if x.mpps > 0]
+    return max(v) / min(v) if len(v) > 1 else 1.0
 
 
 def _cpu(rows: list[Row]) -> str:
@@ -617,6 +627,13 @@ def table(cs: list[Config], burst: int | None = None) -> str:
             lines.append(
                 f"{c.backend:9} {ran:9} {c.ring:6} {iotlb:5} {regs:>4} {c.dirty_log:3} {c.queue_pairs:2d} {work:26} "
                 f"{c.pkt_size:5d} {_fmt(c.rows):24} {gbps:6.2f} {_cpu(c.rows):>10} {errs:6d}  {ratios(c, cs)}"
+            )
+        wide = [c for c in cs if c.frontend == fe and _spread(c.rows) > WIDE_SPREAD]
+        if wide:
+            lines.append(
+                f"note: the runs of {len(wide)} row(s) differ by more than {WIDE_SPREAD:g}x "
+                f"({', '.join(f'{c.label.strip()} {_spread(c.rows):.1f}x' for c in wide)}): their pair ratios swing "
+                "with them; compare over more --runs (the reflector has two modes on both back-ends, BENCHMARKS.md)"
             )
         fp = [x.first_packet_s for c in cs if c.frontend == fe for x in c.rows if x.first_packet_s is not None]
         if fp:
