@@ -283,17 +283,18 @@ class SlowSector(BlkDevice):
         self.started, self.finished = threading.Event(), threading.Event()
 
     def _try_nowait(self, req, kind, offset, what):
-        return offset != 0 and super()._try_nowait(req, kind, offset, what)
+        return -1 if offset == 0 else super()._try_nowait(req, kind, offset, what)
 
-    def _run(self, req, kind, offset, what):
+    def _do(self, req, kind, offset, what):
         slow = offset == 0 and kind in ("read", "write")
         if slow:
             self.finished.clear()
             self.started.set()
             time.sleep(0.5)
-        super()._run(req, kind, offset, what)
+        n = super()._do(req, kind, offset, what)
         if slow:
             self.finished.set()
+        return n
 
 
 def _taken(ev: threading.Event) -> None:
@@ -499,10 +500,10 @@ class Recorder(BlkDevice):
         super().__init__(*a, io_threads=0, **kw)
         self.executed = []
 
-    def _run(self, req, kind, offset, what):
+    def _do(self, req, kind, offset, what):
         if kind == "write":
             self.executed.append(offset // 512)
-        super()._run(req, kind, offset, what)
+        return super()._do(req, kind, offset, what)
 
 
 @pytest.mark.parametrize("metadata", PATHS)

@@ -21,10 +21,11 @@ import os
 import queue
 import stat
 import struct
+import sys
 import threading
 import time
 
-from .chain_device import ChainDevice, Request
+from .chain_device import ChainDevice, Request, complete_all
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+#: _try_nowait's answer for a request the kernel would have blocked on (EAGAIN)
+WOULD_BLOCK = -2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -218,6 +221,13 @@ class BlkDevice(ChainDevice):
         self.nowait_max = 64 << 10
         self._nowait_failures = {"read": 0, "write": 0}
         self._nowait_worked: set[str] = set()
+        #: a job that takes longer than this (seconds) blocked: the ones after it go to the other threads (longer
+        #: than a wait for the GIL, which another thread holds for up to the switch interval)
+        self.block_time = 2 * sys.getswitchinterval()
+        #: set while jobs block (a slow medium): each request goes to a thread of its own
+        self.spread = False
+        #: an I/O thread completes its requests at least this often (requests, seconds)
+        self.publish_every, self.publish_time = 8, 200e-6
 
     # -- configuration ----------------------------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -272,31 +282,89 @@ class BlkDevice(ChainDevice):
 
     # -- requests -----------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        writable = req.writable
-        if not writable or not len(writable[-1]):
-            log.error("queue %d: request %d has no writable status byte; completed with length 0", req.queue, req.head)
-            self._count("ioerr")
-            req.complete(0)
-            return
-        try:
-            job = self._parse(req)
-        except BlkError as e:
-            log.debug("queue %d: request %d refused: %s", req.queue, req.head, e)
-            self._finish(req, e.status, 0)
-            return
-        if self.pool is None:
-            self._run(req, *job)
-        elif not (job[0] in self.nowait and self._try_nowait(req, *job)):
-            self.pool.put(self._run, req, *job)
+        self.submit_batch([req])
 
-    def _try_nowait(self, req: Request, kind: str, offset: int, views) -> bool:
+    def submit_batch(self, reqs: list[Request]) -> None:
+        """Check each request, do at once what needs no wait (a refusal, a read from the page cache), and hand
+        the rest to the I/O threads as one job: one wake-up for the lot, their completions published
+        together (:meth:`_run_jobs`)."""
+        jobs: list[tuple] = []  # reads and writes, to one thread together
+        alone: list[tuple] = []  # requests that wait on the medium (a flush, a read from the disk): one each
+        done: list[tuple[Request, int]] = []
+        for req in reqs:
+            writable = req.writable
+            if not writable or not len(writable[-1]):
+                log.error(
+                    "queue %d: request %d has no writable status byte; completed with length 0", req.queue, req.head
+                )
+                self._count("ioerr")
+                done.append((req, 0))
+                continue
+            try:
+                job = self._parse(req)
+            except BlkError as e:
+                log.debug("queue %d: request %d refused: %s", req.queue, req.head, e)
+                done.append((req, self._status(req, e.status, 0)))
+                continue
+            if job[0] in self.nowait:
+                n = self._try_nowait(req, *job)
+                if n >= 0:
+                    done.append((req, n))
+                    continue
+                if n == WOULD_BLOCK:  # not in the page cache: the disk's own parallelism is worth a thread
+                    alone.append((req, *job))
+                    continue
+            (jobs if job[0] in ("read", "write") else alone).append((req, *job))
+        complete_all(done)
+        if self.pool is None:
+            self._run_jobs(jobs + alone)
+            return
+        if self.spread or self.io_delay:  # a slow medium: each request to a thread of its own
+            alone += jobs
+        elif jobs:
+            self.pool.put(self._run_jobs, jobs)
+        for job in alone:
+            self.pool.put(self._run_jobs, [job])
+
+    def _run_jobs(self, jobs: list[tuple]) -> None:
+        """In an I/O thread: do the jobs in order, completing them a few at a time (``publish_every``, or
+        what ``publish_time`` saw done): the driver sees some early and sends more meanwhile, and the queue's
+        worker is woken once per lot, not per request.  A job that blocked (took longer than ``block_time``)
+        sends the ones after it to the other threads, one each, and so do the next batches (``spread``) until
+        a batch runs without blocking: a slow medium gets the threads' parallelism, the page cache one thread
+        hop per batch."""
+        done: list[tuple[Request, int]] = []
+        blocked = False
+        t_pub = time.perf_counter()
+        try:
+            for i, job in enumerate(jobs):
+                t = time.perf_counter()
+                done.append((job[0], self._do(*job)))
+                now = time.perf_counter()
+                if now - t > self.block_time:
+                    blocked = True
+                    if self.pool is not None and i + 1 < len(jobs):
+                        for rest in jobs[i + 1 :]:
+                            self.pool.put(self._run_jobs, [rest])
+                        break
+                if len(done) >= self.publish_every or now - t_pub > self.publish_time:
+                    complete_all(done)
+                    done = []
+                    t_pub = now
+        finally:
+            complete_all(done)
+            self.spread = blocked
+
+    def _try_nowait(self, req: Request, kind: str, offset: int, views) -> int:
         """The fast path, in the queue's worker: a read or write the kernel can do without blocking (the data
-        is in the page cache; RWF_NOWAIT) is done at once, saving the trip through the I/O threads.  Anything
-        that would block, or is only partly done, goes to the threads (and is done whole there)."""
+        is in the page cache; RWF_NOWAIT) is done at once, saving the trip through the I/O threads; its used
+        length, or -1 for anything that would block, or is only partly done: that goes to the threads (and
+        is done whole there), WOULD_BLOCK for a read or write the kernel said would block (EAGAIN)."""
         if self.io_delay or len(views) > IOV_MAX or (kind == "write" and not self.writeback):
-            return False
-        if _total(views) > self.nowait_max:  # a long copy would hold up the queue's other requests
-            return False
+            return -1
+        total = _total(views)
+        if total > self.nowait_max:  # a long copy would hold up the queue's other requests
+            return -1
         try:
             if kind == "read":
                 n = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
@@ -311,14 +379,14 @@ class BlkDevice(ChainDevice):
                     # e.g. buffered writes on a file system that never does them without blocking
                     log.info("%ss never complete without blocking here; they all go to the I/O threads", kind)
                     self.nowait.discard(kind)
-            return False
-        if n != _total(views):
-            return False
+                return WOULD_BLOCK
+            return -1
+        if n != total:
+            return -1
         self._nowait_worked.add(kind)
         _release(views)
         self._count(kind, kind + "_bytes", n)
-        self._finish(req, VIRTIO_BLK_S_OK, n if kind == "read" else 0)
-        return True
+        return self._status(req, VIRTIO_BLK_S_OK, n if kind == "read" else 0)
 
     def _parse(self, req: Request) -> tuple:
         """Check the request; return what the I/O thread does: (kind, offset, views or ranges)."""
@@ -376,8 +444,8 @@ class BlkDevice(ChainDevice):
         if sector + count > self.capacity:
             raise BlkError(VIRTIO_BLK_S_IOERR, f"sectors {sector}+{count} beyond the capacity {self.capacity}")
 
-    def _run(self, req: Request, kind: str, offset: int, what) -> None:
-        """In an I/O thread: do the request, write its status, complete it."""
+    def _do(self, req: Request, kind: str, offset: int, what) -> int:
+        """In an I/O thread: do the request and write its status; its used length."""
         written = 0
         status = VIRTIO_BLK_S_OK
         try:
@@ -419,16 +487,17 @@ class BlkDevice(ChainDevice):
             status, written = VIRTIO_BLK_S_IOERR, 0
         if kind in ("read", "write"):
             _release(what)
-        self._finish(req, status, written)
+        return self._status(req, status, written)
 
-    def _finish(self, req: Request, status: int, written: int) -> None:
+    def _status(self, req: Request, status: int, written: int) -> int:
+        """Write the status byte; the used length (``written`` data bytes and the status)."""
         if status == VIRTIO_BLK_S_IOERR:
             self._count("ioerr")
         elif status == VIRTIO_BLK_S_UNSUPP:
             self._count("unsupp")
         last = req.writable[-1]
         last[len(last) - 1] = status
-        req.complete(written + 1)
+        return written + 1
 
     def _count(self, name: str, bytes_name: str | None = None, n: int = 0) -> None:
         with self.lock:
