@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 #: pop_chains results besides a chain count
 POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
 #: columns of the chains array: head (packed: buffer id), first sg row, readable segments, sg row after the last
-#: segment
-C_HEAD, C_FIRST, C_NREAD, C_END = 0, 1, 2, 3
+#: segment, bytes the device may write
+C_HEAD, C_FIRST, C_NREAD, C_END, C_WLEN = 0, 1, 2, 3, 4
+CHAIN_COLS = 5
 #: inflight tracking state of a ring (``ist``): next counter value, 1 if tracking
 IST_COUNTER, IST_TRACK = 0, 1
 _NO_U8, _NO_U16, _NO_U64 = np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
@@ -81,7 +82,7 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
         head = read_avail_entry(q, avail, mem, table, last + k)
         if head < 0:
             break
-        nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg[row:], ANY)
+        nread, nseg, _rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg[row:], ANY)
         if nread < 0:
             break
         if track:
@@ -93,6 +94,7 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
         chains[k, C_FIRST] = row
         chains[k, C_NREAD] = nread
         chains[k, C_END] = row + nseg
+        chains[k, C_WLEN] = wbytes
         row += nseg
         k += 1
     q[Q_LAST_AVAIL] = (last + k) & 0xFFFF
@@ -163,7 +165,9 @@ def pop_packed(q, desc, dev, mem, table, sg, chains, max_chains, spins, ids):
     taken = 0
     k = 0
     while k < max_chains and taken < room and row + rows <= sg.shape[0]:
-        nread, nseg, _r, _w, ndesc, bid = PK.walk_packed(q, desc, mem, table, pos, wrap, f, sg[row:], ANY, room - taken)
+        nread, nseg, _r, wbytes, ndesc, bid = PK.walk_packed(
+            q, desc, mem, table, pos, wrap, f, sg[row:], ANY, room - taken
+        )
         if nread < 0:
             break
         if ids[bid] != 0:
@@ -174,6 +178,7 @@ def pop_packed(q, desc, dev, mem, table, sg, chains, max_chains, spins, ids):
         chains[k, C_FIRST] = row
         chains[k, C_NREAD] = nread
         chains[k, C_END] = row + nseg
+        chains[k, C_WLEN] = wbytes
         row += nseg
         taken += ndesc
         k += 1
@@ -401,11 +406,12 @@ class ChainDevice(Device):
         (ring,) = rings
         mem = ring.mem
         arena, table = mem.arena.view, mem.table
+        whole = arena.data  # the chains' buffers are slices of it (lives as long as ``arena`` here does)
         q = ring.q
         size = int(q[Q_SIZE])
         sg = new_sg(size * 2)
         batch = max(1, min(self.batch, size))
-        chains = np.zeros((batch, 4), dtype=np.int64)
+        chains = np.zeros((batch, CHAIN_COLS), dtype=np.int64)
         heads = np.zeros(size, dtype=np.int64)
         lens = np.zeros(size, dtype=np.int64)
         index, spins, submit, submit_batch, stopping, publish_every = (
@@ -477,18 +483,18 @@ class ChainDevice(Device):
         publish = True  # completions go to the used ring (until writing it fails)
         logging = bool(q[Q_LOG_SIZE])  # fixed while the step lives (the backend restarts it to switch)
 
-        def request(head: int, rows: list[list[int]], nread: int) -> Request:
+        def request(head: int, rows: list[list[int]], nread: int, wlen: int) -> Request:
             nonlocal outstanding
-            segs = [arena[o : o + ln].data for o, ln in rows]
+            segs = [whole[o : o + ln] for o, ln in rows]
             # while dirty logging, what the device may write is logged (whole) when it completes the chain
             wrows = np.array(rows[nread:], dtype=np.int64).reshape(-1, 2) if logging and len(rows) > nread else None
-            req = Request(index, head, segs[:nread], segs[nread:], done, sum(ln for _, ln in rows[nread:]), wrows)
+            req = Request(index, head, segs[:nread], segs[nread:], done, wlen, wrows)
             outstanding += 1
             taken[head] = taken.get(head, 0) + 1
             return req
 
-        def start(head: int, rows: list[list[int]], nread: int) -> None:
-            req = request(head, rows, nread)
+        def start(head: int, rows: list[list[int]], nread: int, wlen: int) -> None:
+            req = request(head, rows, nread, wlen)
             try:
                 submit(req)
             except Exception:
@@ -567,7 +573,8 @@ class ChainDevice(Device):
                     nread, nseg = walk_one(q, desc, arena, table, head, sg)
                     if nread < 0:
                         return Step.BROKEN
-                    start(head, sg[:nseg].tolist(), int(nread))
+                    rows = sg[:nseg].tolist()
+                    start(head, rows, int(nread), sum(ln for _, ln in rows[nread:]))
                     continue
                 room = min(batch, size - outstanding)
                 if room <= 0:
@@ -588,12 +595,12 @@ class ChainDevice(Device):
                     continue
                 rows = sg[: int(chains[n - 1, C_END])].tolist()
                 if batched:
-                    start_batch([request(h, rows[first:end], nread) for h, first, nread, end in chains[:n].tolist()])
+                    start_batch([request(h, rows[a:b], nread, w) for h, a, nread, b, w in chains[:n].tolist()])
                     if q[Q_ERROR]:
                         return Step.BROKEN
                     continue
-                for head, first, nread, end in chains[:n].tolist():
-                    start(head, rows[first:end], nread)
+                for head, first, nread, end, wlen in chains[:n].tolist():
+                    start(head, rows[first:end], nread, wlen)
                     if len(done.items) >= publish_every:  # keep the driver busy while the batch goes on
                         if not reap():
                             return Step.BROKEN
@@ -616,7 +623,7 @@ def discard_split(ring: Ring, spins: int = 64) -> StepFn:
     size = int(q[Q_SIZE])
     batch = max(1, min(64, size))
     sg = new_sg(size * 2)
-    chains = np.zeros((batch, 4), dtype=np.int64)
+    chains = np.zeros((batch, CHAIN_COLS), dtype=np.int64)
     heads = np.zeros(batch, dtype=np.int64)
     lens = np.zeros(batch, dtype=np.int64)
     ist = np.zeros(2, dtype=np.int64)
@@ -650,7 +657,7 @@ def warm_up() -> None:
         q = new_queue_state(1)
         q[Q_STOP] = 1  # return at once
         sg = new_sg(2)
-        chains = np.zeros((1, 4), dtype=np.int64)
+        chains = np.zeros((1, CHAIN_COLS), dtype=np.int64)
         ist = np.zeros(2, dtype=np.int64)
         ints = np.zeros(1, dtype=np.int64)
         pop_chains(q, _NO_U64, _NO_U16, _NO_U16, mem.arena.view, mem.table, sg, chains, 1, 1, _NO_U8, _NO_U64, ist)
