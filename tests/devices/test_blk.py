@@ -393,7 +393,7 @@ def test_inflight_recovery_after_a_crash_at_every_step():
     once: completed (in the used ring the driver sees), resubmitted (in the order it was taken), or taken anew
     after the resubmitted ones."""
     from pyvhost.access import bind
-    from pyvhost.devices.chain_device import C_HEAD, IST_COUNTER, IST_TRACK, pop_chains, push_used
+    from pyvhost.devices.chain_device import C_HEAD, CHAIN_COLS, IST_COUNTER, IST_TRACK, pop_chains, push_used
     from pyvhost.frontend.ram import GuestRam
     from pyvhost.memory import GuestMemory
     from pyvhost.ring.chain import new_sg
@@ -431,7 +431,7 @@ def test_inflight_recovery_after_a_crash_at_every_step():
             ist[IST_COUNTER], ist[IST_TRACK] = 100, 1
             stores = Stores(cut)
             i8, i16, i64 = (_recording(x, stores) for x in (region.u8, region.u16, region.u64))
-            sg, chains = new_sg(2 * size), np.zeros((size, 4), dtype=np.int64)
+            sg, chains = new_sg(2 * size), np.zeros((size, CHAIN_COLS), dtype=np.int64)
             try:
                 n = _as_run(pop_chains, stores)(
                     q, dv, av, u16v, mem.arena.view, mem.table, sg, chains, size, 4, i8, i64, ist

@@ -13,6 +13,7 @@ so a slow one does not hold up the queue; with the front-end's inflight area the
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import fcntl
@@ -224,8 +225,12 @@ class BlkDevice(ChainDevice):
         #: a job that takes longer than this (seconds) blocked: the ones after it go to the other threads (longer
         #: than a wait for the GIL, which another thread holds for up to the switch interval)
         self.block_time = 2 * sys.getswitchinterval()
-        #: set while jobs block (a slow medium): each request goes to a thread of its own
-        self.spread = False
+        #: reads and writes waiting for a runner (see _run_backlog); runners at work; when the job a runner
+        #: is on began (time.perf_counter)
+        self.backlog: collections.deque[tuple] = collections.deque()
+        self.runners = 0
+        self.runner_lock = threading.Lock()
+        self.busy_since = 0.0
         #: an I/O thread completes its requests at least this often (requests, seconds)
         self.publish_every, self.publish_time = 8, 200e-6
 
@@ -286,8 +291,9 @@ class BlkDevice(ChainDevice):
 
     def submit_batch(self, reqs: list[Request]) -> None:
         """Check each request, do at once what needs no wait (a refusal, a read from the page cache), and hand
-        the rest to the I/O threads as one job: one wake-up for the lot, their completions published
-        together (:meth:`_run_jobs`)."""
+        the rest of the reads and writes to the I/O threads' backlog: no wake-up while a runner is at work,
+        their completions published a few at a time (:meth:`_run_backlog`).  What waits on the medium (a
+        read not in the page cache, a flush, a discard) goes to a thread of its own."""
         jobs: list[tuple] = []  # reads and writes, to one thread together
         alone: list[tuple] = []  # requests that wait on the medium (a flush, a read from the disk): one each
         done: list[tuple[Request, int]] = []
@@ -317,43 +323,70 @@ class BlkDevice(ChainDevice):
             (jobs if job[0] in ("read", "write") else alone).append((req, *job))
         complete_all(done)
         if self.pool is None:
-            self._run_jobs(jobs + alone)
+            complete_all([(job[0], self._do(*job)) for job in jobs + alone])
             return
-        if self.spread or self.io_delay:  # a slow medium: each request to a thread of its own
+        if self.io_delay:  # a slow medium: each request to a thread of its own
             alone += jobs
         elif jobs:
-            self.pool.put(self._run_jobs, jobs)
+            self._queue(jobs)
         for job in alone:
-            self.pool.put(self._run_jobs, [job])
+            self.pool.put(self._run_alone, *job)
 
-    def _run_jobs(self, jobs: list[tuple]) -> None:
-        """In an I/O thread: do the jobs in order, completing them a few at a time (``publish_every``, or
-        what ``publish_time`` saw done): the driver sees some early and sends more meanwhile, and the queue's
-        worker is woken once per lot, not per request.  A job that blocked (took longer than ``block_time``)
-        sends the ones after it to the other threads, one each, and so do the next batches (``spread``) until
-        a batch runs without blocking: a slow medium gets the threads' parallelism, the page cache one thread
-        hop per batch."""
+    def _run_alone(self, req: Request, *job) -> None:
+        req.complete(self._do(req, *job))
+
+    def _queue(self, jobs: list[tuple]) -> None:
+        """Add reads and writes to the backlog; start a runner (an I/O thread that works through the backlog)
+        if none is at work, or another one if the one at work has been on its job for longer than
+        ``block_time`` (it blocked)."""
+        assert self.pool is not None
+        self.backlog.extend(jobs)
+        with self.runner_lock:
+            busy = self.runners and time.perf_counter() - self.busy_since > self.block_time
+            if self.runners and not (busy and self.runners < len(self.pool.threads)):
+                return  # a runner will see the jobs (it looks at the backlog under the lock before it stops)
+            self.runners += 1
+        self.pool.put(self._run_backlog)
+
+    def _run_backlog(self) -> None:
+        """A runner, in an I/O thread: do the backlog's jobs in order, completing them a few at a time
+        (``publish_every``, or what ``publish_time`` saw done) -- the driver sees some early and sends more
+        meanwhile, and the queue's worker is woken once per lot, not per request; stop when the backlog is
+        empty.  One runner works while its jobs do not block: on one CPU more threads buy nothing but
+        switches; a job that blocks (a slow medium) starts another runner for the jobs behind it."""
+        assert self.pool is not None
         done: list[tuple[Request, int]] = []
-        blocked = False
         t_pub = time.perf_counter()
-        try:
-            for i, job in enumerate(jobs):
-                t = time.perf_counter()
+        backlog = self.backlog
+        while True:
+            try:
+                job = backlog.popleft()
+            except IndexError:
+                complete_all(done)
+                done = []
+                with self.runner_lock:
+                    if backlog:
+                        continue
+                    self.runners -= 1
+                    return
+            self.busy_since = t = time.perf_counter()
+            try:
                 done.append((job[0], self._do(*job)))
-                now = time.perf_counter()
-                if now - t > self.block_time:
-                    blocked = True
-                    if self.pool is not None and i + 1 < len(jobs):
-                        for rest in jobs[i + 1 :]:
-                            self.pool.put(self._run_jobs, [rest])
-                        break
-                if len(done) >= self.publish_every or now - t_pub > self.publish_time:
-                    complete_all(done)
-                    done = []
-                    t_pub = now
-        finally:
-            complete_all(done)
-            self.spread = blocked
+            except BaseException:  # (_do catches what the request may raise) the jobs done are still completed
+                complete_all(done)
+                with self.runner_lock:
+                    self.runners -= 1
+                raise
+            now = time.perf_counter()
+            if now - t > self.block_time and backlog:  # blocked: the jobs behind it need not wait for it
+                with self.runner_lock:
+                    if self.runners < len(self.pool.threads):
+                        self.runners += 1
+                        self.pool.put(self._run_backlog)
+            if len(done) >= self.publish_every or now - t_pub > self.publish_time:
+                complete_all(done)
+                done = []
+                t_pub = now
 
     def _try_nowait(self, req: Request, kind: str, offset: int, views) -> int:
         """The fast path, in the queue's worker: a read or write the kernel can do without blocking (the data
