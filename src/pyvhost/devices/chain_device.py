@@ -389,11 +389,11 @@ class ChainDevice(Device):
         req.complete(self.handle(req.queue, req.readable, req.writable))
 
     def submit_batch(self, reqs: list[Request]) -> None:
-        """Start processing the chains one pass took off a ring, in ring order.  The default submits each
-        (and the ring's worker, seeing it is not overridden, does that itself, publishing completions as they
-        come).  A device that overrides this takes them as a lot -- to hand them to a thread at once, say, and
-        finish them with :func:`complete_all`; a request it leaves incomplete when it raises is completed with
-        length 0."""
+        """Start processing chains one pass took off a ring, in ring order, ``publish_every`` at most at a time
+        (what completes at once is published between lots).  The default submits each (and the ring's worker,
+        seeing it is not overridden, does that itself, publishing completions as they come).  A device that
+        overrides this takes them as a lot -- to hand them to a thread at once, say, and finish them with
+        :func:`complete_all`; a request it leaves incomplete when it raises is completed with length 0."""
         for req in reqs:
             self.submit(req)
 
@@ -594,8 +594,12 @@ class ChainDevice(Device):
                         done.sleep([kick_fd], 0.1)
                     continue
                 rows = sg[: int(chains[n - 1, C_END])].tolist()
-                if batched:
-                    start_batch([request(h, rows[a:b], nread, w) for h, a, nread, b, w in chains[:n].tolist()])
+                if batched:  # in lots of publish_every: what completes at once is published between lots
+                    reqs = [request(h, rows[a:b], nread, w) for h, a, nread, b, w in chains[:n].tolist()]
+                    for i in range(0, n, publish_every):
+                        start_batch(reqs[i : i + publish_every])
+                        if len(done.items) >= publish_every and not reap():
+                            return Step.BROKEN
                     if q[Q_ERROR]:
                         return Step.BROKEN
                     continue
