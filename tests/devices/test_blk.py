@@ -283,17 +283,18 @@ class SlowSector(BlkDevice):
         self.started, self.finished = threading.Event(), threading.Event()
 
     def _try_nowait(self, req, kind, offset, what):
-        return offset != 0 and super()._try_nowait(req, kind, offset, what)
+        return -1 if offset == 0 else super()._try_nowait(req, kind, offset, what)
 
-    def _run(self, req, kind, offset, what):
+    def _do(self, req, kind, offset, what):
         slow = offset == 0 and kind in ("read", "write")
         if slow:
             self.finished.clear()
             self.started.set()
             time.sleep(0.5)
-        super()._run(req, kind, offset, what)
+        n = super()._do(req, kind, offset, what)
         if slow:
             self.finished.set()
+        return n
 
 
 def _taken(ev: threading.Event) -> None:
@@ -392,7 +393,7 @@ def test_inflight_recovery_after_a_crash_at_every_step():
     once: completed (in the used ring the driver sees), resubmitted (in the order it was taken), or taken anew
     after the resubmitted ones."""
     from pyvhost.access import bind
-    from pyvhost.devices.chain_device import C_HEAD, IST_COUNTER, IST_TRACK, pop_chains, push_used
+    from pyvhost.devices.chain_device import C_HEAD, CHAIN_COLS, IST_COUNTER, IST_TRACK, pop_chains, push_used
     from pyvhost.frontend.ram import GuestRam
     from pyvhost.memory import GuestMemory
     from pyvhost.ring.chain import new_sg
@@ -430,7 +431,7 @@ def test_inflight_recovery_after_a_crash_at_every_step():
             ist[IST_COUNTER], ist[IST_TRACK] = 100, 1
             stores = Stores(cut)
             i8, i16, i64 = (_recording(x, stores) for x in (region.u8, region.u16, region.u64))
-            sg, chains = new_sg(2 * size), np.zeros((size, 4), dtype=np.int64)
+            sg, chains = new_sg(2 * size), np.zeros((size, CHAIN_COLS), dtype=np.int64)
             try:
                 n = _as_run(pop_chains, stores)(
                     q, dv, av, u16v, mem.arena.view, mem.table, sg, chains, size, 4, i8, i64, ist
@@ -499,10 +500,10 @@ class Recorder(BlkDevice):
         super().__init__(*a, io_threads=0, **kw)
         self.executed = []
 
-    def _run(self, req, kind, offset, what):
+    def _do(self, req, kind, offset, what):
         if kind == "write":
             self.executed.append(offset // 512)
-        super()._run(req, kind, offset, what)
+        return super()._do(req, kind, offset, what)
 
 
 @pytest.mark.parametrize("metadata", PATHS)

@@ -13,6 +13,7 @@ so a slow one does not hold up the queue; with the front-end's inflight area the
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import fcntl
@@ -21,10 +22,11 @@ import os
 import queue
 import stat
 import struct
+import sys
 import threading
 import time
 
-from .chain_device import ChainDevice, Request
+from .chain_device import ChainDevice, Request, complete_all
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+#: _try_nowait's answer for a request the kernel would have blocked on (EAGAIN)
+WOULD_BLOCK = -2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -218,6 +222,17 @@ class BlkDevice(ChainDevice):
         self.nowait_max = 64 << 10
         self._nowait_failures = {"read": 0, "write": 0}
         self._nowait_worked: set[str] = set()
+        #: a job that takes longer than this (seconds) blocked: the ones after it go to the other threads (longer
+        #: than a wait for the GIL, which another thread holds for up to the switch interval)
+        self.block_time = 2 * sys.getswitchinterval()
+        #: reads and writes waiting for a runner (see _run_backlog); runners at work; when the job a runner
+        #: is on began (time.perf_counter)
+        self.backlog: collections.deque[tuple] = collections.deque()
+        self.runners = 0
+        self.runner_lock = threading.Lock()
+        self.busy_since = 0.0
+        #: an I/O thread completes its requests at least this often (requests, seconds)
+        self.publish_every, self.publish_time = 8, 200e-6
 
     # -- configuration ----------------------------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -272,31 +287,117 @@ class BlkDevice(ChainDevice):
 
     # -- requests -----------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        writable = req.writable
-        if not writable or not len(writable[-1]):
-            log.error("queue %d: request %d has no writable status byte; completed with length 0", req.queue, req.head)
-            self._count("ioerr")
-            req.complete(0)
-            return
-        try:
-            job = self._parse(req)
-        except BlkError as e:
-            log.debug("queue %d: request %d refused: %s", req.queue, req.head, e)
-            self._finish(req, e.status, 0)
-            return
-        if self.pool is None:
-            self._run(req, *job)
-        elif not (job[0] in self.nowait and self._try_nowait(req, *job)):
-            self.pool.put(self._run, req, *job)
+        self.submit_batch([req])
 
-    def _try_nowait(self, req: Request, kind: str, offset: int, views) -> bool:
+    def submit_batch(self, reqs: list[Request]) -> None:
+        """Check each request, do at once what needs no wait (a refusal, a read from the page cache), and hand
+        the rest of the reads and writes to the I/O threads' backlog: no wake-up while a runner is at work,
+        their completions published a few at a time (:meth:`_run_backlog`).  What waits on the medium (a
+        read not in the page cache, a flush, a discard) goes to a thread of its own."""
+        jobs: list[tuple] = []  # reads and writes, to one thread together
+        alone: list[tuple] = []  # requests that wait on the medium (a flush, a read from the disk): one each
+        done: list[tuple[Request, int]] = []
+        for req in reqs:
+            writable = req.writable
+            if not writable or not len(writable[-1]):
+                log.error(
+                    "queue %d: request %d has no writable status byte; completed with length 0", req.queue, req.head
+                )
+                self._count("ioerr")
+                done.append((req, 0))
+                continue
+            try:
+                job = self._parse(req)
+            except BlkError as e:
+                log.debug("queue %d: request %d refused: %s", req.queue, req.head, e)
+                done.append((req, self._status(req, e.status, 0)))
+                continue
+            if job[0] in self.nowait:
+                n = self._try_nowait(req, *job)
+                if n >= 0:
+                    done.append((req, n))
+                    continue
+                if n == WOULD_BLOCK:  # not in the page cache: the disk's own parallelism is worth a thread
+                    alone.append((req, *job))
+                    continue
+            (jobs if job[0] in ("read", "write") else alone).append((req, *job))
+        complete_all(done)
+        if self.pool is None:
+            complete_all([(job[0], self._do(*job)) for job in jobs + alone])
+            return
+        if self.io_delay:  # a slow medium: each request to a thread of its own
+            alone += jobs
+        elif jobs:
+            self._queue(jobs)
+        for job in alone:
+            self.pool.put(self._run_alone, *job)
+
+    def _run_alone(self, req: Request, *job) -> None:
+        req.complete(self._do(req, *job))
+
+    def _queue(self, jobs: list[tuple]) -> None:
+        """Add reads and writes to the backlog; start a runner (an I/O thread that works through the backlog)
+        if none is at work, or another one if the one at work has been on its job for longer than
+        ``block_time`` (it blocked)."""
+        assert self.pool is not None
+        self.backlog.extend(jobs)
+        with self.runner_lock:
+            busy = self.runners and time.perf_counter() - self.busy_since > self.block_time
+            if self.runners and not (busy and self.runners < len(self.pool.threads)):
+                return  # a runner will see the jobs (it looks at the backlog under the lock before it stops)
+            self.runners += 1
+        self.pool.put(self._run_backlog)
+
+    def _run_backlog(self) -> None:
+        """A runner, in an I/O thread: do the backlog's jobs in order, completing them a few at a time
+        (``publish_every``, or what ``publish_time`` saw done) -- the driver sees some early and sends more
+        meanwhile, and the queue's worker is woken once per lot, not per request; stop when the backlog is
+        empty.  One runner works while its jobs do not block: on one CPU more threads buy nothing but
+        switches; a job that blocks (a slow medium) starts another runner for the jobs behind it."""
+        assert self.pool is not None
+        done: list[tuple[Request, int]] = []
+        t_pub = time.perf_counter()
+        backlog = self.backlog
+        while True:
+            try:
+                job = backlog.popleft()
+            except IndexError:
+                complete_all(done)
+                done = []
+                with self.runner_lock:
+                    if backlog:
+                        continue
+                    self.runners -= 1
+                    return
+            self.busy_since = t = time.perf_counter()
+            try:
+                done.append((job[0], self._do(*job)))
+            except BaseException:  # (_do catches what the request may raise) the jobs done are still completed
+                complete_all(done)
+                with self.runner_lock:
+                    self.runners -= 1
+                raise
+            now = time.perf_counter()
+            if now - t > self.block_time and backlog:  # blocked: the jobs behind it need not wait for it
+                with self.runner_lock:
+                    if self.runners < len(self.pool.threads):
+                        self.runners += 1
+                        self.pool.put(self._run_backlog)
+            if len(done) >= self.publish_every or now - t_pub > self.publish_time:
+                complete_all(done)
+                done = []
+                t_pub = now
+
+    def _try_nowait(self, req: Request, kind: str, offset: int, views) -> int:
         """The fast path, in the queue's worker: a read or write the kernel can do without blocking (the data
-        is in the page cache; RWF_NOWAIT) is done at once, saving the trip through the I/O threads.  Anything
-        that would block, or is only partly done, goes to the threads (and is done whole there)."""
+        is in the page cache; RWF_NOWAIT) is done at once, saving the trip through the I/O threads; its used
+        length, or -1 for anything that would block, or is only partly done: that goes to the threads (and
+        is done whole there), WOULD_BLOCK for a read or write the kernel said would block (EAGAIN)."""
         if self.io_delay or len(views) > IOV_MAX or (kind == "write" and not self.writeback):
-            return False
-        if _total(views) > self.nowait_max:  # a long copy would hold up the queue's other requests
-            return False
+            return -1
+        total = _total(views)
+        if total > self.nowait_max:  # a long copy would hold up the queue's other requests
+            return -1
         try:
             if kind == "read":
                 n = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
@@ -311,14 +412,14 @@ class BlkDevice(ChainDevice):
                     # e.g. buffered writes on a file system that never does them without blocking
                     log.info("%ss never complete without blocking here; they all go to the I/O threads", kind)
                     self.nowait.discard(kind)
-            return False
-        if n != _total(views):
-            return False
+                return WOULD_BLOCK
+            return -1
+        if n != total:
+            return -1
         self._nowait_worked.add(kind)
         _release(views)
         self._count(kind, kind + "_bytes", n)
-        self._finish(req, VIRTIO_BLK_S_OK, n if kind == "read" else 0)
-        return True
+        return self._status(req, VIRTIO_BLK_S_OK, n if kind == "read" else 0)
 
     def _parse(self, req: Request) -> tuple:
         """Check the request; return what the I/O thread does: (kind, offset, views or ranges)."""
@@ -376,8 +477,8 @@ class BlkDevice(ChainDevice):
         if sector + count > self.capacity:
             raise BlkError(VIRTIO_BLK_S_IOERR, f"sectors {sector}+{count} beyond the capacity {self.capacity}")
 
-    def _run(self, req: Request, kind: str, offset: int, what) -> None:
-        """In an I/O thread: do the request, write its status, complete it."""
+    def _do(self, req: Request, kind: str, offset: int, what) -> int:
+        """In an I/O thread: do the request and write its status; its used length."""
         written = 0
         status = VIRTIO_BLK_S_OK
         try:
@@ -419,16 +520,17 @@ class BlkDevice(ChainDevice):
             status, written = VIRTIO_BLK_S_IOERR, 0
         if kind in ("read", "write"):
             _release(what)
-        self._finish(req, status, written)
+        return self._status(req, status, written)
 
-    def _finish(self, req: Request, status: int, written: int) -> None:
+    def _status(self, req: Request, status: int, written: int) -> int:
+        """Write the status byte; the used length (``written`` data bytes and the status)."""
         if status == VIRTIO_BLK_S_IOERR:
             self._count("ioerr")
         elif status == VIRTIO_BLK_S_UNSUPP:
             self._count("unsupp")
         last = req.writable[-1]
         last[len(last) - 1] = status
-        req.complete(written + 1)
+        return written + 1
 
     def _count(self, name: str, bytes_name: str | None = None, n: int = 0) -> None:
         with self.lock:

@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 #: pop_chains results besides a chain count
 POP_IDLE, POP_BROKEN, POP_STOPPED = 0, -1, -2
 #: columns of the chains array: head (packed: buffer id), first sg row, readable segments, sg row after the last
-#: segment
-C_HEAD, C_FIRST, C_NREAD, C_END = 0, 1, 2, 3
+#: segment, bytes the device may write
+C_HEAD, C_FIRST, C_NREAD, C_END, C_WLEN = 0, 1, 2, 3, 4
+CHAIN_COLS = 5
 #: inflight tracking state of a ring (``ist``): next counter value, 1 if tracking
 IST_COUNTER, IST_TRACK = 0, 1
 _NO_U8, _NO_U16, _NO_U64 = np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
@@ -81,7 +82,7 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
         head = read_avail_entry(q, avail, mem, table, last + k)
         if head < 0:
             break
-        nread, nseg, rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg[row:], ANY)
+        nread, nseg, _rbytes, wbytes = walk_chain(q, desc, mem, table, head, sg[row:], ANY)
         if nread < 0:
             break
         if track:
@@ -93,6 +94,7 @@ def pop_chains(q, desc, avail, used16, mem, table, sg, chains, max_chains, spins
         chains[k, C_FIRST] = row
         chains[k, C_NREAD] = nread
         chains[k, C_END] = row + nseg
+        chains[k, C_WLEN] = wbytes
         row += nseg
         k += 1
     q[Q_LAST_AVAIL] = (last + k) & 0xFFFF
@@ -163,7 +165,9 @@ def pop_packed(q, desc, dev, mem, table, sg, chains, max_chains, spins, ids):
     taken = 0
     k = 0
     while k < max_chains and taken < room and row + rows <= sg.shape[0]:
-        nread, nseg, _r, _w, ndesc, bid = PK.walk_packed(q, desc, mem, table, pos, wrap, f, sg[row:], ANY, room - taken)
+        nread, nseg, _r, wbytes, ndesc, bid = PK.walk_packed(
+            q, desc, mem, table, pos, wrap, f, sg[row:], ANY, room - taken
+        )
         if nread < 0:
             break
         if ids[bid] != 0:
@@ -174,6 +178,7 @@ def pop_packed(q, desc, dev, mem, table, sg, chains, max_chains, spins, ids):
         chains[k, C_FIRST] = row
         chains[k, C_NREAD] = nread
         chains[k, C_END] = row + nseg
+        chains[k, C_WLEN] = wbytes
         row += nseg
         taken += ndesc
         k += 1
@@ -242,24 +247,53 @@ class Request:
 
     def complete(self, written: int) -> None:
         """Finish the request: ``written`` bytes were written into ``writable`` (the used length)."""
+        got = self._finish(written)
+        if got is not None:
+            got[0].put(*got[1])
+
+    def _finish(self, written: int) -> tuple[_Completions, tuple[int, int, np.ndarray | None]] | None:
+        """Release the buffers; return where the completion goes and what it is (None: completed already)."""
         try:
             sink = self._sink.pop()  # atomic: a second complete() finds the list empty
         except IndexError:
             log.error("queue %d: chain %d completed twice; the second completion is ignored", self.queue, self.head)
-            return
+            return None
         n = 0
         try:  # whatever goes wrong here, the completion is delivered (a lost one would block the ring forever)
             n = min(max(int(written or 0), 0), self._wmax)
-            for b in (*self.readable, *self.writable):
-                try:
-                    b.release()  # a view the device released already is fine
-                except BufferError:
-                    log.error("queue %d: chain %d completed while its buffers are still in use", self.queue, self.head)
+            for views in (self.readable, self.writable):
+                for b in views:
+                    try:
+                        b.release()  # a view the device released already is fine
+                    except BufferError:
+                        log.error(
+                            "queue %d: chain %d completed while its buffers are still in use", self.queue, self.head
+                        )
         except Exception:
             log.exception("queue %d: completing chain %d (written=%r)", self.queue, self.head, written)
-        finally:
-            self.readable = self.writable = []
-            sink.put(self.head, n, self._rows)
+        self.readable = self.writable = []
+        return sink, (self.head, n, self._rows)
+
+
+def complete_all(done: list[tuple[Request, int]]) -> None:
+    """Complete several requests, each with its used length, as :meth:`Request.complete` does one by one --
+    but their ring's worker gets them together and is woken once: one used-index publish and one call for
+    the lot instead of one per request."""
+    if not done:
+        return
+    sink: _Completions | None = None
+    items: list[tuple[int, int, np.ndarray | None]] = []
+    for req, written in done:
+        got = req._finish(written)
+        if got is None:
+            continue
+        if got[0] is not sink:  # requests of another ring (a device may mix them): theirs go there
+            if sink is not None:
+                sink.put_many(items)
+            sink, items = got[0], []
+        items.append(got[1])
+    if sink is not None:
+        sink.put_many(items)
 
 
 class _Completions:
@@ -276,6 +310,13 @@ class _Completions:
 
     def put(self, head: int, n: int, rows: np.ndarray | None = None) -> None:
         self.items.append((head, n, rows))
+        self._wake()
+
+    def put_many(self, items: list[tuple[int, int, np.ndarray | None]]) -> None:
+        self.items.extend(items)
+        self._wake()
+
+    def _wake(self) -> None:
         # the worker sets ``sleeping`` before it last looks at ``items``, and we look at ``sleeping`` after
         # appending: one of the two sees the other (both under the GIL), so a completion never goes unnoticed
         if self.sleeping and threading.get_ident() != self.owner:
@@ -347,6 +388,15 @@ class ChainDevice(Device):
         """Start processing a chain; ``req.complete(written)`` finishes it (the default: handle() at once)."""
         req.complete(self.handle(req.queue, req.readable, req.writable))
 
+    def submit_batch(self, reqs: list[Request]) -> None:
+        """Start processing chains one pass took off a ring, in ring order, ``publish_every`` at most at a time
+        (what completes at once is published between lots).  The default submits each (and the ring's worker,
+        seeing it is not overridden, does that itself, publishing completions as they come).  A device that
+        overrides this takes them as a lot -- to hand them to a thread at once, say, and finish them with
+        :func:`complete_all`; a request it leaves incomplete when it raises is completed with length 0."""
+        for req in reqs:
+            self.submit(req)
+
     def stopping(self, queue: int) -> None:
         """Ring ``queue`` is being left (stopped, broken or disconnected): complete now the requests the device
         holds back (e.g. waiting for a rate limit), since the ring waits for them only up to the stop timeout.
@@ -356,20 +406,23 @@ class ChainDevice(Device):
         (ring,) = rings
         mem = ring.mem
         arena, table = mem.arena.view, mem.table
+        whole = arena.data  # the chains' buffers are slices of it (lives as long as ``arena`` here does)
         q = ring.q
         size = int(q[Q_SIZE])
         sg = new_sg(size * 2)
         batch = max(1, min(self.batch, size))
-        chains = np.zeros((batch, 4), dtype=np.int64)
+        chains = np.zeros((batch, CHAIN_COLS), dtype=np.int64)
         heads = np.zeros(size, dtype=np.int64)
         lens = np.zeros(size, dtype=np.int64)
-        index, spins, submit, stopping, publish_every = (
+        index, spins, submit, submit_batch, stopping, publish_every = (
             ring.index,
             self.spins,
             self.submit,
+            self.submit_batch,
             self.stopping,
             self.publish_every,
         )
+        batched = type(self).submit_batch is not ChainDevice.submit_batch
         name = type(self).__name__
         region = ring.inflight
         ist = np.zeros(2, dtype=np.int64)
@@ -426,18 +479,22 @@ class ChainDevice(Device):
         done = _Completions()
         kick_fd = ring.kick_fd
         outstanding = 0
-        taken: collections.Counter[int] = collections.Counter()  # heads handed to the device, not yet reaped
+        taken: dict[int, int] = {}  # heads handed to the device, not yet reaped (how many times: a packed id reused)
         publish = True  # completions go to the used ring (until writing it fails)
         logging = bool(q[Q_LOG_SIZE])  # fixed while the step lives (the backend restarts it to switch)
 
-        def start(head: int, rows: list[list[int]], nread: int) -> None:
+        def request(head: int, rows: list[list[int]], nread: int, wlen: int) -> Request:
             nonlocal outstanding
-            segs = [arena[o : o + ln].data for o, ln in rows]
+            segs = [whole[o : o + ln] for o, ln in rows]
             # while dirty logging, what the device may write is logged (whole) when it completes the chain
             wrows = np.array(rows[nread:], dtype=np.int64).reshape(-1, 2) if logging and len(rows) > nread else None
-            req = Request(index, head, segs[:nread], segs[nread:], done, sum(ln for _, ln in rows[nread:]), wrows)
+            req = Request(index, head, segs[:nread], segs[nread:], done, wlen, wrows)
             outstanding += 1
-            taken[head] += 1
+            taken[head] = taken.get(head, 0) + 1
+            return req
+
+        def start(head: int, rows: list[list[int]], nread: int, wlen: int) -> None:
+            req = request(head, rows, nread, wlen)
             try:
                 submit(req)
             except Exception:
@@ -445,11 +502,20 @@ class ChainDevice(Device):
                 if not req.done:
                     req.complete(0)
 
+        def start_batch(reqs: list[Request]) -> None:
+            try:
+                submit_batch(reqs)
+            except Exception:
+                log.exception("device %s: handling %d chains of queue %d failed", name, len(reqs), index)
+                complete_all([(req, 0) for req in reqs if not req.done])
+
         def forget(head: int) -> None:
             nonlocal outstanding
             outstanding -= 1
-            taken[head] -= 1
-            if not taken[head]:
+            left = taken[head] - 1
+            if left:
+                taken[head] = left
+            else:
                 del taken[head]
 
         def reap() -> bool:
@@ -472,7 +538,7 @@ class ChainDevice(Device):
             """Heads still with the device (completions that came since are dropped: the ring is gone)."""
             while done.items:
                 forget(done.items.popleft()[0])
-            return sorted(taken.elements())
+            return sorted(h for h, k in taken.items() for _ in range(k))
 
         def drain(timeout: float) -> list[int]:
             """Leave the ring: wait up to ``timeout`` s for the requests taken, publishing their completions
@@ -507,7 +573,8 @@ class ChainDevice(Device):
                     nread, nseg = walk_one(q, desc, arena, table, head, sg)
                     if nread < 0:
                         return Step.BROKEN
-                    start(head, sg[:nseg].tolist(), int(nread))
+                    rows = sg[:nseg].tolist()
+                    start(head, rows, int(nread), sum(ln for _, ln in rows[nread:]))
                     continue
                 room = min(batch, size - outstanding)
                 if room <= 0:
@@ -527,8 +594,17 @@ class ChainDevice(Device):
                         done.sleep([kick_fd], 0.1)
                     continue
                 rows = sg[: int(chains[n - 1, C_END])].tolist()
-                for head, first, nread, end in chains[:n].tolist():
-                    start(head, rows[first:end], nread)
+                if batched:  # in lots of publish_every: what completes at once is published between lots
+                    reqs = [request(h, rows[a:b], nread, w) for h, a, nread, b, w in chains[:n].tolist()]
+                    for i in range(0, n, publish_every):
+                        start_batch(reqs[i : i + publish_every])
+                        if len(done.items) >= publish_every and not reap():
+                            return Step.BROKEN
+                    if q[Q_ERROR]:
+                        return Step.BROKEN
+                    continue
+                for head, first, nread, end, wlen in chains[:n].tolist():
+                    start(head, rows[first:end], nread, wlen)
                     if len(done.items) >= publish_every:  # keep the driver busy while the batch goes on
                         if not reap():
                             return Step.BROKEN
@@ -551,7 +627,7 @@ def discard_split(ring: Ring, spins: int = 64) -> StepFn:
     size = int(q[Q_SIZE])
     batch = max(1, min(64, size))
     sg = new_sg(size * 2)
-    chains = np.zeros((batch, 4), dtype=np.int64)
+    chains = np.zeros((batch, CHAIN_COLS), dtype=np.int64)
     heads = np.zeros(batch, dtype=np.int64)
     lens = np.zeros(batch, dtype=np.int64)
     ist = np.zeros(2, dtype=np.int64)
@@ -585,7 +661,7 @@ def warm_up() -> None:
         q = new_queue_state(1)
         q[Q_STOP] = 1  # return at once
         sg = new_sg(2)
-        chains = np.zeros((1, 4), dtype=np.int64)
+        chains = np.zeros((1, CHAIN_COLS), dtype=np.int64)
         ist = np.zeros(2, dtype=np.int64)
         ints = np.zeros(1, dtype=np.int64)
         pop_chains(q, _NO_U64, _NO_U16, _NO_U16, mem.arena.view, mem.table, sg, chains, 1, 1, _NO_U8, _NO_U64, ist)
