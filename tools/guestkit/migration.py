@@ -61,6 +61,9 @@ class QMP:
         self.file = self.sock.makefile("rwb")
         self.events: list[dict] = []
         greeting = self._read()
+        while "event" in greeting:  # seen once: a MIGRATION event ahead of the greeting (kept, as cmd() keeps them)
+            self.events.append(greeting)
+            greeting = self._read()
         if "QMP" not in greeting:
             raise QMPError(f"not a QMP greeting: {greeting}")
         self.cmd("qmp_capabilities")
