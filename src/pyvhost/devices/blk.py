@@ -231,8 +231,9 @@ class BlkDevice(ChainDevice):
         self.runners = 0
         self.runner_lock = threading.Lock()
         self.busy_since = 0.0
-        #: an I/O thread completes its requests at least this often (requests, seconds)
-        self.publish_every, self.publish_time = 8, 200e-6
+        #: an I/O thread completes its requests at least this often in time (seconds); in requests it is
+        #: ChainDevice.publish_every, the size of the lots the worker hands over
+        self.publish_time = 200e-6
 
     # -- configuration ----------------------------------------------------------------------------------
     def config_space(self) -> bytes:
